@@ -1,0 +1,26 @@
+"""torch_tq: TurboQuant KV-cache compression and fused decode attention as ``torch.ops.tq`` custom ops.
+
+Importing the package defines the op library (``torch.ops.tq.*``) and registers every backend
+available on this machine.
+"""
+
+from . import _ops
+from ._ops import dequantize_kv, flash_attn_vec_tq, hadamard_quantize_kv, kv_cache_copy
+from .backends import backend_status
+from .codebooks import lloyd_max_codebook
+from .layout import QuantizedKV, allocate_quantized_kv, hadamard_signs, quantized_nbytes
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "QuantizedKV",
+    "allocate_quantized_kv",
+    "backend_status",
+    "dequantize_kv",
+    "flash_attn_vec_tq",
+    "hadamard_quantize_kv",
+    "hadamard_signs",
+    "kv_cache_copy",
+    "lloyd_max_codebook",
+    "quantized_nbytes",
+]

@@ -1,0 +1,219 @@
+"""Argument validation shared by every backend's Python path and by the fake kernels.
+
+Each ``check_<op>`` raises ``ValueError`` naming the op, the argument, the rule and the value
+received, and returns the geometry the implementations need. Nothing is written before these
+checks pass. The MPS launch plans (``mps_ops/plans/*.h``) produce the same messages.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from .layout import SUPPORTED_BITS, SUPPORTED_HEAD_DIMS, norm_blocks, row_bytes
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _fail(op: str, message: str) -> None:
+    raise ValueError(f"tq.{op}: {message}")
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def _check_rank(op: str, name: str, t: torch.Tensor, rank: int, letters: str) -> None:
+    if t.dim() != rank:
+        _fail(op, f"{name} must have rank {rank} {letters}, got shape {_shape(t)}")
+
+
+def _check_float(op: str, name: str, t: torch.Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        _fail(op, f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def _check_bits(op: str, bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        _fail(op, f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+
+
+def _check_head_dim(op: str, head_dim: int) -> None:
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        _fail(op, f"head_dim must be one of {SUPPORTED_HEAD_DIMS}, got {head_dim}")
+
+
+def _check_same_device(op: str, tensors: dict) -> None:
+    first_name, first = next(iter(tensors.items()))
+    for name, t in tensors.items():
+        if t is not None and t.device != first.device:
+            _fail(op, f"{name} is on {t.device} but {first_name} is on {first.device}; all tensors must be on one device")
+
+
+def _check_contiguous(op: str, name: str, t: torch.Tensor) -> None:
+    if not t.is_contiguous():
+        _fail(op, f"{name} must be contiguous (cache tensors are written in place), got strides {tuple(t.stride())}")
+
+
+def _check_packed_cache(op: str, prefix: str, codes: torch.Tensor, norms: torch.Tensor, head_dim: int, bits: int) -> tuple[int, int, int]:
+    """Checks one (codes, norms) pair against D and bits; returns (B, Hkv, C)."""
+    _check_rank(op, f"{prefix}codes", codes, 4, "[B, Hkv, C, D*bits/8]")
+    _check_rank(op, f"{prefix}norms", norms, 4, "[B, Hkv, C, D/R]")
+    if codes.dtype != torch.uint8:
+        _fail(op, f"{prefix}codes must be uint8, got {codes.dtype}")
+    if norms.dtype != torch.float32:
+        _fail(op, f"{prefix}norms must be float32, got {norms.dtype}")
+    expected_bytes = row_bytes(head_dim, bits)
+    if codes.shape[-1] != expected_bytes:
+        _fail(op, f"{prefix}codes last dim must be D*bits/8 = {expected_bytes} for head_dim={head_dim}, bits={bits}, got {codes.shape[-1]}")
+    expected_blocks = norm_blocks(head_dim)
+    if norms.shape[-1] != expected_blocks:
+        _fail(op, f"{prefix}norms last dim must be D/R = {expected_blocks} for head_dim={head_dim}, got {norms.shape[-1]}")
+    if tuple(norms.shape[:3]) != tuple(codes.shape[:3]):
+        _fail(op, f"{prefix}norms shape {_shape(norms)} does not match {prefix}codes shape {_shape(codes)} in [B, Hkv, C]")
+    if codes.shape[2] < 1:
+        _fail(op, f"{prefix}codes capacity C must be >= 1, got {codes.shape[2]}")
+    _check_contiguous(op, f"{prefix}codes", codes)
+    _check_contiguous(op, f"{prefix}norms", norms)
+    return codes.shape[0], codes.shape[1], codes.shape[2]
+
+
+def _check_signs(op: str, signs: Optional[torch.Tensor], head_dim: int) -> None:
+    if signs is None:
+        return
+    if signs.dim() != 1 or signs.shape[0] != head_dim:
+        _fail(op, f"signs must have shape [D] = [{head_dim}], got {_shape(signs)}")
+    if signs.dtype != torch.float32:
+        _fail(op, f"signs must be float32, got {signs.dtype}")
+    _check_contiguous(op, "signs", signs)
+
+
+def _check_write(op: str, write_pos: int, num_tokens: int, capacity: int, is_sliding: bool) -> None:
+    if write_pos < 0:
+        _fail(op, f"write_pos must be >= 0, got {write_pos}")
+    if not is_sliding and write_pos + num_tokens > capacity:
+        _fail(
+            op,
+            f"write of T={num_tokens} tokens at write_pos={write_pos} overflows the global cache capacity C={capacity} "
+            f"(needs write_pos + T <= C; use is_sliding=True for a ring buffer)",
+        )
+
+
+class WriteGeometry(NamedTuple):
+    batch: int
+    tokens: int
+    kv_heads: int
+    head_dim: int
+    capacity: int
+
+
+def check_hadamard_quantize_kv(src, codes, norms, write_pos: int, is_sliding: bool, bits: int, signs) -> WriteGeometry:
+    op = "hadamard_quantize_kv"
+    _check_bits(op, bits)
+    _check_rank(op, "src", src, 4, "[B, T, Hkv, D]")
+    _check_float(op, "src", src)
+    B, T, Hkv, D = src.shape
+    _check_head_dim(op, D)
+    _check_same_device(op, {"src": src, "codes": codes, "norms": norms, "signs": signs})
+    cB, cH, C = _check_packed_cache(op, "", codes, norms, D, bits)
+    if (cB, cH) != (B, Hkv):
+        _fail(op, f"codes must have [B, Hkv] = [{B}, {Hkv}] to match src, got [{cB}, {cH}]")
+    _check_signs(op, signs, D)
+    _check_write(op, write_pos, T, C, is_sliding)
+    return WriteGeometry(B, T, Hkv, D, C)
+
+
+class ReadGeometry(NamedTuple):
+    batch: int
+    kv_heads: int
+    capacity: int
+    head_dim: int
+
+
+def check_dequantize_kv(codes, norms, start: int, length: int, bits: int, signs) -> ReadGeometry:
+    op = "dequantize_kv"
+    _check_bits(op, bits)
+    _check_rank(op, "codes", codes, 4, "[B, Hkv, C, D*bits/8]")
+    D = codes.shape[-1] * 8 // bits
+    if codes.shape[-1] * 8 % bits != 0 or D not in SUPPORTED_HEAD_DIMS:
+        _fail(op, f"codes last dim {codes.shape[-1]} with bits={bits} gives no supported head_dim {SUPPORTED_HEAD_DIMS}")
+    _check_same_device(op, {"codes": codes, "norms": norms, "signs": signs})
+    B, Hkv, C = _check_packed_cache(op, "", codes, norms, D, bits)
+    _check_signs(op, signs, D)
+    if start < 0:
+        _fail(op, f"start must be >= 0, got {start}")
+    if length < 0 or length > C:
+        _fail(op, f"length must be in [0, C={C}] (positions alias beyond the capacity), got {length}")
+    return ReadGeometry(B, Hkv, C, D)
+
+
+class AttentionGeometry(NamedTuple):
+    batch: int
+    q_heads: int
+    kv_heads: int
+    q_len: int
+    head_dim: int
+    capacity: int
+
+
+def check_flash_attn_vec_tq(q, k_codes, k_norms, v_codes, v_norms, kv_len: int, scale: float, bits: int,
+                            sliding_window: int, softcap: float, kv_start, signs) -> AttentionGeometry:
+    op = "flash_attn_vec_tq"
+    _check_bits(op, bits)
+    _check_rank(op, "q", q, 4, "[B, Hq, Lq, D]")
+    _check_float(op, "q", q)
+    B, Hq, Lq, D = q.shape
+    _check_head_dim(op, D)
+    _check_same_device(op, {"q": q, "k_codes": k_codes, "k_norms": k_norms, "v_codes": v_codes,
+                            "v_norms": v_norms, "kv_start": kv_start, "signs": signs})
+    kB, Hkv, C = _check_packed_cache(op, "k_", k_codes, k_norms, D, bits)
+    _check_packed_cache(op, "v_", v_codes, v_norms, D, bits)
+    if tuple(v_codes.shape) != tuple(k_codes.shape):
+        _fail(op, f"v_codes shape {_shape(v_codes)} must equal k_codes shape {_shape(k_codes)}")
+    if kB != B:
+        _fail(op, f"k_codes batch must be B={B} to match q, got {kB}")
+    if Hq % Hkv != 0:
+        _fail(op, f"query heads Hq={Hq} must be a multiple of KV heads Hkv={Hkv}")
+    if Lq < 1:
+        _fail(op, f"q must hold Lq >= 1 queries, got {Lq}")
+    if kv_len < Lq:
+        _fail(op, f"kv_len={kv_len} must be >= Lq={Lq} (the queries are the last Lq positions)")
+    if sliding_window < 0:
+        _fail(op, f"sliding_window must be >= 0 (0 = full attention), got {sliding_window}")
+    if sliding_window > C:
+        _fail(op, f"sliding_window={sliding_window} exceeds the cache capacity C={C}")
+    if kv_len > C:
+        if sliding_window == 0:
+            _fail(op, f"kv_len={kv_len} exceeds the cache capacity C={C}: the cache has wrapped, which is only valid "
+                      f"with 0 < sliding_window <= C (full attention needs tokens that are gone)")
+        if sliding_window + Lq - 1 > C:
+            _fail(op, f"kv_len={kv_len} exceeds the cache capacity C={C} and the first of Lq={Lq} queries needs "
+                      f"sliding_window={sliding_window} positions: sliding_window + Lq - 1 must be <= C")
+    if softcap < 0:
+        _fail(op, f"softcap must be >= 0 (0 = off), got {softcap}")
+    if kv_start is not None:
+        if kv_start.dim() != 1 or kv_start.shape[0] != B:
+            _fail(op, f"kv_start must have shape [B] = [{B}], got {_shape(kv_start)}")
+        if kv_start.dtype != torch.int64:
+            _fail(op, f"kv_start must be int64, got {kv_start.dtype}")
+    _check_signs(op, signs, D)
+    return AttentionGeometry(B, Hq, Hkv, Lq, D, C)
+
+
+def check_kv_cache_copy(src, cache, write_pos: int, is_sliding: bool) -> WriteGeometry:
+    op = "kv_cache_copy"
+    _check_rank(op, "src", src, 4, "[B, T, Hkv, D]")
+    _check_rank(op, "cache", cache, 4, "[B, Hkv, C, D]")
+    _check_float(op, "src", src)
+    _check_float(op, "cache", cache)
+    _check_same_device(op, {"src": src, "cache": cache})
+    B, T, Hkv, D = src.shape
+    cB, cH, C, cD = cache.shape
+    if (cB, cH, cD) != (B, Hkv, D):
+        _fail(op, f"cache must have [B, Hkv, *, D] = [{B}, {Hkv}, *, {D}] to match src, got {_shape(cache)}")
+    if C < 1:
+        _fail(op, f"cache capacity C must be >= 1, got {C}")
+    _check_contiguous(op, "cache", cache)
+    _check_write(op, write_pos, T, C, is_sliding)
+    return WriteGeometry(B, T, Hkv, D, C)

@@ -1,0 +1,34 @@
+"""Which implementation of each ``torch.ops.tq`` op runs on which device, and why one is missing.
+
+* ``cpu`` — the pure-PyTorch reference (``torch_tq.backends.cpu``), always available.
+* ``mps`` — the native Objective-C++/Metal extension (``torch_tq.backends.mps``), built on macOS only.
+* ``cuda`` — Triton kernels: not implemented yet.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def backend_status() -> dict[str, tuple[bool, str]]:
+    """``{device type: (available, reason)}`` for every backend torch_tq knows."""
+    from . import mps
+
+    return {
+        "cpu": (True, "pure-PyTorch reference"),
+        "mps": mps.status(),
+        "cuda": (False, "the CUDA (Triton) backend is not implemented yet"),
+    }
+
+
+def registered_backend_error(op: str, device: torch.device) -> Optional[str]:
+    """None when ``tq.<op>`` has an implementation for ``device``; otherwise the reason why not."""
+    device_type = torch.device(device).type
+    if device_type in ("cpu", "meta"):
+        return None
+    available, reason = backend_status().get(device_type, (False, "torch_tq has no backend for this device type"))
+    if available:
+        return None
+    return f"tq.{op}: no implementation for device '{device_type}': {reason}"

@@ -1,0 +1,131 @@
+"""CPU reference of the TurboQuant ops: the executable specification of DESIGN §5.
+
+Plain float32 PyTorch, vectorized over batch, tokens and heads. Every other backend is tested
+against these functions.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ... import _validation
+from ...codebooks import decision_boundaries, lloyd_max_codebook
+from ...layout import pack_codes, ring_write_slots, rotation_block, unpack_codes, valid_positions
+
+
+def fwht(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Unnormalised Sylvester Walsh–Hadamard transform of each ``block``-sized chunk of the last dim.
+
+    ``y_i = sum_j (-1)^popcount(i & j) x_j`` within a block; ``fwht(fwht(x)) == block * x``.
+    """
+    shape = x.shape
+    y = x.reshape(-1, shape[-1] // block, block)
+    h = 1
+    while h < block:
+        y = y.reshape(*y.shape[:2], block // (2 * h), 2, h)
+        a, b = y[..., 0, :], y[..., 1, :]
+        y = torch.stack((a + b, a - b), dim=-2).reshape(*y.shape[:2], block)
+        h *= 2
+    return y.reshape(shape)
+
+
+def rotate(x: torch.Tensor, signs: Optional[torch.Tensor]) -> torch.Tensor:
+    """``y = H_R (s ⊙ x) / sqrt(R)`` per rotation block (orthonormal), float32."""
+    block = rotation_block(x.shape[-1])
+    x = x.to(torch.float32)
+    if signs is not None:
+        x = x * signs
+    return fwht(x, block) * (1.0 / math.sqrt(block))
+
+
+def unrotate(y: torch.Tensor, signs: Optional[torch.Tensor]) -> torch.Tensor:
+    """Inverse of :func:`rotate`: ``x = s ⊙ H_R y / sqrt(R)``."""
+    block = rotation_block(y.shape[-1])
+    x = fwht(y.to(torch.float32), block) * (1.0 / math.sqrt(block))
+    if signs is not None:
+        x = x * signs
+    return x
+
+
+def nearest_code(u: torch.Tensor, bits: int) -> torch.Tensor:
+    """Index of the nearest Lloyd–Max centroid of each float32 ``u``; an exact tie goes to the lower index."""
+    # bucketize(right=False) counts the float32 midpoints strictly below u.
+    return torch.bucketize(u, decision_boundaries(bits, device=u.device), right=False)
+
+
+def quantize(x: torch.Tensor, bits: int, signs: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode vectors ``[..., D]`` → (packed codes ``[..., D*b/8]`` uint8, norms ``[..., D/R]`` float32)."""
+    D = x.shape[-1]
+    block = rotation_block(D)
+    y = rotate(x, signs).reshape(*x.shape[:-1], D // block, block)
+    norms = torch.linalg.vector_norm(y, dim=-1)  # [..., D/R]
+    # A zero block stores norm 0 and u = 0 (decodes to 0 whatever its codes).
+    inv = torch.where(norms > 0, math.sqrt(block) / norms, torch.zeros_like(norms))
+    u = (y * inv.unsqueeze(-1)).reshape(x.shape[:-1] + (D,))
+    return pack_codes(nearest_code(u, bits), bits), norms
+
+
+def dequantize_rotated(codes: torch.Tensor, norms: torch.Tensor, bits: int) -> torch.Tensor:
+    """``ŷ_i = c[code_i] * n / sqrt(R)``: packed ``[..., D*b/8]`` + norms ``[..., D/R]`` → float32 ``[..., D]``."""
+    indices = unpack_codes(codes, bits)
+    D = indices.shape[-1]
+    block = rotation_block(D)
+    values = lloyd_max_codebook(bits, device=codes.device)[indices]
+    scale = (norms * (1.0 / math.sqrt(block))).repeat_interleave(block, dim=-1)
+    return values * scale
+
+
+def hadamard_quantize_kv(src, codes, norms, write_pos: int, is_sliding: bool = False, bits: int = 4, signs=None) -> None:
+    _validation.check_hadamard_quantize_kv(src, codes, norms, write_pos, is_sliding, bits, signs)
+    first, slots = ring_write_slots(src.shape[1], write_pos, codes.shape[2], is_sliding)
+    new_codes, new_norms = quantize(src[:, first:].transpose(1, 2), bits, signs)  # [B, Hkv, T', *]
+    slots = slots.to(codes.device)
+    codes.index_copy_(2, slots, new_codes)
+    norms.index_copy_(2, slots, new_norms)
+
+
+def dequantize_kv(codes, norms, start: int, length: int, bits: int = 4, rotated: bool = False, signs=None) -> torch.Tensor:
+    _validation.check_dequantize_kv(codes, norms, start, length, bits, signs)
+    slots = torch.arange(start, start + length, device=codes.device) % codes.shape[2]
+    y = dequantize_rotated(codes.index_select(2, slots), norms.index_select(2, slots), bits)
+    return y if rotated else unrotate(y, signs)
+
+
+def flash_attn_vec_tq(q, k_codes, k_norms, v_codes, v_norms, kv_len: int, scale: float, bits: int = 4,
+                      sliding_window: int = 0, softcap: float = 0.0, kv_start=None, signs=None) -> torch.Tensor:
+    geo = _validation.check_flash_attn_vec_tq(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, bits,
+                                              sliding_window, softcap, kv_start, signs)
+    B, Hq, Hkv, Lq, D, C = geo
+    group = Hq // Hkv
+    lo, hi = valid_positions(kv_len, C)
+    positions = torch.arange(lo, hi, device=q.device)  # [N]
+    slots = positions % C
+    k = dequantize_rotated(k_codes.index_select(2, slots), k_norms.index_select(2, slots), bits)  # [B, Hkv, N, D]
+    v = dequantize_rotated(v_codes.index_select(2, slots), v_norms.index_select(2, slots), bits)
+
+    # Attention is computed in the rotated domain: q·k = (Rq)·(Rk) for the orthonormal rotation R.
+    q_rot = rotate(q, signs).reshape(B, Hkv, group, Lq, D)
+    scores = scale * torch.einsum("bhgld,bhnd->bhgln", q_rot, k)  # [B, Hkv, G, Lq, N]
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+
+    query_pos = torch.arange(kv_len - Lq, kv_len, device=q.device)  # [Lq]
+    allowed = positions[None, :] <= query_pos[:, None]  # [Lq, N]
+    if sliding_window > 0:
+        allowed = allowed & (positions[None, :] > query_pos[:, None] - sliding_window)
+    allowed = allowed.expand(B, Lq, positions.numel())
+    if kv_start is not None:
+        allowed = allowed & (positions[None, None, :] >= kv_start[:, None, None])
+    allowed = allowed[:, None, None]  # [B, 1, 1, Lq, N]
+
+    scores = scores.masked_fill(~allowed, -math.inf)
+    # A query with no visible key (only possible through kv_start) outputs zeros, not NaN.
+    row_max = scores.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)
+    weights = torch.exp(scores - row_max)
+    denom = weights.sum(dim=-1, keepdim=True)
+    probs = weights / torch.where(denom > 0, denom, torch.ones_like(denom))
+    out_rot = torch.einsum("bhgln,bhnd->bhgld", probs, v).reshape(B, Hq, Lq, D)
+    return unrotate(out_rot, signs).to(q.dtype)
