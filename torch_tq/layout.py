@@ -69,24 +69,34 @@ def ring_write_slots(num_tokens: int, write_pos: int, capacity: int, is_sliding:
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack integer codes ``[..., D]`` (values < 2^bits) into the bitstream ``[..., D*bits/8]`` uint8."""
+    """Pack integer codes ``[..., D]`` (values < 2^bits) into the bitstream ``[..., D*bits/8]`` uint8.
+
+    Every 8 consecutive codes fill exactly ``bits`` bytes, so each group is assembled as one
+    little-endian 64-bit word and split into bytes.
+    """
     head_dim = codes.shape[-1]
-    shifts = torch.arange(bits, device=codes.device, dtype=torch.int32)
-    stream = (codes.to(torch.int32).unsqueeze(-1) >> shifts) & 1  # [..., D, b]
-    stream = stream.reshape(*codes.shape[:-1], row_bytes(head_dim, bits), 8)
-    weights = torch.arange(8, device=codes.device, dtype=torch.int32)
-    return (stream << weights).sum(-1).to(torch.uint8)
+    groups = codes.to(torch.int64).reshape(*codes.shape[:-1], head_dim // 8, 8)
+    code_shifts = torch.arange(8, device=codes.device, dtype=torch.int64) * bits
+    word = (groups << code_shifts).sum(-1, keepdim=True)  # [..., D/8, 1]; the fields do not overlap
+    byte_shifts = torch.arange(bits, device=codes.device, dtype=torch.int64) * 8
+    packed = (word >> byte_shifts) & 0xFF  # [..., D/8, bits]
+    return packed.to(torch.uint8).reshape(*codes.shape[:-1], row_bytes(head_dim, bits))
 
 
 def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of :func:`pack_codes`: ``[..., D*bits/8]`` uint8 → int64 codes ``[..., D]``."""
     nbytes = packed.shape[-1]
-    head_dim = nbytes * 8 // bits
-    weights = torch.arange(8, device=packed.device, dtype=torch.int32)
-    stream = (packed.to(torch.int32).unsqueeze(-1) >> weights) & 1  # [..., D*b/8, 8]
-    stream = stream.reshape(*packed.shape[:-1], head_dim, bits)
-    shifts = torch.arange(bits, device=packed.device, dtype=torch.int32)
-    return (stream << shifts).sum(-1).to(torch.int64)
+    if 8 % bits == 0:
+        # Byte-aligned widths: each byte holds 8/bits whole codes; stay in uint8 (fast on CPU).
+        shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
+        codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        return codes.reshape(*packed.shape[:-1], nbytes * 8 // bits).to(torch.int64)
+    groups = packed.to(torch.int64).reshape(*packed.shape[:-1], nbytes // bits, bits)
+    byte_shifts = torch.arange(bits, device=packed.device, dtype=torch.int64) * 8
+    word = (groups << byte_shifts).sum(-1, keepdim=True)  # [..., D/8, 1]
+    code_shifts = torch.arange(8, device=packed.device, dtype=torch.int64) * bits
+    codes = (word >> code_shifts) & ((1 << bits) - 1)  # [..., D/8, 8]
+    return codes.reshape(*packed.shape[:-1], nbytes * 8 // bits)
 
 
 def hadamard_signs(head_dim: int, seed: int = DEFAULT_SIGN_SEED, device=None) -> torch.Tensor:
