@@ -1,0 +1,132 @@
+// Parameter structs and layout constants shared by the Metal kernels and the C++17 launch plans.
+//
+// This header compiles under Metal (`__METAL_VERSION__`) and as plain C++17, so every struct
+// exists once (ATen's EmbeddingBag.h pattern). Each struct is sent with one setBytes; all fields
+// are 32-bit, so the Metal and C++ layouts are identical (checked by static_assert in the plans).
+//
+// Buffer binding order of each kernel is written down next to its Params struct; the kernel's
+// [[buffer(n)]], the launch plan and the simulator launcher all follow it.
+#pragma once
+
+#if defined(__METAL_VERSION__)
+typedef uint tq_uint;
+typedef int tq_int;
+#define TQ_CONSTEXPR constant constexpr
+#else
+#include <cstdint>
+typedef uint32_t tq_uint;
+typedef int32_t tq_int;
+#define TQ_CONSTEXPR constexpr
+#endif
+
+// bfloat needs MSL 3.1 (macOS 14); Metal defines __HAVE_BFLOAT__ when the type exists, and the
+// bfloat16 instantiations are compiled only then (the host reports a clear error otherwise).
+#if defined(__HAVE_BFLOAT__)
+#define TQ_IF_BFLOAT(x) x
+#else
+#define TQ_IF_BFLOAT(x)
+#endif
+
+// Lane layout used by every TurboQuant kernel: a lane owns TQ_LANE_VALUES(D) consecutive
+// coordinates of one vector (8 for D <= 256, 16 for D = 512). Eight coordinates of a b-bit code
+// are exactly b bytes, so a lane reads and writes whole bytes of the packed row for every b, and
+// a 32-lane simdgroup holds 256 coordinates: 256 / D vectors at once for D <= 256, one for D = 512.
+#define TQ_LANE_VALUES(D) ((D) == 512 ? 16 : 8)
+
+// Simdgroups per threadgroup of the quantize / dequantize kernels: 4 x 32 = 128 threads, a
+// common occupancy sweet spot on Apple GPUs; one vector block per lane group needs no barrier.
+TQ_CONSTEXPR tq_uint TQ_QUANT_SIMDGROUPS = 4;
+
+// Threads per threadgroup of kv_cache_copy (one element per thread).
+TQ_CONSTEXPR tq_uint TQ_COPY_THREADS = 256;
+
+// Simdgroups per threadgroup of flash_attn_vec_tq: each scans a disjoint subset of the keys of
+// the threadgroup's split; their softmax states merge in threadgroup memory (no partial traffic).
+TQ_CONSTEXPR tq_uint TQ_ATTN_SIMDGROUPS = 4;
+
+// Query rows (GQA heads x Lq of one KV head) per threadgroup, i.e. read together with one pass
+// over the KV head: each row keeps a VPL-float output accumulator per lane in registers (the
+// rotated q sits in threadgroup memory) and NSG x D floats of threadgroup memory for the final
+// merge. 8 rows cover GQA groups up to 8 for D <= 128 within 32 KB; D = 256 and 512 take 4 and 2.
+// A tile with fewer rows stops its row loops early (no cost for the missing rows).
+#define TQ_ATTN_TILE_ROWS(D) ((D) <= 128 ? 8 : ((D) == 256 ? 4 : 2))
+
+// Simdgroups per threadgroup of flash_attn_vec_tq_reduce.
+TQ_CONSTEXPR tq_uint TQ_REDUCE_SIMDGROUPS = 2;
+
+// tq.kv_cache_copy: cast-and-copy src[:, first:] into ring slots of a [B, Hkv, C, D] cache.
+// Buffers: 0 src [B, T, Hkv, D] (contiguous), 1 cache [B, Hkv, C, D], 2 params.
+struct KvCacheCopyParams {
+  tq_uint num_elements;  // B * Tw * Hkv * D, Tw = tokens written
+  tq_uint tokens;        // T (src tokens)
+  tq_uint tokens_written;  // Tw = T - first
+  tq_uint first;         // index of the first src token kept (T > C on a ring write)
+  tq_uint kv_heads;      // Hkv
+  tq_uint head_dim;      // D
+  tq_uint capacity;      // C
+  tq_uint first_slot;    // slot of token `first`: (write_pos + first) mod C
+};
+
+// tq.hadamard_quantize_kv: rotate, normalise, quantize and pack Tw vectors per (b, h).
+// Buffers: 0 src [B, T, Hkv, D] (contiguous), 1 codes [B, Hkv, C, D*b/8] uint8,
+// 2 norms [B, Hkv, C, D/R] float32, 3 signs [D] float32 (dummy when has_signs = 0),
+// 4 codebook float32 [2^b centroids, 2^b - 1 decision boundaries], 5 params.
+struct HadamardQuantizeKvParams {
+  tq_uint num_rows;      // B * Tw * Hkv vectors
+  tq_uint tokens;        // T
+  tq_uint tokens_written;  // Tw
+  tq_uint first;         // first src token kept
+  tq_uint kv_heads;      // Hkv
+  tq_uint capacity;      // C
+  tq_uint first_slot;    // (write_pos + first) mod C
+  tq_uint has_signs;     // 1 when buffer 3 holds the [D] sign vector
+  float inv_sqrt_r;      // float32(1 / sqrt(R)), as the CPU reference rounds it
+  float sqrt_r;          // float32(sqrt(R))
+};
+
+// tq.dequantize_kv: decode `length` positions starting at `start` (slot p mod C).
+// Buffers: 0 codes, 1 norms, 2 signs (dummy when has_signs = 0), 3 codebook, 4 out
+// [B, Hkv, length, D] float32, 5 params.
+struct DequantizeKvParams {
+  tq_uint num_rows;      // B * Hkv * length
+  tq_uint length;
+  tq_uint capacity;      // C
+  tq_uint first_slot;    // start mod C
+  tq_uint rotated;       // 1: return y-hat (rotated domain); 0: x-hat
+  tq_uint has_signs;
+  float inv_sqrt_r;
+  float sqrt_r;
+};
+
+// tq.flash_attn_vec_tq, two launches.
+// Main: grid (num_splits, Hkv * row_tiles, B), TQ_ATTN_SIMDGROUPS simdgroups.
+//   Buffers: 0 q [B, Hq, Lq, D] (contiguous), 1 k_codes, 2 k_norms, 3 v_codes, 4 v_norms,
+//   5 kv_start [B] int64 (dummy when has_kv_start = 0), 6 signs (dummy when has_signs = 0),
+//   7 codebook, 8 partial_o [B*Hq*Lq, num_splits, D] float32 (scratch 0),
+//   9 partial_ml [B*Hq*Lq, num_splits, 2] float32 (scratch 1), 10 params.
+// Reduce: grid (ceil(B*Hq*Lq / rows per threadgroup)), TQ_REDUCE_SIMDGROUPS simdgroups.
+//   Buffers: 0 partial_o, 1 partial_ml, 2 signs (dummy), 3 out [B, Hq, Lq, D] in q's dtype, 4 params.
+// A row is one (b, query head, query); row index (b * Hkv + kvh) * rows + g * Lq + i equals the
+// flat row of q and out because query head = kvh * group + g.
+struct FlashAttnVecTqParams {
+  tq_uint batch;         // B
+  tq_uint q_heads;       // Hq
+  tq_uint kv_heads;      // Hkv
+  tq_uint q_len;         // Lq
+  tq_uint capacity;      // C
+  tq_uint rows;          // group * Lq query rows per KV head
+  tq_uint row_tiles;     // ceil(rows / TQ_ATTN_TILE_ROWS(D))
+  tq_uint num_splits;    // NWG: threadgroups sharing the key range of one (b, kvh, tile)
+  tq_uint keys_per_split;  // ceil((key_hi - key_lo) / num_splits)
+  tq_uint total_rows;    // B * Hq * Lq
+  tq_int kv_len;         // tokens written so far (< 2^31, checked by the plan)
+  tq_int key_lo;         // first position any query may see: max(valid lo, window start)
+  tq_int key_hi;         // kv_len
+  tq_int sliding_window; // 0 = full attention
+  tq_uint has_kv_start;
+  tq_uint has_signs;
+  float scale;
+  float softcap;         // 0 = off
+  float inv_sqrt_r;
+  tq_uint key_lo_slot;   // key_lo mod C; the scanned range is shorter than C, so slots wrap at most once
+};

@@ -1,0 +1,121 @@
+// Shared helpers of the TurboQuant kernels: lane layout, Walsh-Hadamard butterflies, lane-group
+// reductions, nearest-centroid search and dense bit packing. The math is DESIGN.md §5; the CPU
+// reference (torch_tq/backends/cpu/turboquant.py) is the spec these helpers reproduce bit for bit
+// where the reference is deterministic (butterfly order, scalings, packing).
+#pragma once
+
+#include <metal_stdlib>
+
+#include "params.h"
+
+using namespace metal;
+
+namespace tq {
+
+// How one vector of D coordinates maps onto simdgroup lanes (see TQ_LANE_VALUES in params.h).
+// Static members are program-scope variables, which Metal places in the constant address space.
+template <int D>
+struct RowLayout {
+  static constant constexpr int R = D < 256 ? D : 256;        // rotation block
+  static constant constexpr int NB = D / R;                   // rotation blocks (norms) per vector
+  static constant constexpr int VPL = TQ_LANE_VALUES(D);      // consecutive coordinates per lane
+  static constant constexpr int LANES = D / VPL;              // lanes per vector (8, 16, 32, 32)
+  static constant constexpr int ROWS = 32 / LANES;            // vectors per simdgroup (4, 2, 1, 1)
+  static constant constexpr int BLOCK_LANES = R / VPL;        // lanes per rotation block
+};
+
+// Unnormalised Sylvester Walsh-Hadamard transform of each R-block, in the CPU reference's stage
+// order (h = 1, 2, 4, ...; pair (a, b) -> (a + b, a - b) with a at the index whose bit h is clear).
+// Stages h < VPL stay inside the lane; the others pair lane l with lane l ^ (h / VPL), which
+// never leaves the lane's rotation block. Every lane of the simdgroup must call this.
+template <int VPL, int R>
+inline void fwht(thread float (&v)[VPL], uint lane) {
+  for (int h = 1; h < VPL && h < R; h <<= 1) {
+    for (int i = 0; i < VPL; ++i) {
+      if ((i & h) == 0) {
+        const float a = v[i];
+        const float b = v[i + h];
+        v[i] = a + b;
+        v[i + h] = a - b;
+      }
+    }
+  }
+  for (int h = VPL; h < R; h <<= 1) {
+    const ushort mask = ushort(h / VPL);
+    const bool upper = (lane & mask) != 0;
+    for (int i = 0; i < VPL; ++i) {
+      const float other = simd_shuffle_xor(v[i], mask);
+      v[i] = upper ? other - v[i] : v[i] + other;
+    }
+  }
+}
+
+// Sum over aligned groups of LANES lanes; every lane of a group gets the same bits.
+template <int LANES>
+inline float group_sum(float x) {
+  if (LANES == 32) {
+    return simd_sum(x);
+  }
+  for (ushort m = 1; m < LANES; m <<= 1) {
+    x += simd_shuffle_xor(x, m);
+  }
+  return x;
+}
+
+// Maximum over aligned groups of LANES lanes.
+template <int LANES>
+inline float group_max(float x) {
+  if (LANES == 32) {
+    return simd_max(x);
+  }
+  for (ushort m = 1; m < LANES; m <<= 1) {
+    x = max(x, simd_shuffle_xor(x, m));
+  }
+  return x;
+}
+
+// Index of the nearest centroid = number of decision boundaries strictly below u (ties go to the
+// lower index, exactly torch.bucketize(u, boundaries, right=False)); binary lifting over the
+// 2^BITS - 1 sorted boundaries.
+template <int BITS>
+inline uint nearest_code(float u, device const float* boundaries) {
+  uint code = 0;
+  for (uint step = (1u << BITS) >> 1; step > 0; step >>= 1) {
+    if (boundaries[code + step - 1] < u) {
+      code += step;
+    }
+  }
+  return code;
+}
+
+// Codes of the VPL coordinates starting at d0 (a multiple of 8) from a packed row: each 8
+// coordinates are BITS whole bytes of the little-endian bitstream (code i at bits i*b .. i*b+b-1).
+template <int BITS, int VPL>
+inline void load_codes(device const uchar* row, uint d0, thread uint (&codes)[VPL]) {
+  for (int k = 0; k < VPL / 8; ++k) {
+    device const uchar* bytes = row + (d0 / 8 + k) * BITS;
+    ulong acc = 0;
+    for (int j = 0; j < BITS; ++j) {
+      acc |= ulong(bytes[j]) << (8 * j);
+    }
+    for (int i = 0; i < 8; ++i) {
+      codes[8 * k + i] = uint(acc >> (i * BITS)) & ((1u << BITS) - 1u);
+    }
+  }
+}
+
+template <int BITS, int VPL>
+inline void store_codes(device uchar* row, uint d0, thread const uint (&codes)[VPL]) {
+  for (int k = 0; k < VPL / 8; ++k) {
+    ulong acc = 0;
+    for (int i = 0; i < 8; ++i) {
+      acc |= ulong(codes[8 * k + i]) << (i * BITS);
+    }
+    device uchar* bytes = row + (d0 / 8 + k) * BITS;
+    for (int j = 0; j < BITS; ++j) {
+      bytes[j] = uchar(acc >> (8 * j));
+    }
+  }
+}
+
+}  // namespace tq

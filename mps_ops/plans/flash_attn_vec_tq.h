@@ -1,0 +1,217 @@
+// Launch plan of tq.flash_attn_vec_tq(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, bits,
+// sliding_window, softcap, kv_start, signs): a split-KV main kernel and a reduce kernel.
+// Inputs (Arg::Input index): 0 q [B, Hq, Lq, D] (the host passes it contiguous), 1 k_codes,
+// 2 k_norms, 3 v_codes, 4 v_norms, 5 kv_start (optional), 6 signs (optional).
+// Output 0: [B, Hq, Lq, D] in q's dtype. Scratch 0: partial outputs, scratch 1: partial (max, sum).
+#pragma once
+
+#include "common.h"
+
+namespace tq_plan {
+
+// Threadgroups the main kernel aims for: enough to occupy the GPU cores of current Apple chips
+// with TQ_ATTN_SIMDGROUPS simdgroups each, yet few splits so that the partial results written
+// and re-read by the reduce stay a few percent of the packed KV bytes (the bytes-moved target of
+// decode attention: B=1, Hq=32, Hkv=8, D=128, 4 bits, kv_len 4096 -> 8 splits).
+constexpr uint32_t kAttnTargetThreadgroups = 64;
+// A split scans at least one 32-key tile per simdgroup.
+constexpr uint32_t kAttnMinKeysPerSplit = TQ_ATTN_SIMDGROUPS * 32;
+// Positions are int32 in the kernels; keep headroom for position arithmetic.
+constexpr int64_t kAttnMaxKvLen = int64_t(1) << 30;
+
+struct FlashAttnVecTqPlan : Plan {
+  std::vector<int64_t> output_sizes;  // = q's sizes
+  std::string output_dtype;           // = q's dtype
+};
+
+inline uint32_t attn_threadgroup_memory(int64_t head_dim, int64_t bits) {
+  const uint64_t rows = TQ_ATTN_TILE_ROWS(head_dim);
+  const uint64_t floats = (uint64_t(1) << bits) + rows * head_dim + TQ_ATTN_SIMDGROUPS * rows * head_dim +
+                          2 * TQ_ATTN_SIMDGROUPS * rows + 1;
+  return static_cast<uint32_t>(floats * 4);
+}
+
+inline FlashAttnVecTqPlan plan_flash_attn_vec_tq(const TensorDesc& q, const TensorDesc& k_codes,
+                                                 const TensorDesc& k_norms, const TensorDesc& v_codes,
+                                                 const TensorDesc& v_norms, int64_t kv_len, double scale, int64_t bits,
+                                                 int64_t sliding_window, double softcap, const TensorDesc& kv_start,
+                                                 const TensorDesc& signs) {
+  FlashAttnVecTqPlan plan;
+  Checker check("flash_attn_vec_tq");
+  [&] {
+    if (!check.bits(bits)) return;
+    if (!check.rank("q", q, 4, "[B, Hq, Lq, D]")) return;
+    if (!check.floating("q", q)) return;
+    const int64_t B = q.sizes[0], Hq = q.sizes[1], Lq = q.sizes[2], D = q.sizes[3];
+    if (!check.head_dim(D)) return;
+    if (!check.same_device({{"q", &q},
+                            {"k_codes", &k_codes},
+                            {"k_norms", &k_norms},
+                            {"v_codes", &v_codes},
+                            {"v_norms", &v_norms},
+                            {"kv_start", &kv_start},
+                            {"signs", &signs}}))
+      return;
+    int64_t kB = 0, Hkv = 0, C = 0, vB = 0, vH = 0, vC = 0;
+    if (!check.packed_cache("k_", k_codes, k_norms, D, bits, &kB, &Hkv, &C)) return;
+    if (!check.packed_cache("v_", v_codes, v_norms, D, bits, &vB, &vH, &vC)) return;
+    if (v_codes.sizes != k_codes.sizes) {
+      check.fail("v_codes shape " + shape_str(v_codes.sizes) + " must equal k_codes shape " + shape_str(k_codes.sizes));
+      return;
+    }
+    if (kB != B) {
+      check.fail("k_codes batch must be B=" + str(B) + " to match q, got " + str(kB));
+      return;
+    }
+    if (Hkv == 0 || Hq % Hkv != 0) {
+      check.fail("query heads Hq=" + str(Hq) + " must be a multiple of KV heads Hkv=" + str(Hkv));
+      return;
+    }
+    if (Lq < 1) {
+      check.fail("q must hold Lq >= 1 queries, got " + str(Lq));
+      return;
+    }
+    if (kv_len < Lq) {
+      check.fail("kv_len=" + str(kv_len) + " must be >= Lq=" + str(Lq) + " (the queries are the last Lq positions)");
+      return;
+    }
+    if (sliding_window < 0) {
+      check.fail("sliding_window must be >= 0 (0 = full attention), got " + str(sliding_window));
+      return;
+    }
+    if (sliding_window > C) {
+      check.fail("sliding_window=" + str(sliding_window) + " exceeds the cache capacity C=" + str(C));
+      return;
+    }
+    if (kv_len > C) {
+      if (sliding_window == 0) {
+        check.fail("kv_len=" + str(kv_len) + " exceeds the cache capacity C=" + str(C) +
+                   ": the cache has wrapped, which is only valid with 0 < sliding_window <= C (full attention needs "
+                   "tokens that are gone)");
+        return;
+      }
+      if (sliding_window + Lq - 1 > C) {
+        check.fail("kv_len=" + str(kv_len) + " exceeds the cache capacity C=" + str(C) + " and the first of Lq=" +
+                   str(Lq) + " queries needs sliding_window=" + str(sliding_window) +
+                   " positions: sliding_window + Lq - 1 must be <= C");
+        return;
+      }
+    }
+    if (softcap < 0) {
+      check.fail("softcap must be >= 0 (0 = off), got " + py_float_repr(softcap));
+      return;
+    }
+    if (kv_start.defined) {
+      if (kv_start.dim() != 1 || kv_start.sizes[0] != B) {
+        check.fail("kv_start must have shape [B] = [" + str(B) + "], got " + shape_str(kv_start.sizes));
+        return;
+      }
+      if (kv_start.dtype != "int64") {
+        check.fail("kv_start must be int64, got torch." + kv_start.dtype);
+        return;
+      }
+    }
+    if (!check.signs(signs, D)) return;
+
+    plan.output_sizes = q.sizes;
+    plan.output_dtype = q.dtype;
+    const uint64_t total_rows = static_cast<uint64_t>(B) * Hq * Lq;
+    if (total_rows == 0) return;
+    if (kv_len >= kAttnMaxKvLen) {
+      check.fail("kv_len=" + str(kv_len) + " exceeds the Metal kernels' position range (< 2^30)");
+      return;
+    }
+    if (!check.fits_u32("cache rows", static_cast<uint64_t>(B) * Hkv * C)) return;
+
+    // Key range any query of the call can see: the valid positions, cut by the window of the
+    // first query (kv_start is applied per batch inside the kernel).
+    int64_t key_lo = std::max<int64_t>(0, kv_len - C);
+    if (sliding_window > 0) key_lo = std::max<int64_t>(key_lo, kv_len - Lq - sliding_window + 1);
+    const int64_t key_hi = kv_len;
+    const uint64_t num_keys = static_cast<uint64_t>(key_hi - key_lo);
+
+    const int64_t group = Hq / Hkv;
+    const uint64_t rows = static_cast<uint64_t>(group) * Lq;
+    const uint32_t tile_rows = TQ_ATTN_TILE_ROWS(D);
+    const uint32_t row_tiles = ceil_div(rows, tile_rows);
+    const uint64_t base = static_cast<uint64_t>(B) * Hkv * row_tiles;
+    uint64_t splits = std::max<uint64_t>(1, (kAttnTargetThreadgroups + base - 1) / base);
+    splits = std::min<uint64_t>(splits, std::max<uint64_t>(1, (num_keys + kAttnMinKeysPerSplit - 1) / kAttnMinKeysPerSplit));
+    const uint64_t keys_per_split = std::max<uint64_t>(1, (num_keys + splits - 1) / splits);
+    splits = std::max<uint64_t>(1, (num_keys + keys_per_split - 1) / keys_per_split);
+    if (!check.fits_u32("partial elements", total_rows * splits * D)) return;
+    if (!check.fits_u32("threadgroups", uint64_t(Hkv) * row_tiles)) return;
+
+    FlashAttnVecTqParams p{};
+    p.batch = static_cast<tq_uint>(B);
+    p.q_heads = static_cast<tq_uint>(Hq);
+    p.kv_heads = static_cast<tq_uint>(Hkv);
+    p.q_len = static_cast<tq_uint>(Lq);
+    p.capacity = static_cast<tq_uint>(C);
+    p.rows = static_cast<tq_uint>(rows);
+    p.row_tiles = row_tiles;
+    p.num_splits = static_cast<tq_uint>(splits);
+    p.keys_per_split = static_cast<tq_uint>(keys_per_split);
+    p.total_rows = static_cast<tq_uint>(total_rows);
+    p.kv_len = static_cast<tq_int>(kv_len);
+    p.key_lo = static_cast<tq_int>(key_lo);
+    p.key_hi = static_cast<tq_int>(key_hi);
+    p.key_lo_slot = static_cast<tq_uint>(key_lo % C);
+    p.sliding_window = static_cast<tq_int>(sliding_window);
+    p.has_kv_start = kv_start.defined ? 1 : 0;
+    p.has_signs = signs.defined ? 1 : 0;
+    p.scale = static_cast<float>(scale);
+    p.softcap = static_cast<float>(softcap);
+    p.inv_sqrt_r = static_cast<float>(1.0 / std::sqrt(static_cast<double>(rotation_block(D))));
+    const std::vector<uint8_t> bytes = params_bytes(p);
+
+    plan.scratch_bytes = {total_rows * splits * D * 4, total_rows * splits * 2 * 4};
+    plan.codebook_bits = static_cast<int32_t>(bits);
+
+    Launch main;
+    main.kernel = "flash_attn_vec_tq_" + q.dtype + "_d" + str(D) + "_b" + str(bits);
+    main.grid = {static_cast<uint32_t>(splits), static_cast<uint32_t>(Hkv * row_tiles), static_cast<uint32_t>(B)};
+    main.threads = {TQ_ATTN_SIMDGROUPS * kSimdWidth, 1, 1};
+    main.threadgroup_memory = attn_threadgroup_memory(D, bits);
+    main.bindings = {{Arg::Input, 0},
+                     {Arg::Input, 1},
+                     {Arg::Input, 2},
+                     {Arg::Input, 3},
+                     {Arg::Input, 4},
+                     {kv_start.defined ? Arg::Input : Arg::Dummy, 5},
+                     {signs.defined ? Arg::Input : Arg::Dummy, 6},
+                     {Arg::Codebook, 0},
+                     {Arg::Scratch, 0},
+                     {Arg::Scratch, 1},
+                     {Arg::Params, 0}};
+    main.params = bytes;
+    if (!check_launch(check, main)) return;
+
+    const uint32_t lanes_per_row = static_cast<uint32_t>(D / TQ_LANE_VALUES(D));
+    const uint32_t rows_per_threadgroup = TQ_REDUCE_SIMDGROUPS * (kSimdWidth / lanes_per_row);
+    Launch reduce;
+    reduce.kernel = "flash_attn_vec_tq_reduce_" + q.dtype + "_d" + str(D);
+    reduce.grid = {ceil_div(total_rows, rows_per_threadgroup), 1, 1};
+    reduce.threads = {TQ_REDUCE_SIMDGROUPS * kSimdWidth, 1, 1};
+    reduce.threadgroup_memory = static_cast<uint32_t>(D * 4);  // the sign vector
+    reduce.bindings = {{Arg::Scratch, 0},
+                       {Arg::Scratch, 1},
+                       {signs.defined ? Arg::Input : Arg::Dummy, 6},
+                       {Arg::Output, 0},
+                       {Arg::Params, 0}};
+    reduce.params = bytes;
+    if (!check_launch(check, reduce)) return;
+
+    plan.launches.push_back(std::move(main));
+    plan.launches.push_back(std::move(reduce));
+  }();
+  plan.error = check.error();
+  if (!plan.ok()) {
+    plan.launches.clear();
+    plan.scratch_bytes.clear();
+    plan.output_sizes.clear();
+  }
+  return plan;
+}
+
+}  // namespace tq_plan

@@ -1,0 +1,130 @@
+// C ABI over the launch plans, for ctypes (the simulator tests in tests/mps_sim/ build this file
+// into a shared library). It only copies plan results into flat structs: no logic of its own, so
+// the simulator launches exactly what torch_tq_mps.mm launches.
+#include <algorithm>
+#include <cstring>
+
+#include "plans/dequantize_kv.h"
+#include "plans/flash_attn_vec_tq.h"
+#include "plans/hadamard_quantize_kv.h"
+#include "plans/kv_cache_copy.h"
+
+extern "C" {
+
+typedef struct {
+  int32_t defined;
+  int32_t dim;
+  int64_t sizes[8];
+  int64_t strides[8];
+  char dtype[16];
+  char device[32];
+  int32_t contiguous;
+} tq_tensor_desc;
+
+typedef struct {
+  int32_t kind;  // tq_plan::Arg
+  int32_t index;
+} tq_binding;
+
+typedef struct {
+  char kernel[128];
+  uint32_t grid[3];
+  uint32_t threads[3];
+  uint32_t threadgroup_memory;
+  int32_t num_bindings;
+  tq_binding bindings[16];
+  uint32_t params_size;
+  uint8_t params[512];
+} tq_launch;
+
+typedef struct {
+  char error[1024];
+  int32_t num_launches;
+  tq_launch launches[4];
+  int32_t num_scratch;
+  uint64_t scratch_bytes[4];
+  int32_t codebook_bits;
+  int32_t output_dim;
+  int64_t output_sizes[8];
+} tq_plan_result;
+
+}  // extern "C"
+
+namespace {
+
+tq_plan::TensorDesc to_desc(const tq_tensor_desc* t) {
+  tq_plan::TensorDesc d;
+  if (t == nullptr || !t->defined) return d;
+  d.defined = true;
+  d.sizes.assign(t->sizes, t->sizes + t->dim);
+  d.strides.assign(t->strides, t->strides + t->dim);
+  d.dtype = std::string(t->dtype, strnlen(t->dtype, sizeof t->dtype));
+  d.device = std::string(t->device, strnlen(t->device, sizeof t->device));
+  d.contiguous = t->contiguous != 0;
+  return d;
+}
+
+void copy_plan(const tq_plan::Plan& plan, const std::vector<int64_t>& output_sizes, tq_plan_result* out) {
+  std::memset(out, 0, sizeof *out);
+  std::strncpy(out->error, plan.error.c_str(), sizeof out->error - 1);
+  out->num_launches = static_cast<int32_t>(std::min<size_t>(plan.launches.size(), 4));
+  for (int i = 0; i < out->num_launches; ++i) {
+    const tq_plan::Launch& l = plan.launches[i];
+    tq_launch& o = out->launches[i];
+    std::strncpy(o.kernel, l.kernel.c_str(), sizeof o.kernel - 1);
+    for (int k = 0; k < 3; ++k) {
+      o.grid[k] = l.grid[k];
+      o.threads[k] = l.threads[k];
+    }
+    o.threadgroup_memory = l.threadgroup_memory;
+    o.num_bindings = static_cast<int32_t>(std::min<size_t>(l.bindings.size(), 16));
+    for (int b = 0; b < o.num_bindings; ++b) {
+      o.bindings[b].kind = static_cast<int32_t>(l.bindings[b].kind);
+      o.bindings[b].index = l.bindings[b].index;
+    }
+    o.params_size = static_cast<uint32_t>(std::min<size_t>(l.params.size(), sizeof o.params));
+    std::memcpy(o.params, l.params.data(), o.params_size);
+  }
+  out->num_scratch = static_cast<int32_t>(std::min<size_t>(plan.scratch_bytes.size(), 4));
+  for (int i = 0; i < out->num_scratch; ++i) out->scratch_bytes[i] = plan.scratch_bytes[i];
+  out->codebook_bits = plan.codebook_bits;
+  out->output_dim = static_cast<int32_t>(std::min<size_t>(output_sizes.size(), 8));
+  for (int i = 0; i < out->output_dim; ++i) out->output_sizes[i] = output_sizes[i];
+}
+
+}  // namespace
+
+extern "C" {
+
+void tq_plan_kv_cache_copy(const tq_tensor_desc* src, const tq_tensor_desc* cache, int64_t write_pos,
+                           int32_t is_sliding, tq_plan_result* out) {
+  const auto plan = tq_plan::plan_kv_cache_copy(to_desc(src), to_desc(cache), write_pos, is_sliding != 0);
+  copy_plan(plan, {}, out);
+}
+
+void tq_plan_hadamard_quantize_kv(const tq_tensor_desc* src, const tq_tensor_desc* codes, const tq_tensor_desc* norms,
+                                  int64_t write_pos, int32_t is_sliding, int64_t bits, const tq_tensor_desc* signs,
+                                  tq_plan_result* out) {
+  const auto plan = tq_plan::plan_hadamard_quantize_kv(to_desc(src), to_desc(codes), to_desc(norms), write_pos,
+                                                       is_sliding != 0, bits, to_desc(signs));
+  copy_plan(plan, {}, out);
+}
+
+void tq_plan_dequantize_kv(const tq_tensor_desc* codes, const tq_tensor_desc* norms, int64_t start, int64_t length,
+                           int64_t bits, int32_t rotated, const tq_tensor_desc* signs, tq_plan_result* out) {
+  const auto plan =
+      tq_plan::plan_dequantize_kv(to_desc(codes), to_desc(norms), start, length, bits, rotated != 0, to_desc(signs));
+  copy_plan(plan, plan.output_sizes, out);
+}
+
+void tq_plan_flash_attn_vec_tq(const tq_tensor_desc* q, const tq_tensor_desc* k_codes, const tq_tensor_desc* k_norms,
+                               const tq_tensor_desc* v_codes, const tq_tensor_desc* v_norms, int64_t kv_len,
+                               double scale, int64_t bits, int64_t sliding_window, double softcap,
+                               const tq_tensor_desc* kv_start, const tq_tensor_desc* signs, tq_plan_result* out) {
+  const auto plan = tq_plan::plan_flash_attn_vec_tq(to_desc(q), to_desc(k_codes), to_desc(k_norms), to_desc(v_codes),
+                                                    to_desc(v_norms), kv_len, scale, bits, sliding_window, softcap,
+                                                    to_desc(kv_start), to_desc(signs));
+  copy_plan(plan, plan.output_sizes, out);
+}
+
+}  // extern "C"

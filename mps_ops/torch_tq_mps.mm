@@ -1,0 +1,247 @@
+// MPS implementations of torch.ops.tq.* (DESIGN.md §3). No math here: each op describes its
+// tensors, asks its launch plan (mps_ops/plans/<op>.h) for the kernel launches, turns a failed plan
+// into the same ValueError text as torch_tq/_validation.py, and hands the plan to one generic
+// encoder that binds buffers in the plan's order on PyTorch's current MPS stream.
+//
+// Not compiled on this project's CI (no macOS); the kernels and the plans are verified through
+// the MSL simulator in tests/mps_sim/. Build: mps_ops/build_config.py (macOS only).
+#include <torch/extension.h>
+
+#include <ATen/mps/MPSDevice.h>
+#include <ATen/mps/MPSStream.h>
+
+#import <Foundation/Foundation.h>
+#import <Metal/Metal.h>
+
+#include <map>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "plans/dequantize_kv.h"
+#include "plans/flash_attn_vec_tq.h"
+#include "plans/hadamard_quantize_kv.h"
+#include "plans/kv_cache_copy.h"
+// Generated at build time by mps_ops/build_config.py: `kTorchTqMetalSource`, every .metal file of
+// mps_ops/kernels/ with its local headers inlined (newLibraryWithSource has no include path).
+#include "torch_tq_metal_source.h"
+
+namespace {
+
+using tq_plan::Arg;
+
+std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "float32";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kDouble: return "float64";
+    case at::kByte: return "uint8";
+    case at::kChar: return "int8";
+    case at::kShort: return "int16";
+    case at::kInt: return "int32";
+    case at::kLong: return "int64";
+    case at::kBool: return "bool";
+    case at::kComplexFloat: return "complex64";
+    case at::kComplexDouble: return "complex128";
+    default: return c10::toString(t);
+  }
+}
+
+tq_plan::TensorDesc describe(const std::optional<at::Tensor>& t) {
+  tq_plan::TensorDesc d;
+  if (!t.has_value() || !t->defined()) return d;
+  d.defined = true;
+  d.sizes = t->sizes().vec();
+  d.strides = t->strides().vec();
+  d.dtype = dtype_name(t->scalar_type());
+  d.device = t->device().str();
+  d.contiguous = t->is_contiguous();
+  return d;
+}
+
+// ---- library and pipelines ---------------------------------------------------------------
+
+std::mutex g_pipeline_mutex;
+id<MTLLibrary> g_library = nil;                                  // built once, kept for the process
+std::map<std::string, id<MTLComputePipelineState>> g_pipelines;  // by host name, kept for the process
+
+id<MTLLibrary> library_locked(id<MTLDevice> device) {
+  if (g_library != nil) return g_library;
+  MTLCompileOptions* options = [MTLCompileOptions new];
+  // Explicit math mode: IEEE-conforming division, sqrt and exp, as the CPU reference.
+#if defined(__MAC_15_0) && __MAC_OS_X_VERSION_MAX_ALLOWED >= __MAC_15_0
+  if (@available(macOS 15.0, *)) {
+    options.mathMode = MTLMathModeSafe;
+  } else {
+    options.fastMathEnabled = NO;
+  }
+#else
+  options.fastMathEnabled = NO;
+#endif
+  // bfloat (and the bfloat16 instantiations, see TQ_IF_BFLOAT) needs MSL 3.1.
+#if defined(__MAC_14_0) && __MAC_OS_X_VERSION_MAX_ALLOWED >= __MAC_14_0
+  if (@available(macOS 14.0, *)) {
+    options.languageVersion = MTLLanguageVersion3_1;
+  }
+#endif
+  NSError* error = nil;
+  NSString* source = [NSString stringWithUTF8String:kTorchTqMetalSource];
+  g_library = [device newLibraryWithSource:source options:options error:&error];
+  [options release];
+  TORCH_CHECK(g_library != nil, "tq: failed to compile the Metal kernels: ",
+              error ? error.localizedDescription.UTF8String : "unknown error");
+  return g_library;
+}
+
+id<MTLComputePipelineState> pipeline(const std::string& name) {
+  std::lock_guard<std::mutex> lock(g_pipeline_mutex);
+  auto it = g_pipelines.find(name);
+  if (it != g_pipelines.end()) return it->second;
+  id<MTLDevice> device = at::mps::MPSDevice::getInstance()->device();
+  id<MTLLibrary> lib = library_locked(device);
+  id<MTLFunction> fn = [lib newFunctionWithName:[NSString stringWithUTF8String:name.c_str()]];
+  TORCH_CHECK(fn != nil, "tq: Metal kernel ", name, " not found",
+              name.find("bfloat16") != std::string::npos ? " (bfloat16 kernels need macOS 14 / MSL 3.1)" : "");
+  NSError* error = nil;
+  id<MTLComputePipelineState> pso = [device newComputePipelineStateWithFunction:fn error:&error];
+  [fn release];
+  TORCH_CHECK(pso != nil, "tq: failed to build the pipeline of ", name, ": ",
+              error ? error.localizedDescription.UTF8String : "unknown error");
+  g_pipelines.emplace(name, pso);
+  return pso;
+}
+
+// Centroids then decision boundaries of the b-bit codebook, float32, from torch_tq.codebooks:
+// the only source of centroids in the project (computed once per bit width, then cached).
+std::vector<float> codebook(int bits) {
+  static std::mutex mutex;
+  static std::map<int, std::vector<float>> cache;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    auto it = cache.find(bits);
+    if (it != cache.end()) return it->second;
+  }
+  std::vector<float> values;
+  {
+    // Never wait for the GIL while holding `mutex`.
+    pybind11::gil_scoped_acquire gil;
+    pybind11::module_ codebooks = pybind11::module_::import("torch_tq.codebooks");
+    for (const char* fn : {"lloyd_max_codebook", "decision_boundaries"}) {
+      at::Tensor t = codebooks.attr(fn)(bits).cast<at::Tensor>().to(at::kFloat).contiguous().cpu();
+      values.insert(values.end(), t.data_ptr<float>(), t.data_ptr<float>() + t.numel());
+    }
+  }
+  TORCH_CHECK(values.size() == (size_t(2) << bits) - 1, "tq: codebook of bits=", bits, " has the wrong size");
+  std::lock_guard<std::mutex> lock(mutex);
+  return cache.emplace(bits, std::move(values)).first->second;
+}
+
+void set_tensor(id<MTLComputeCommandEncoder> enc, const at::Tensor& t, NSUInteger index) {
+  [enc setBuffer:__builtin_bit_cast(id<MTLBuffer>, t.storage().data())
+          offset:t.storage_offset() * t.element_size()
+         atIndex:index];
+}
+
+// The generic encoder: every launch of the plan, in order, on the stream's current encoder.
+void encode(const tq_plan::Plan& plan, const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& outputs) {
+  if (plan.launches.empty()) return;
+  std::vector<at::Tensor> scratch;
+  for (uint64_t bytes : plan.scratch_bytes) {
+    scratch.push_back(at::empty({static_cast<int64_t>(bytes / 4)}, inputs.at(0).options().dtype(at::kFloat)));
+  }
+  const std::vector<float> table = plan.codebook_bits > 0 ? codebook(plan.codebook_bits) : std::vector<float>();
+  std::vector<id<MTLComputePipelineState>> pipelines;
+  for (const auto& launch : plan.launches) {
+    id<MTLComputePipelineState> pso = pipeline(launch.kernel);
+    const NSUInteger threads = launch.threads[0] * launch.threads[1] * launch.threads[2];
+    TORCH_CHECK(threads <= pso.maxTotalThreadsPerThreadgroup, "tq: ", launch.kernel, " requests ", threads,
+                " threads per threadgroup, the pipeline allows ", pso.maxTotalThreadsPerThreadgroup);
+    pipelines.push_back(pso);
+  }
+  static const uint8_t kDummy[16] = {};
+
+  at::mps::MPSStream* stream = at::mps::getCurrentMPSStream();
+  at::mps::dispatch_sync_with_rethrow(stream->queue(), ^() {
+    @autoreleasepool {
+      id<MTLComputeCommandEncoder> enc = stream->commandEncoder();
+      for (size_t i = 0; i < plan.launches.size(); ++i) {
+        const tq_plan::Launch& launch = plan.launches[i];
+        [enc setComputePipelineState:pipelines[i]];
+        for (NSUInteger n = 0; n < launch.bindings.size(); ++n) {
+          const tq_plan::Binding& b = launch.bindings[n];
+          switch (b.kind) {
+            case Arg::Input: set_tensor(enc, inputs.at(b.index), n); break;
+            case Arg::Output: set_tensor(enc, outputs.at(b.index), n); break;
+            case Arg::Scratch: set_tensor(enc, scratch.at(b.index), n); break;
+            case Arg::Params: [enc setBytes:launch.params.data() length:launch.params.size() atIndex:n]; break;
+            case Arg::Codebook: [enc setBytes:table.data() length:table.size() * sizeof(float) atIndex:n]; break;
+            case Arg::Dummy: [enc setBytes:kDummy length:sizeof kDummy atIndex:n]; break;
+          }
+        }
+        [enc dispatchThreadgroups:MTLSizeMake(launch.grid[0], launch.grid[1], launch.grid[2])
+            threadsPerThreadgroup:MTLSizeMake(launch.threads[0], launch.threads[1], launch.threads[2])];
+      }
+    }
+  });
+}
+
+void check_plan(const tq_plan::Plan& plan) { TORCH_CHECK_VALUE(plan.ok(), plan.error); }
+
+// An absent optional is bound as Arg::Dummy; keep the slot so input indices match the plan.
+at::Tensor or_undefined(const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
+
+// ---- ops (schemas in torch_tq/_ops.py) ---------------------------------------------------
+
+void hadamard_quantize_kv_mps(const at::Tensor& src, const at::Tensor& codes, const at::Tensor& norms,
+                              int64_t write_pos, bool is_sliding, int64_t bits, const std::optional<at::Tensor>& signs) {
+  const auto plan = tq_plan::plan_hadamard_quantize_kv(describe(src), describe(codes), describe(norms), write_pos,
+                                                       is_sliding, bits, describe(signs));
+  check_plan(plan);
+  encode(plan, {src.contiguous(), codes, norms, or_undefined(signs)}, {});
+}
+
+at::Tensor dequantize_kv_mps(const at::Tensor& codes, const at::Tensor& norms, int64_t start, int64_t length,
+                             int64_t bits, bool rotated, const std::optional<at::Tensor>& signs) {
+  const auto plan =
+      tq_plan::plan_dequantize_kv(describe(codes), describe(norms), start, length, bits, rotated, describe(signs));
+  check_plan(plan);
+  at::Tensor out = at::empty(plan.output_sizes, codes.options().dtype(at::kFloat));
+  encode(plan, {codes, norms, or_undefined(signs)}, {out});
+  return out;
+}
+
+at::Tensor flash_attn_vec_tq_mps(const at::Tensor& q, const at::Tensor& k_codes, const at::Tensor& k_norms,
+                                 const at::Tensor& v_codes, const at::Tensor& v_norms, int64_t kv_len, double scale,
+                                 int64_t bits, int64_t sliding_window, double softcap,
+                                 const std::optional<at::Tensor>& kv_start, const std::optional<at::Tensor>& signs) {
+  const auto plan = tq_plan::plan_flash_attn_vec_tq(describe(q), describe(k_codes), describe(k_norms),
+                                                    describe(v_codes), describe(v_norms), kv_len, scale, bits,
+                                                    sliding_window, softcap, describe(kv_start), describe(signs));
+  check_plan(plan);
+  at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  encode(plan,
+         {q.contiguous(), k_codes, k_norms, v_codes, v_norms,
+          kv_start.has_value() ? kv_start->contiguous() : at::Tensor(), or_undefined(signs)},
+         {out});
+  return out;
+}
+
+void kv_cache_copy_mps(const at::Tensor& src, const at::Tensor& cache, int64_t write_pos, bool is_sliding) {
+  const auto plan = tq_plan::plan_kv_cache_copy(describe(src), describe(cache), write_pos, is_sliding);
+  check_plan(plan);
+  encode(plan, {src.contiguous(), cache}, {});
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tq, MPS, m) {
+  m.impl("hadamard_quantize_kv", &hadamard_quantize_kv_mps);
+  m.impl("dequantize_kv", &dequantize_kv_mps);
+  m.impl("flash_attn_vec_tq", &flash_attn_vec_tq_mps);
+  m.impl("kv_cache_copy", &kv_cache_copy_mps);
+}
+
+// Importing torch_tq._C_mps registers the kernels above; the module itself has no attributes.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {}

@@ -1,0 +1,99 @@
+"""flash_attn_vec_tq through its plan (main + reduce kernels) and the MSL simulator, against the CPU reference."""
+
+import pytest
+import torch
+
+import torch_tq
+from _utils import assert_close
+import _plans
+
+OUT_RATIO = {torch.float32: 2e-5, torch.float16: 1.5e-3, torch.bfloat16: 1e-2}
+
+
+def build_cache(B, Hkv, D, C, bits, kv_len, sliding, signs, chunk=7):
+    """Write kv_len random tokens with the CPU reference encoder (wrapping a sliding cache)."""
+    k = torch_tq.allocate_quantized_kv(B, Hkv, C, D, bits)
+    v = torch_tq.allocate_quantized_kv(B, Hkv, C, D, bits)
+    pos = 0
+    while pos < kv_len:
+        T = min(chunk, kv_len - pos)
+        torch.ops.tq.hadamard_quantize_kv(torch.randn(B, T, Hkv, D) * 2, *k, pos, sliding, bits, signs)
+        torch.ops.tq.hadamard_quantize_kv(torch.randn(B, T, Hkv, D), *v, pos, sliding, bits, signs)
+        pos += T
+    return (*k, *v)
+
+
+CASES = [
+    # id, B, Hq, Hkv, Lq, D, C, kv_len, bits, sliding_window, softcap, kv_start, dtype, signs
+    ("decode-D128-b4-gqa4", 1, 8, 2, 1, 128, 64, 50, 4, 0, 0.0, None, torch.float32, True),
+    ("D64-b3-gqa3-lq3-kvstart", 2, 9, 3, 3, 64, 40, 33, 3, 0, 0.0, [0, 5], torch.float16, True),
+    ("D256-b2-sliding-wrap", 1, 4, 2, 1, 256, 16, 37, 2, 16, 0.0, None, torch.bfloat16, True),
+    ("D512-b5-softcap-lq2", 1, 2, 1, 2, 512, 24, 20, 5, 0, 30.0, None, torch.float32, False),
+    ("D128-b6-window-lq4-wrap-kvstart", 2, 4, 4, 4, 128, 20, 45, 6, 12, 0.0, [3, 42], torch.float16, True),
+    ("D64-b8-row-without-keys", 2, 2, 1, 1, 64, 8, 6, 8, 0, 0.0, [0, 7], torch.float32, True),
+    ("D128-b4-splits", 1, 4, 1, 1, 128, 1024, 1000, 4, 0, 0.0, None, torch.float16, True),
+    ("D64-b4-gqa8-row-tiles", 1, 16, 2, 2, 64, 32, 30, 4, 0, 0.0, None, torch.float32, True),
+    ("D512-b3-window-wrap-bf16", 1, 4, 2, 3, 512, 10, 23, 3, 8, 20.0, None, torch.bfloat16, True),
+    ("prefill-lq-eq-kvlen", 1, 2, 1, 9, 64, 9, 9, 4, 0, 0.0, None, torch.float32, True),
+    ("B3-kvstart-window", 3, 6, 2, 2, 128, 16, 16, 5, 5, 0.0, [0, 2, 13], torch.float32, True),
+]
+
+# Every (D, bits) pair once at a small size, dtypes and signs varying along.
+SWEEP = [
+    (f"sweep-D{D}-b{b}", 1, 2, 1, 1, D, 12, 10, b, 0, 0.0, None, (torch.float32, torch.float16, torch.bfloat16)[i % 3],
+     i % 2 == 0)
+    for i, (D, b) in enumerate((D, b) for D in (64, 128, 256, 512) for b in (2, 3, 4, 5, 6, 8))
+]
+
+
+@pytest.mark.parametrize("case", CASES + SWEEP, ids=lambda c: c[0])
+def test_flash_attn_vec_tq(case):
+    name, B, Hq, Hkv, Lq, D, C, kv_len, bits, window, softcap, kv_start, dtype, use_signs = case
+    signs = torch_tq.hadamard_signs(D) if use_signs else None
+    cache = build_cache(B, Hkv, D, C, bits, kv_len, kv_len > C, signs)
+    q = torch.randn(B, Hq, Lq, D).to(dtype)
+    start = torch.tensor(kv_start, dtype=torch.int64) if kv_start is not None else None
+    args = dict(kv_len=kv_len, scale=D**-0.5, bits=bits, sliding_window=window, softcap=softcap, kv_start=start,
+                signs=signs)
+    ref = torch.ops.tq.flash_attn_vec_tq(q, *cache, **args)
+    out = _plans.run("flash_attn_vec_tq", q=q, k_codes=cache[0], k_norms=cache[1], v_codes=cache[2],
+                     v_norms=cache[3], **args)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert_close(name, ref.float(), out.float(), OUT_RATIO[dtype])
+    if kv_start is not None and max(kv_start) >= kv_len:
+        assert torch.equal(out[1].float().abs().sum(), torch.tensor(0.0)), "a row without keys must be zeros"
+
+
+def test_flash_attn_vec_tq_strided_q():
+    D, bits = 64, 4
+    cache = build_cache(1, 2, D, 16, bits, 9, False, None)
+    q = torch.randn(1, 3, 4, D).transpose(1, 2)  # [B, Hq=4, Lq=3, D], non-contiguous
+    ref = torch.ops.tq.flash_attn_vec_tq(q, *cache, 9, 0.125, bits)
+    out = _plans.run("flash_attn_vec_tq", q=q, k_codes=cache[0], k_norms=cache[1], v_codes=cache[2],
+                     v_norms=cache[3], kv_len=9, scale=0.125, bits=bits)
+    assert_close("strided-q", ref, out, OUT_RATIO[torch.float32])
+
+
+def test_flash_attn_vec_tq_decode_bytes_moved():
+    """Decode at kv_len 4096 (B=1, Hq=32, Hkv=8, D=128, 4 bits) moves <= 1.1x the minimum device bytes.
+
+    Minimum: every packed K/V byte and norm read once, q read once, the output written once. The
+    excess is the split-KV partials (written and re-read), q and the signs read once per split.
+    """
+    B, Hq, Hkv, D, C, kv_len, bits = 1, 32, 8, 128, 4096, 4096, 4
+    k_codes = torch.randint(0, 256, (B, Hkv, C, D * bits // 8), dtype=torch.uint8)
+    v_codes = torch.randint(0, 256, (B, Hkv, C, D * bits // 8), dtype=torch.uint8)
+    k_norms = torch.rand(B, Hkv, C, 1) * 10 + 1
+    v_norms = torch.rand(B, Hkv, C, 1) * 10 + 1
+    q = torch.randn(B, Hq, 1, D, dtype=torch.float16)
+    signs = torch_tq.hadamard_signs(D)
+    stats = []
+    out = _plans.run("flash_attn_vec_tq", q=q, k_codes=k_codes, k_norms=k_norms, v_codes=v_codes, v_norms=v_norms,
+                     kv_len=kv_len, scale=D**-0.5, bits=bits, signs=signs, stats=stats)
+    ref = torch.ops.tq.flash_attn_vec_tq(q, k_codes, k_norms, v_codes, v_norms, kv_len, D**-0.5, bits, signs=signs)
+    assert_close("decode-4096", ref.float(), out.float(), OUT_RATIO[torch.float16])
+    minimum = (k_codes.numel() + v_codes.numel() + 4 * (k_norms.numel() + v_norms.numel())
+               + 2 * q.numel() * q.element_size())
+    ratio = _plans.device_bytes(stats) / minimum
+    print(f"decode attention bytes moved / minimum = {ratio:.4f}")
+    assert ratio <= 1.1
