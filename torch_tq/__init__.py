@@ -7,6 +7,10 @@ available on this machine.
 from . import _ops
 from ._ops import dequantize_kv, flash_attn_vec_tq, hadamard_quantize_kv, kv_cache_copy
 from .backends import backend_status
+from .backends import mps as _mps
+
+# Load the native Metal extension when it was built (macOS), so torch.ops.tq.* dispatch to it.
+_mps.status()
 from .codebooks import lloyd_max_codebook
 from .layout import QuantizedKV, allocate_quantized_kv, hadamard_signs, quantized_nbytes
 
