@@ -19,8 +19,11 @@ def test_embedded_metal_source_is_one_self_contained_unit(tmp_path):
     unit.write_text(source)
     compiler = _sim_adapter.msl_sim.find_compiler()
     # Syntax and template instantiation against the simulator's metal_stdlib, bfloat included.
-    cmd = [*compiler.argv, "-x", "c++", "-std=c++17", "-fsyntax-only", "-Wno-unknown-attributes",
-           "-Wno-user-defined-literals", "-D__HAVE_BFLOAT__=1", "-I", str(_sim_adapter.msl_sim.SHIM_INCLUDE), str(unit)]
+    # A real object file, not -fsyntax-only: zig's clang wrapper fails on -fsyntax-only (it adds -c and
+    # then tries to move an output that was never written).
+    cmd = [*compiler.argv, "-x", "c++", "-std=c++17", "-O0", "-c", "-o", str(tmp_path / "unit.o"),
+           "-Wno-unknown-attributes", "-Wno-user-defined-literals", "-D__HAVE_BFLOAT__=1",
+           "-I", str(_sim_adapter.msl_sim.SHIM_INCLUDE), str(unit)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-4000:]
 
