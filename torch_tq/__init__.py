@@ -6,6 +6,16 @@ available on this machine.
 
 from . import _ops
 from ._ops import dequantize_kv, flash_attn_vec_tq, hadamard_quantize_kv, kv_cache_copy
+from ._gated_delta_ops import (
+    chunk_fwd_h,
+    chunk_fwd_o,
+    chunk_gated_delta_rule,
+    chunk_local_cumsum,
+    chunk_scaled_dot_kkt,
+    fused_recurrent_gated_delta_rule,
+    recompute_w_u,
+    solve_tril,
+)
 from .backends import backend_status
 from .backends import mps as _mps
 
@@ -17,6 +27,14 @@ from .layout import QuantizedKV, allocate_quantized_kv, hadamard_signs, quantize
 __version__ = "0.1.0"
 
 __all__ = [
+    "chunk_fwd_h",
+    "chunk_fwd_o",
+    "chunk_gated_delta_rule",
+    "chunk_local_cumsum",
+    "chunk_scaled_dot_kkt",
+    "fused_recurrent_gated_delta_rule",
+    "recompute_w_u",
+    "solve_tril",
     "QuantizedKV",
     "allocate_quantized_kv",
     "backend_status",

@@ -1,0 +1,127 @@
+"""CPU timings of torch_tq's gated-delta-rule ops next to transformers' pure-PyTorch fallback.
+
+    python benchmarks/gated_delta.py [--T 4096] [--repeats 3] [--dtype float32] [--threads N] [--json]
+
+Rows: the chunked prefill ``chunk_gated_delta_rule`` against transformers'
+``torch_chunk_gated_delta_rule`` (Qwen3-Next modeling file), and one recurrent decode step
+(T=1, carrying a state) ``fused_recurrent_gated_delta_rule`` against
+``torch_recurrent_gated_delta_rule``. Shape B=1, H=16, HV=32, K=V=128 (Qwen3-Next-80B's linear
+attention), q/k l2-normalised in the op. Each row's outputs and final states are compared with the
+reference before timing; a row that disagrees prints "—" instead of a speedup. Median of
+--repeats runs after one warm-up. Never asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import torch_tq  # noqa: F401  (defines torch.ops.tq)
+from torch_tq import _gated_delta_ops as gdr
+
+
+def median_ms(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def rel_rms(ref: torch.Tensor, out: torch.Tensor) -> float:
+    ref, out = ref.double(), out.double()
+    return ((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def inputs(B, T, H, HV, K, V, dtype):
+    q, k = torch.randn(B, T, H, K, dtype=dtype), torch.randn(B, T, H, K, dtype=dtype)
+    v = torch.randn(B, T, HV, V, dtype=dtype)
+    g = -F.softplus(torch.randn(B, T, HV))  # log decays < 0, float32 as the models pass them
+    beta = torch.randn(B, T, HV).sigmoid().to(dtype)
+    return q, k, v, g, beta
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--T", type=int, default=4096, help="prefill length")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--decode-repeats", type=int, default=50)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default); "
+                        "1 gives steadier numbers on a shared machine")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from transformers.models.qwen3_next import modeling_qwen3_next as qwen
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the "falling back to PyTorch" notice, once per call site
+    torch.manual_seed(0)
+    dtype = getattr(torch, args.dtype)
+    B, H, HV, K, V = 1, 16, 32, 128, 128
+    # The state check is relative to float32 rounding of a long recurrence; the output check to the dtype.
+    tol = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}[dtype]
+    rows = []
+
+    q, k, v, g, beta = inputs(B, args.T, H, HV, K, V, dtype)
+    kw = dict(output_final_state=True, use_qk_l2norm_in_kernel=True)
+    ref_fn = lambda: qwen.torch_chunk_gated_delta_rule(q, k, v, g, beta, **kw)  # noqa: E731
+    tq_fn = lambda: gdr.chunk_gated_delta_rule(q, k, v, g, beta, **kw)  # noqa: E731
+    (o_ref, s_ref), (o_tq, s_tq) = ref_fn(), tq_fn()
+    err = max(rel_rms(o_ref, o_tq), rel_rms(s_ref, s_tq))
+    rows.append(dict(op="chunk_gated_delta_rule", B=B, T=args.T, H=H, HV=HV, K=K, V=V, dtype=args.dtype,
+                     ref_ms=median_ms(ref_fn, args.repeats), tq_ms=median_ms(tq_fn, args.repeats),
+                     rel_err=err, verified=err <= tol))
+
+    q1, k1, v1, g1, beta1 = inputs(B, 1, H, HV, K, V, dtype)
+    state = s_ref.clone()
+    ref_fn = lambda: qwen.torch_recurrent_gated_delta_rule(q1, k1, v1, g1, beta1, initial_state=state, **kw)  # noqa: E731
+    tq_fn = lambda: gdr.fused_recurrent_gated_delta_rule(q1, k1, v1, g1, beta1, initial_state=state, **kw)  # noqa: E731
+    (o_ref, s_ref), (o_tq, s_tq) = ref_fn(), tq_fn()
+    err = max(rel_rms(o_ref, o_tq), rel_rms(s_ref, s_tq))
+    rows.append(dict(op="fused_recurrent_gated_delta_rule", B=B, T=1, H=H, HV=HV, K=K, V=V, dtype=args.dtype,
+                     ref_ms=median_ms(ref_fn, args.decode_repeats), tq_ms=median_ms(tq_fn, args.decode_repeats),
+                     rel_err=err, verified=err <= tol))
+
+    machine = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                   cpu=cpu_name(), cores=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
+                   load_avg=" ".join(f"{x:.2f}" for x in os.getloadavg()))
+    if args.json:
+        print(json.dumps(dict(machine=machine, rows=rows), indent=2))
+        return
+    print(" | ".join(f"{k} {v}" for k, v in machine.items()))
+    print("reference: transformers torch_chunk_gated_delta_rule / torch_recurrent_gated_delta_rule (Qwen3-Next)")
+    header = f"{'op':<34}{'B':>3}{'T':>6}{'H':>4}{'HV':>4}{'K':>5}{'V':>5}  {'dtype':<9}{'ref ms':>10}{'tq ms':>10}{'speedup':>9}{'rel err':>10}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        speedup = f"{r['ref_ms'] / r['tq_ms']:.1f}x" if r["verified"] else "—"
+        print(f"{r['op']:<34}{r['B']:>3}{r['T']:>6}{r['H']:>4}{r['HV']:>4}{r['K']:>5}{r['V']:>5}  {r['dtype']:<9}"
+              f"{r['ref_ms']:>10.2f}{r['tq_ms']:>10.2f}{speedup:>9}{r['rel_err']:>10.1e}")
+
+
+if __name__ == "__main__":
+    main()
