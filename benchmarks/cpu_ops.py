@@ -13,22 +13,12 @@ import argparse
 import datetime
 import json
 import platform
-import statistics
-import time
 
 import torch
 
+from _timing import median_ms
+
 import torch_tq
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def check_attention(q, kc, vc, N, scale, bits, signs) -> bool:

@@ -18,24 +18,15 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
+from _timing import median_ms
+
 import torch_tq  # noqa: F401  (defines torch.ops.tq)
 from torch_tq import _gated_delta_ops as gdr
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def rel_rms(ref: torch.Tensor, out: torch.Tensor) -> float:
