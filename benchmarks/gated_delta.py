@@ -18,7 +18,6 @@ import datetime
 import json
 import os
 import platform
-import time
 
 import torch
 import torch.nn.functional as F
