@@ -52,7 +52,7 @@ def test_hadamard_quantize_kv_matches_oracle(case, with_signs):
     signs = torch_tq.hadamard_signs(D) if with_signs else None
     codes = torch.randint(0, 256, (B, Hkv, C, D * bits // 8), dtype=torch.uint8)
     norms = torch.full((B, Hkv, C, max(1, D // 256)), math.nan)
-    before_codes, before_norms = codes.clone(), norms.clone()
+    before_codes = codes.clone()
 
     torch_tq.hadamard_quantize_kv(src, codes, norms, write_pos, is_sliding, bits, signs)
 
