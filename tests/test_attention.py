@@ -1,6 +1,5 @@
 """flash_attn_vec_tq on CPU against float64 attention over the oracle-decoded cache."""
 
-
 import pytest
 import torch
 
