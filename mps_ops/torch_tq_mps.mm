@@ -139,9 +139,9 @@ std::vector<float> codebook(int bits) {
 }
 
 void set_tensor(id<MTLComputeCommandEncoder> enc, const at::Tensor& t, NSUInteger index) {
-  [enc setBuffer:__builtin_bit_cast(id<MTLBuffer>, t.storage().data())
-          offset:t.storage_offset() * t.element_size()
-         atIndex:index];
+  // Views share their base's MTLBuffer: the byte offset of the view is always passed.
+  id<MTLBuffer> buffer = __builtin_bit_cast(id<MTLBuffer>, t.storage().data());
+  [enc setBuffer:buffer offset:t.storage_offset() * t.element_size() atIndex:index];
 }
 
 // The generic encoder: every launch of the plan, in order, on the stream's current encoder.
