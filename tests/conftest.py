@@ -15,3 +15,12 @@ def _fresh_seed(request):
     seed = zlib.crc32(request.node.nodeid.encode())
     torch.manual_seed(seed)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tests of many tiny shapes: avoids OpenMP hand-offs on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -26,13 +26,7 @@ from torch_tq.backends.cpu import gated_delta_rule as cpu_gdr
 from _gated_delta_bad_inputs import BAD_INPUTS, rule_args
 from _utils import assert_close
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These shapes are tiny: one intra-op thread avoids OpenMP hand-offs on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 BT = 64

@@ -19,13 +19,7 @@ from _utils import assert_close
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These shapes are tiny: one intra-op thread avoids OpenMP hand-offs on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=3,

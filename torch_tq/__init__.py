@@ -4,7 +4,7 @@ Importing the package defines the op library (``torch.ops.tq.*``) and registers 
 available on this machine.
 """
 
-from . import _ops
+from . import _gated_delta_ops, _ops
 from ._ops import dequantize_kv, flash_attn_vec_tq, hadamard_quantize_kv, kv_cache_copy
 from ._gated_delta_ops import (
     chunk_fwd_h,
@@ -19,22 +19,15 @@ from ._gated_delta_ops import (
 from .backends import backend_status
 from .backends import mps as _mps
 
-# Load the native Metal extension when it was built (macOS), so torch.ops.tq.* dispatch to it.
-_mps.status()
 from .codebooks import lloyd_max_codebook
 from .layout import QuantizedKV, allocate_quantized_kv, hadamard_signs, quantized_nbytes
+
+# Load the native Metal extension when it was built (macOS), so torch.ops.tq.* dispatch to it.
+_mps.status()
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "chunk_fwd_h",
-    "chunk_fwd_o",
-    "chunk_gated_delta_rule",
-    "chunk_local_cumsum",
-    "chunk_scaled_dot_kkt",
-    "fused_recurrent_gated_delta_rule",
-    "recompute_w_u",
-    "solve_tril",
     "QuantizedKV",
     "allocate_quantized_kv",
     "backend_status",
@@ -46,3 +39,4 @@ __all__ = [
     "lloyd_max_codebook",
     "quantized_nbytes",
 ]
+__all__ += _gated_delta_ops.__all__
