@@ -18,7 +18,6 @@ from ._gated_delta_ops import (
 )
 from .backends import backend_status
 from .backends import mps as _mps
-
 from .codebooks import lloyd_max_codebook
 from .layout import QuantizedKV, allocate_quantized_kv, hadamard_signs, quantized_nbytes
 
