@@ -3,6 +3,8 @@
 // the simulator launches exactly what torch_tq_mps.mm launches.
 #include <algorithm>
 #include <cstring>
+#include <string>
+#include <vector>
 
 #include "plans/dequantize_kv.h"
 #include "plans/flash_attn_vec_tq.h"
@@ -40,12 +42,16 @@ typedef struct {
 typedef struct {
   char error[1024];
   int32_t num_launches;
-  tq_launch launches[4];
+  tq_launch launches[16];
   int32_t num_scratch;
-  uint64_t scratch_bytes[4];
+  uint64_t scratch_bytes[8];
   int32_t codebook_bits;
-  int32_t output_dim;
-  int64_t output_sizes[8];
+  int32_t num_outputs;
+  int32_t output_dims[4];
+  int64_t output_sizes[4][8];
+  char output_dtypes[4][16];
+  int32_t num_input_dtypes;
+  char input_dtypes[16][16];
 } tq_plan_result;
 
 }  // extern "C"
@@ -64,14 +70,22 @@ tq_plan::TensorDesc to_desc(const tq_tensor_desc* t) {
   return d;
 }
 
-void copy_plan(const tq_plan::Plan& plan, const std::vector<int64_t>& output_sizes, tq_plan_result* out) {
+template <size_t N>
+void copy_str(char (&dst)[N], const std::string& src) {
+  std::strncpy(dst, src.c_str(), N - 1);
+}
+
+// Host copy of an int64 array (cu_seqlens values); empty for n = 0.
+std::vector<int64_t> values(const int64_t* v, int32_t n) { return n > 0 ? std::vector<int64_t>(v, v + n) : std::vector<int64_t>(); }
+
+void copy_plan(const tq_plan::Plan& plan, tq_plan_result* out) {
   std::memset(out, 0, sizeof *out);
-  std::strncpy(out->error, plan.error.c_str(), sizeof out->error - 1);
-  out->num_launches = static_cast<int32_t>(std::min<size_t>(plan.launches.size(), 4));
+  copy_str(out->error, plan.error);
+  out->num_launches = static_cast<int32_t>(std::min<size_t>(plan.launches.size(), 16));
   for (int i = 0; i < out->num_launches; ++i) {
     const tq_plan::Launch& l = plan.launches[i];
     tq_launch& o = out->launches[i];
-    std::strncpy(o.kernel, l.kernel.c_str(), sizeof o.kernel - 1);
+    copy_str(o.kernel, l.kernel);
     for (int k = 0; k < 3; ++k) {
       o.grid[k] = l.grid[k];
       o.threads[k] = l.threads[k];
@@ -85,11 +99,18 @@ void copy_plan(const tq_plan::Plan& plan, const std::vector<int64_t>& output_siz
     o.params_size = static_cast<uint32_t>(std::min<size_t>(l.params.size(), sizeof o.params));
     std::memcpy(o.params, l.params.data(), o.params_size);
   }
-  out->num_scratch = static_cast<int32_t>(std::min<size_t>(plan.scratch_bytes.size(), 4));
+  out->num_scratch = static_cast<int32_t>(std::min<size_t>(plan.scratch_bytes.size(), 8));
   for (int i = 0; i < out->num_scratch; ++i) out->scratch_bytes[i] = plan.scratch_bytes[i];
   out->codebook_bits = plan.codebook_bits;
-  out->output_dim = static_cast<int32_t>(std::min<size_t>(output_sizes.size(), 8));
-  for (int i = 0; i < out->output_dim; ++i) out->output_sizes[i] = output_sizes[i];
+  out->num_outputs = static_cast<int32_t>(std::min<size_t>(plan.outputs.size(), 4));
+  for (int i = 0; i < out->num_outputs; ++i) {
+    const auto& spec = plan.outputs[i];
+    out->output_dims[i] = static_cast<int32_t>(std::min<size_t>(spec.sizes.size(), 8));
+    for (int d = 0; d < out->output_dims[i]; ++d) out->output_sizes[i][d] = spec.sizes[d];
+    copy_str(out->output_dtypes[i], spec.dtype);
+  }
+  out->num_input_dtypes = static_cast<int32_t>(std::min<size_t>(plan.input_dtypes.size(), 16));
+  for (int i = 0; i < out->num_input_dtypes; ++i) copy_str(out->input_dtypes[i], plan.input_dtypes[i]);
 }
 
 }  // namespace
@@ -99,7 +120,7 @@ extern "C" {
 void tq_plan_kv_cache_copy(const tq_tensor_desc* src, const tq_tensor_desc* cache, int64_t write_pos,
                            int32_t is_sliding, tq_plan_result* out) {
   const auto plan = tq_plan::plan_kv_cache_copy(to_desc(src), to_desc(cache), write_pos, is_sliding != 0);
-  copy_plan(plan, {}, out);
+  copy_plan(plan, out);
 }
 
 void tq_plan_hadamard_quantize_kv(const tq_tensor_desc* src, const tq_tensor_desc* codes, const tq_tensor_desc* norms,
@@ -107,14 +128,14 @@ void tq_plan_hadamard_quantize_kv(const tq_tensor_desc* src, const tq_tensor_des
                                   tq_plan_result* out) {
   const auto plan = tq_plan::plan_hadamard_quantize_kv(to_desc(src), to_desc(codes), to_desc(norms), write_pos,
                                                        is_sliding != 0, bits, to_desc(signs));
-  copy_plan(plan, {}, out);
+  copy_plan(plan, out);
 }
 
 void tq_plan_dequantize_kv(const tq_tensor_desc* codes, const tq_tensor_desc* norms, int64_t start, int64_t length,
                            int64_t bits, int32_t rotated, const tq_tensor_desc* signs, tq_plan_result* out) {
   const auto plan =
       tq_plan::plan_dequantize_kv(to_desc(codes), to_desc(norms), start, length, bits, rotated != 0, to_desc(signs));
-  copy_plan(plan, plan.output_sizes, out);
+  copy_plan(plan, out);
 }
 
 void tq_plan_flash_attn_vec_tq(const tq_tensor_desc* q, const tq_tensor_desc* k_codes, const tq_tensor_desc* k_norms,
@@ -124,7 +145,7 @@ void tq_plan_flash_attn_vec_tq(const tq_tensor_desc* q, const tq_tensor_desc* k_
   const auto plan = tq_plan::plan_flash_attn_vec_tq(to_desc(q), to_desc(k_codes), to_desc(k_norms), to_desc(v_codes),
                                                     to_desc(v_norms), kv_len, scale, bits, sliding_window, softcap,
                                                     to_desc(kv_start), to_desc(signs));
-  copy_plan(plan, plan.output_sizes, out);
+  copy_plan(plan, out);
 }
 
 }  // extern "C"

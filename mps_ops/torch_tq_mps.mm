@@ -145,6 +145,14 @@ void set_tensor(id<MTLComputeCommandEncoder> enc, const at::Tensor& t, NSUIntege
 }
 
 // The generic encoder: every launch of the plan, in order, on the stream's current encoder.
+at::ScalarType scalar_type(const std::string& name) {
+  for (at::ScalarType t : {at::kFloat, at::kHalf, at::kBFloat16, at::kByte, at::kInt, at::kLong}) {
+    if (dtype_name(t) == name) return t;
+  }
+  TORCH_CHECK(false, "tq: internal: a launch plan names the unsupported dtype ", name);
+}
+
+// Encodes `plan` (already checked ok) on the current MPS stream.
 void encode(const tq_plan::Plan& plan, const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& outputs) {
   if (plan.launches.empty()) return;
   std::vector<at::Tensor> scratch;
@@ -189,6 +197,21 @@ void encode(const tq_plan::Plan& plan, const std::vector<at::Tensor>& inputs, co
 
 void check_plan(const tq_plan::Plan& plan) { TORCH_CHECK_VALUE(plan.ok(), plan.error); }
 
+// Runs a plan: raises its error, converts the inputs the plan asks for (plan.input_dtypes),
+// allocates its outputs (plan.outputs) on `device`, encodes the launches, returns the outputs.
+std::vector<at::Tensor> run(const tq_plan::Plan& plan, std::vector<at::Tensor> inputs, const at::Device& device) {
+  check_plan(plan);
+  for (size_t i = 0; i < plan.input_dtypes.size() && i < inputs.size(); ++i) {
+    if (!plan.input_dtypes[i].empty() && inputs[i].defined())
+      inputs[i] = inputs[i].to(scalar_type(plan.input_dtypes[i])).contiguous();
+  }
+  std::vector<at::Tensor> outputs;
+  for (const tq_plan::OutputSpec& spec : plan.outputs)
+    outputs.push_back(at::empty(spec.sizes, at::TensorOptions().device(device).dtype(scalar_type(spec.dtype))));
+  if (!plan.launches.empty()) encode(plan, inputs, outputs);
+  return outputs;
+}
+
 // An absent optional is bound as Arg::Dummy; keep the slot so input indices match the plan.
 at::Tensor or_undefined(const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
 
@@ -198,18 +221,14 @@ void hadamard_quantize_kv_mps(const at::Tensor& src, const at::Tensor& codes, co
                               int64_t write_pos, bool is_sliding, int64_t bits, const std::optional<at::Tensor>& signs) {
   const auto plan = tq_plan::plan_hadamard_quantize_kv(describe(src), describe(codes), describe(norms), write_pos,
                                                        is_sliding, bits, describe(signs));
-  check_plan(plan);
-  encode(plan, {src.contiguous(), codes, norms, or_undefined(signs)}, {});
+  run(plan, {src.contiguous(), codes, norms, or_undefined(signs)}, src.device());
 }
 
 at::Tensor dequantize_kv_mps(const at::Tensor& codes, const at::Tensor& norms, int64_t start, int64_t length,
                              int64_t bits, bool rotated, const std::optional<at::Tensor>& signs) {
   const auto plan =
       tq_plan::plan_dequantize_kv(describe(codes), describe(norms), start, length, bits, rotated, describe(signs));
-  check_plan(plan);
-  at::Tensor out = at::empty(plan.output_sizes, codes.options().dtype(at::kFloat));
-  encode(plan, {codes, norms, or_undefined(signs)}, {out});
-  return out;
+  return run(plan, {codes, norms, or_undefined(signs)}, codes.device()).at(0);
 }
 
 at::Tensor flash_attn_vec_tq_mps(const at::Tensor& q, const at::Tensor& k_codes, const at::Tensor& k_norms,
@@ -219,19 +238,16 @@ at::Tensor flash_attn_vec_tq_mps(const at::Tensor& q, const at::Tensor& k_codes,
   const auto plan = tq_plan::plan_flash_attn_vec_tq(describe(q), describe(k_codes), describe(k_norms),
                                                     describe(v_codes), describe(v_norms), kv_len, scale, bits,
                                                     sliding_window, softcap, describe(kv_start), describe(signs));
-  check_plan(plan);
-  at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
-  encode(plan,
-         {q.contiguous(), k_codes, k_norms, v_codes, v_norms,
-          kv_start.has_value() ? kv_start->contiguous() : at::Tensor(), or_undefined(signs)},
-         {out});
-  return out;
+  return run(plan,
+             {q.contiguous(), k_codes, k_norms, v_codes, v_norms,
+              kv_start.has_value() ? kv_start->contiguous() : at::Tensor(), or_undefined(signs)},
+             q.device())
+      .at(0);
 }
 
 void kv_cache_copy_mps(const at::Tensor& src, const at::Tensor& cache, int64_t write_pos, bool is_sliding) {
   const auto plan = tq_plan::plan_kv_cache_copy(describe(src), describe(cache), write_pos, is_sliding);
-  check_plan(plan);
-  encode(plan, {src.contiguous(), cache}, {});
+  run(plan, {src.contiguous(), cache}, src.device());
 }
 
 }  // namespace

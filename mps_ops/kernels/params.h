@@ -130,3 +130,9 @@ struct FlashAttnVecTqParams {
   float inv_sqrt_r;
   tq_uint key_lo_slot;   // key_lo mod C; the scanned range is shorter than C, so slots wrap at most once
 };
+
+// ---- gated delta rule ------------------------------------------------------------------------
+// Chunk length of the chunked form (torch_tq/_gated_delta_validation.py CHUNK_SIZE).
+#define TQ_GDR_CHUNK 64
+// The Params structs of the gated-delta kernels live in gated_delta_params.h.
+#include "gated_delta_params.h"

@@ -58,12 +58,32 @@ struct Launch {
   std::vector<uint8_t> params;         // bytes of the Params struct
 };
 
+// A tensor the host allocates for the op, contiguous, on the op's device (Arg::Output index order).
+struct OutputSpec {
+  std::vector<int64_t> sizes;
+  std::string dtype;  // torch name without "torch."
+};
+
 struct Plan {
-  std::string error;                   // empty = ok; else the ValueError text
-  std::vector<Launch> launches;        // encoded in order on one encoder
-  std::vector<uint64_t> scratch_bytes; // float32 scratch buffers the host allocates
-  int32_t codebook_bits = 0;           // 0 = no codebook binding
+  std::string error;                     // empty = ok; else the ValueError text
+  std::vector<Launch> launches;          // encoded in order on one encoder
+  std::vector<uint64_t> scratch_bytes;   // float32 scratch buffers the host allocates
+  std::vector<OutputSpec> outputs;       // what the op returns, in schema order
+  // Per Arg::Input index: the dtype the kernels read that input in ("" = as given). The host
+  // converts (on device) before binding, so a kernel is instantiated for one dtype per argument.
+  std::vector<std::string> input_dtypes;
+  int32_t codebook_bits = 0;             // 0 = no codebook binding
   bool ok() const { return error.empty(); }
+  // A failed plan carries only its error.
+  void finish(const std::string& check_error) {
+    error = check_error;
+    if (!ok()) {
+      launches.clear();
+      scratch_bytes.clear();
+      outputs.clear();
+      input_dtypes.clear();
+    }
+  }
 };
 
 // Sizes, dtype and layout of one tensor argument, as the host sees it.

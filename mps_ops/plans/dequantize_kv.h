@@ -7,9 +7,7 @@
 
 namespace tq_plan {
 
-struct DequantizeKvPlan : Plan {
-  std::vector<int64_t> output_sizes;  // [B, Hkv, length, D]
-};
+struct DequantizeKvPlan : Plan {};
 
 inline DequantizeKvPlan plan_dequantize_kv(const TensorDesc& codes, const TensorDesc& norms, int64_t start,
                                            int64_t length, int64_t bits, bool rotated, const TensorDesc& signs) {
@@ -37,7 +35,7 @@ inline DequantizeKvPlan plan_dequantize_kv(const TensorDesc& codes, const Tensor
       check.fail("length must be in [0, C=" + str(C) + "] (positions alias beyond the capacity), got " + str(length));
       return;
     }
-    plan.output_sizes = {B, Hkv, length, D};
+    plan.outputs = {{{B, Hkv, length, D}, "float32"}};
     const uint64_t rows = static_cast<uint64_t>(B) * Hkv * length;
     if (rows == 0) return;
     if (!check.fits_u32("cache rows", static_cast<uint64_t>(B) * Hkv * C)) return;
@@ -66,11 +64,7 @@ inline DequantizeKvPlan plan_dequantize_kv(const TensorDesc& codes, const Tensor
     plan.codebook_bits = static_cast<int32_t>(bits);
     plan.launches.push_back(std::move(l));
   }();
-  plan.error = check.error();
-  if (!plan.ok()) {
-    plan.launches.clear();
-    plan.output_sizes.clear();
-  }
+  plan.finish(check.error());
   return plan;
 }
 

@@ -19,10 +19,7 @@ constexpr uint32_t kAttnMinKeysPerSplit = TQ_ATTN_SIMDGROUPS * 32;
 // Positions are int32 in the kernels; keep headroom for position arithmetic.
 constexpr int64_t kAttnMaxKvLen = int64_t(1) << 30;
 
-struct FlashAttnVecTqPlan : Plan {
-  std::vector<int64_t> output_sizes;  // = q's sizes
-  std::string output_dtype;           // = q's dtype
-};
+struct FlashAttnVecTqPlan : Plan {};
 
 inline uint32_t attn_threadgroup_memory(int64_t head_dim, int64_t bits) {
   const uint64_t rows = TQ_ATTN_TILE_ROWS(head_dim);
@@ -113,8 +110,7 @@ inline FlashAttnVecTqPlan plan_flash_attn_vec_tq(const TensorDesc& q, const Tens
     }
     if (!check.signs(signs, D)) return;
 
-    plan.output_sizes = q.sizes;
-    plan.output_dtype = q.dtype;
+    plan.outputs = {{q.sizes, q.dtype}};
     const uint64_t total_rows = static_cast<uint64_t>(B) * Hq * Lq;
     if (total_rows == 0) return;
     if (kv_len >= kAttnMaxKvLen) {
@@ -205,12 +201,7 @@ inline FlashAttnVecTqPlan plan_flash_attn_vec_tq(const TensorDesc& q, const Tens
     plan.launches.push_back(std::move(main));
     plan.launches.push_back(std::move(reduce));
   }();
-  plan.error = check.error();
-  if (!plan.ok()) {
-    plan.launches.clear();
-    plan.scratch_bytes.clear();
-    plan.output_sizes.clear();
-  }
+  plan.finish(check.error());
   return plan;
 }
 

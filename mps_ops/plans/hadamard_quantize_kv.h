@@ -70,8 +70,7 @@ inline HadamardQuantizeKvPlan plan_hadamard_quantize_kv(const TensorDesc& src, c
     plan.codebook_bits = static_cast<int32_t>(bits);
     plan.launches.push_back(std::move(l));
   }();
-  plan.error = check.error();
-  if (!plan.ok()) plan.launches.clear();
+  plan.finish(check.error());
   return plan;
 }
 

@@ -59,8 +59,7 @@ inline KvCacheCopyPlan plan_kv_cache_copy(const TensorDesc& src, const TensorDes
     if (!check_launch(check, l)) return;
     plan.launches.push_back(std::move(l));
   }();
-  plan.error = check.error();
-  if (!plan.ok()) plan.launches.clear();
+  plan.finish(check.error());
   return plan;
 }
 

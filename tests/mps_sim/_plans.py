@@ -96,12 +96,16 @@ class PlanC(ctypes.Structure):
     _fields_ = [
         ("error", ctypes.c_char * 1024),
         ("num_launches", ctypes.c_int32),
-        ("launches", LaunchC * 4),
+        ("launches", LaunchC * 16),
         ("num_scratch", ctypes.c_int32),
-        ("scratch_bytes", ctypes.c_uint64 * 4),
+        ("scratch_bytes", ctypes.c_uint64 * 8),
         ("codebook_bits", ctypes.c_int32),
-        ("output_dim", ctypes.c_int32),
-        ("output_sizes", ctypes.c_int64 * 8),
+        ("num_outputs", ctypes.c_int32),
+        ("output_dims", ctypes.c_int32 * 4),
+        ("output_sizes", (ctypes.c_int64 * 8) * 4),
+        ("output_dtypes", (ctypes.c_char * 16) * 4),
+        ("num_input_dtypes", ctypes.c_int32),
+        ("input_dtypes", (ctypes.c_char * 16) * 16),
     ]
 
 
@@ -114,7 +118,7 @@ def _compiler() -> list[str]:
 
 @functools.lru_cache(maxsize=None)
 def _library() -> ctypes.CDLL:
-    sources = [MPS_OPS / "sim_bindings.cpp", KERNELS / "params.h", *sorted((MPS_OPS / "plans").glob("*.h"))]
+    sources = [MPS_OPS / "sim_bindings.cpp", *sorted(KERNELS.glob("*.h")), *sorted((MPS_OPS / "plans").glob("*.h"))]
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
     cache = Path(os.environ.get("TQ_SIM_CACHE", Path(tempfile.gettempdir()) / "torch_tq_sim_cache"))
     cache.mkdir(parents=True, exist_ok=True)
@@ -200,8 +204,18 @@ def plan(op: str, **kwargs) -> dict:
         launches=launches,
         scratch_bytes=[out.scratch_bytes[i] for i in range(out.num_scratch)],
         codebook_bits=out.codebook_bits,
-        output_sizes=[out.output_sizes[i] for i in range(out.output_dim)],
+        outputs=[(list(out.output_sizes[i][: out.output_dims[i]]), getattr(torch, out.output_dtypes[i].value.decode()))
+                 for i in range(out.num_outputs)],
+        input_dtypes=[out.input_dtypes[i].value.decode() for i in range(out.num_input_dtypes)],
     )
+
+
+def values(t) -> tuple:
+    """(int64 array, length) of a host copy of ``t``'s values (cu_seqlens), as the .mm reads them; (None, 0) for None."""
+    if t is None:
+        return None, 0
+    v = [int(x) for x in t.tolist()]
+    return (ctypes.c_int64 * len(v))(*v), len(v)
 
 
 def kernel_source(kernel: str) -> Path:
@@ -239,16 +253,16 @@ def run(op: str, *, stats: list | None = None, **kwargs):
     if p["error"]:
         raise ValueError(p["error"])
     inputs = []
-    for name in OP_TENSORS[op]:
+    for i, name in enumerate(OP_TENSORS[op]):
         t = a[name]
         if t is not None and name in CONTIGUOUS_COPY:
             t = t.contiguous()
+        if t is not None and i < len(p["input_dtypes"]) and p["input_dtypes"][i]:
+            t = t.to(getattr(torch, p["input_dtypes"][i])).contiguous()
         inputs.append(t)
-    outputs = []
-    if op == "dequantize_kv":
-        outputs.append(torch.full(p["output_sizes"], float("nan"), dtype=torch.float32))
-    elif op == "flash_attn_vec_tq":
-        outputs.append(torch.full(p["output_sizes"], float("nan"), dtype=a["q"].dtype))
+    # NaN (or 0xFF bytes for integer outputs) marks unwritten elements.
+    outputs = [torch.full(sizes, float("nan"), dtype=dtype) if dtype.is_floating_point
+               else torch.full(sizes, -1, dtype=dtype) for sizes, dtype in p["outputs"]]
     scratch = [torch.full((n // 4,), float("nan"), dtype=torch.float32) for n in p["scratch_bytes"]]
     codebook = codebook_tensor(p["codebook_bits"]) if p["codebook_bits"] else None
     dummy = torch.zeros(4, dtype=torch.float32)
@@ -275,6 +289,6 @@ def run(op: str, *, stats: list | None = None, **kwargs):
             stats.append(dict(kernel=launch["kernel"], grid=launch["grid"], bindings=launch["bindings"], report=report))
     # Outputs that .contiguous() copied are inputs only; cache tensors were validated contiguous
     # and are written in place.
-    if op in ("dequantize_kv", "flash_attn_vec_tq"):
-        return outputs[0]
-    return None
+    if not outputs:
+        return None
+    return outputs[0] if len(outputs) == 1 else tuple(outputs)
