@@ -6,10 +6,17 @@
 #include <string>
 #include <vector>
 
+#include "plans/chunk_fwd_h.h"
+#include "plans/chunk_fwd_o.h"
+#include "plans/chunk_local_cumsum.h"
+#include "plans/chunk_scaled_dot_kkt.h"
 #include "plans/dequantize_kv.h"
 #include "plans/flash_attn_vec_tq.h"
+#include "plans/fused_recurrent_gated_delta_rule.h"
 #include "plans/hadamard_quantize_kv.h"
 #include "plans/kv_cache_copy.h"
+#include "plans/recompute_w_u.h"
+#include "plans/solve_tril.h"
 
 extern "C" {
 
@@ -141,10 +148,81 @@ void tq_plan_dequantize_kv(const tq_tensor_desc* codes, const tq_tensor_desc* no
 void tq_plan_flash_attn_vec_tq(const tq_tensor_desc* q, const tq_tensor_desc* k_codes, const tq_tensor_desc* k_norms,
                                const tq_tensor_desc* v_codes, const tq_tensor_desc* v_norms, int64_t kv_len,
                                double scale, int64_t bits, int64_t sliding_window, double softcap,
-                               const tq_tensor_desc* kv_start, const tq_tensor_desc* signs, tq_plan_result* out) {
+                               const tq_tensor_desc* kv_start, const tq_tensor_desc* signs, const tq_tensor_desc* lse,
+                               tq_plan_result* out) {
   const auto plan = tq_plan::plan_flash_attn_vec_tq(to_desc(q), to_desc(k_codes), to_desc(k_norms), to_desc(v_codes),
                                                     to_desc(v_norms), kv_len, scale, bits, sliding_window, softcap,
-                                                    to_desc(kv_start), to_desc(signs));
+                                                    to_desc(kv_start), to_desc(signs), to_desc(lse));
+  copy_plan(plan, out);
+}
+
+void tq_plan_fused_recurrent_gated_delta_rule(const tq_tensor_desc* q, const tq_tensor_desc* k,
+                                              const tq_tensor_desc* v, const tq_tensor_desc* g,
+                                              const tq_tensor_desc* beta, int32_t has_scale, double scale,
+                                              const tq_tensor_desc* initial_state, int32_t output_final_state,
+                                              int32_t use_qk_l2norm_in_kernel, const tq_tensor_desc* cu_seqlens,
+                                              const int64_t* cu_seqlens_values, int32_t num_cu_seqlens_values,
+                                              tq_plan_result* out) {
+  const auto plan = tq_plan::plan_fused_recurrent_gated_delta_rule(
+      to_desc(q), to_desc(k), to_desc(v), to_desc(g), to_desc(beta),
+      has_scale ? std::optional<double>(scale) : std::nullopt, to_desc(initial_state), output_final_state != 0,
+      use_qk_l2norm_in_kernel != 0, to_desc(cu_seqlens), values(cu_seqlens_values, num_cu_seqlens_values));
+  copy_plan(plan, out);
+}
+
+void tq_plan_chunk_local_cumsum(const tq_tensor_desc* g, int64_t chunk_size, int32_t reverse, int32_t has_scale,
+                                double scale, const tq_tensor_desc* cu_seqlens, const int64_t* cu_seqlens_values,
+                                int32_t num_cu_seqlens_values, tq_plan_result* out) {
+  const auto plan = tq_plan::plan_chunk_local_cumsum(to_desc(g), chunk_size, reverse != 0,
+                                                     has_scale ? std::optional<double>(scale) : std::nullopt,
+                                                     to_desc(cu_seqlens), values(cu_seqlens_values, num_cu_seqlens_values));
+  copy_plan(plan, out);
+}
+
+void tq_plan_chunk_scaled_dot_kkt(const tq_tensor_desc* k, const tq_tensor_desc* g, const tq_tensor_desc* beta,
+                                  const tq_tensor_desc* cu_seqlens, const int64_t* cu_seqlens_values,
+                                  int32_t num_cu_seqlens_values, tq_plan_result* out) {
+  const auto plan = tq_plan::plan_chunk_scaled_dot_kkt(to_desc(k), to_desc(g), to_desc(beta), to_desc(cu_seqlens),
+                                                       values(cu_seqlens_values, num_cu_seqlens_values));
+  copy_plan(plan, out);
+}
+
+void tq_plan_solve_tril(const tq_tensor_desc* A, const tq_tensor_desc* cu_seqlens, const int64_t* cu_seqlens_values,
+                        int32_t num_cu_seqlens_values, tq_plan_result* out) {
+  const auto plan =
+      tq_plan::plan_solve_tril(to_desc(A), to_desc(cu_seqlens), values(cu_seqlens_values, num_cu_seqlens_values));
+  copy_plan(plan, out);
+}
+
+// Test-only: the internal l2norm launch of the chunked entry op on its own (x [..., dim] -> float32).
+void tq_plan_gdr_l2norm(const tq_tensor_desc* x, double scale, tq_plan_result* out) {
+  copy_plan(tq_plan::plan_gdr_l2norm(to_desc(x), scale), out);
+}
+
+void tq_plan_recompute_w_u(const tq_tensor_desc* k, const tq_tensor_desc* v, const tq_tensor_desc* beta,
+                           const tq_tensor_desc* A, const tq_tensor_desc* g, const tq_tensor_desc* cu_seqlens,
+                           const int64_t* cu_seqlens_values, int32_t num_cu_seqlens_values, tq_plan_result* out) {
+  const auto plan = tq_plan::plan_recompute_w_u(to_desc(k), to_desc(v), to_desc(beta), to_desc(A), to_desc(g),
+                                                to_desc(cu_seqlens), values(cu_seqlens_values, num_cu_seqlens_values));
+  copy_plan(plan, out);
+}
+
+void tq_plan_chunk_fwd_h(const tq_tensor_desc* k, const tq_tensor_desc* w, const tq_tensor_desc* u,
+                         const tq_tensor_desc* g, const tq_tensor_desc* initial_state, const tq_tensor_desc* cu_seqlens,
+                         const int64_t* cu_seqlens_values, int32_t num_cu_seqlens_values, tq_plan_result* out) {
+  const auto plan =
+      tq_plan::plan_chunk_fwd_h(to_desc(k), to_desc(w), to_desc(u), to_desc(g), to_desc(initial_state),
+                                to_desc(cu_seqlens), values(cu_seqlens_values, num_cu_seqlens_values));
+  copy_plan(plan, out);
+}
+
+void tq_plan_chunk_fwd_o(const tq_tensor_desc* q, const tq_tensor_desc* k, const tq_tensor_desc* v,
+                         const tq_tensor_desc* h, const tq_tensor_desc* g, int32_t has_scale, double scale,
+                         const tq_tensor_desc* cu_seqlens, const int64_t* cu_seqlens_values,
+                         int32_t num_cu_seqlens_values, tq_plan_result* out) {
+  const auto plan = tq_plan::plan_chunk_fwd_o(to_desc(q), to_desc(k), to_desc(v), to_desc(h), to_desc(g),
+                                              has_scale ? std::optional<double>(scale) : std::nullopt,
+                                              to_desc(cu_seqlens), values(cu_seqlens_values, num_cu_seqlens_values));
   copy_plan(plan, out);
 }
 

@@ -19,10 +19,17 @@
 #include <string>
 #include <vector>
 
+#include "plans/chunk_fwd_h.h"
+#include "plans/chunk_fwd_o.h"
+#include "plans/chunk_local_cumsum.h"
+#include "plans/chunk_scaled_dot_kkt.h"
 #include "plans/dequantize_kv.h"
 #include "plans/flash_attn_vec_tq.h"
+#include "plans/fused_recurrent_gated_delta_rule.h"
 #include "plans/hadamard_quantize_kv.h"
 #include "plans/kv_cache_copy.h"
+#include "plans/recompute_w_u.h"
+#include "plans/solve_tril.h"
 // Generated at build time by mps_ops/build_config.py: `kTorchTqMetalSource`, every .metal file of
 // mps_ops/kernels/ with its local headers inlined (newLibraryWithSource has no include path).
 #include "torch_tq_metal_source.h"
@@ -234,13 +241,15 @@ at::Tensor dequantize_kv_mps(const at::Tensor& codes, const at::Tensor& norms, i
 at::Tensor flash_attn_vec_tq_mps(const at::Tensor& q, const at::Tensor& k_codes, const at::Tensor& k_norms,
                                  const at::Tensor& v_codes, const at::Tensor& v_norms, int64_t kv_len, double scale,
                                  int64_t bits, int64_t sliding_window, double softcap,
-                                 const std::optional<at::Tensor>& kv_start, const std::optional<at::Tensor>& signs) {
+                                 const std::optional<at::Tensor>& kv_start, const std::optional<at::Tensor>& signs,
+                                 const std::optional<at::Tensor>& lse) {
   const auto plan = tq_plan::plan_flash_attn_vec_tq(describe(q), describe(k_codes), describe(k_norms),
                                                     describe(v_codes), describe(v_norms), kv_len, scale, bits,
-                                                    sliding_window, softcap, describe(kv_start), describe(signs));
+                                                    sliding_window, softcap, describe(kv_start), describe(signs),
+                                                    describe(lse));
   return run(plan,
              {q.contiguous(), k_codes, k_norms, v_codes, v_norms,
-              kv_start.has_value() ? kv_start->contiguous() : at::Tensor(), or_undefined(signs)},
+              kv_start.has_value() ? kv_start->contiguous() : at::Tensor(), or_undefined(signs), or_undefined(lse)},
              q.device())
       .at(0);
 }
@@ -250,6 +259,123 @@ void kv_cache_copy_mps(const at::Tensor& src, const at::Tensor& cache, int64_t w
   run(plan, {src.contiguous(), cache}, src.device());
 }
 
+std::tuple<at::Tensor, at::Tensor> fused_recurrent_gated_delta_rule_mps(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g, const at::Tensor& beta,
+    std::optional<double> scale, const std::optional<at::Tensor>& initial_state, bool output_final_state,
+    bool use_qk_l2norm_in_kernel, const std::optional<at::Tensor>& cu_seqlens) {
+  // cu_seqlens values: one host copy (FLA's prepare_chunk_indices does the same sync).
+  std::vector<int64_t> offsets;
+  if (cu_seqlens.has_value()) {
+    const at::Tensor host = cu_seqlens->cpu().to(at::kLong).contiguous();
+    offsets.assign(host.data_ptr<int64_t>(), host.data_ptr<int64_t>() + host.numel());
+  }
+  const auto plan = tq_plan::plan_fused_recurrent_gated_delta_rule(
+      describe(q), describe(k), describe(v), describe(g), describe(beta), scale, describe(initial_state),
+      output_final_state, use_qk_l2norm_in_kernel, describe(cu_seqlens), offsets);
+  auto out = run(plan,
+                 {q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(),
+                  initial_state.has_value() ? initial_state->contiguous() : at::Tensor(),
+                  cu_seqlens.has_value() ? cu_seqlens->to(at::kInt).contiguous() : at::Tensor()},
+                 q.device());
+  return {out.at(0), out.at(1)};
+}
+
+at::Tensor chunk_local_cumsum_mps(const at::Tensor& g, int64_t chunk_size, bool reverse, std::optional<double> scale,
+                                  const std::optional<at::Tensor>& cu_seqlens) {
+  std::vector<int64_t> offsets;
+  if (cu_seqlens.has_value()) {
+    const at::Tensor host = cu_seqlens->cpu().to(at::kLong).contiguous();
+    offsets.assign(host.data_ptr<int64_t>(), host.data_ptr<int64_t>() + host.numel());
+  }
+  const auto plan =
+      tq_plan::plan_chunk_local_cumsum(describe(g), chunk_size, reverse, scale, describe(cu_seqlens), offsets);
+  return run(plan, {g.contiguous(), cu_seqlens.has_value() ? cu_seqlens->to(at::kInt).contiguous() : at::Tensor()},
+             g.device())
+      .at(0);
+}
+
+at::Tensor chunk_scaled_dot_kkt_mps(const at::Tensor& k, const at::Tensor& g, const at::Tensor& beta,
+                                    const std::optional<at::Tensor>& cu_seqlens) {
+  std::vector<int64_t> offsets;
+  if (cu_seqlens.has_value()) {
+    const at::Tensor host = cu_seqlens->cpu().to(at::kLong).contiguous();
+    offsets.assign(host.data_ptr<int64_t>(), host.data_ptr<int64_t>() + host.numel());
+  }
+  const auto plan =
+      tq_plan::plan_chunk_scaled_dot_kkt(describe(k), describe(g), describe(beta), describe(cu_seqlens), offsets);
+  return run(plan,
+             {k.contiguous(), g.contiguous(), beta.contiguous(),
+              cu_seqlens.has_value() ? cu_seqlens->to(at::kInt).contiguous() : at::Tensor()},
+             k.device())
+      .at(0);
+}
+
+at::Tensor solve_tril_mps(const at::Tensor& A, const std::optional<at::Tensor>& cu_seqlens) {
+  std::vector<int64_t> offsets;
+  if (cu_seqlens.has_value()) {
+    const at::Tensor host = cu_seqlens->cpu().to(at::kLong).contiguous();
+    offsets.assign(host.data_ptr<int64_t>(), host.data_ptr<int64_t>() + host.numel());
+  }
+  const auto plan = tq_plan::plan_solve_tril(describe(A), describe(cu_seqlens), offsets);
+  return run(plan, {A.contiguous(), cu_seqlens.has_value() ? cu_seqlens->to(at::kInt).contiguous() : at::Tensor()},
+             A.device())
+      .at(0);
+}
+
+std::tuple<at::Tensor, at::Tensor> recompute_w_u_mps(const at::Tensor& k, const at::Tensor& v, const at::Tensor& beta,
+                                                     const at::Tensor& A, const at::Tensor& g,
+                                                     const std::optional<at::Tensor>& cu_seqlens) {
+  std::vector<int64_t> offsets;
+  if (cu_seqlens.has_value()) {
+    const at::Tensor host = cu_seqlens->cpu().to(at::kLong).contiguous();
+    offsets.assign(host.data_ptr<int64_t>(), host.data_ptr<int64_t>() + host.numel());
+  }
+  const auto plan = tq_plan::plan_recompute_w_u(describe(k), describe(v), describe(beta), describe(A), describe(g),
+                                                describe(cu_seqlens), offsets);
+  auto out = run(plan,
+                 {k.contiguous(), v.contiguous(), beta.contiguous(), A.contiguous(), g.contiguous(),
+                  cu_seqlens.has_value() ? cu_seqlens->to(at::kInt).contiguous() : at::Tensor()},
+                 k.device());
+  return {out.at(0), out.at(1)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_fwd_h_mps(const at::Tensor& k, const at::Tensor& w,
+                                                               const at::Tensor& u, const at::Tensor& g,
+                                                               const std::optional<at::Tensor>& initial_state,
+                                                               const std::optional<at::Tensor>& cu_seqlens) {
+  // cu_seqlens values: one host copy, which also sizes h (NT is data-dependent).
+  std::vector<int64_t> offsets;
+  if (cu_seqlens.has_value()) {
+    const at::Tensor host = cu_seqlens->cpu().to(at::kLong).contiguous();
+    offsets.assign(host.data_ptr<int64_t>(), host.data_ptr<int64_t>() + host.numel());
+  }
+  const auto plan = tq_plan::plan_chunk_fwd_h(describe(k), describe(w), describe(u), describe(g), describe(initial_state),
+                                              describe(cu_seqlens), offsets);
+  auto out = run(plan,
+                 {k.contiguous(), w.contiguous(), u.contiguous(), g.contiguous(),
+                  initial_state.has_value() ? initial_state->contiguous() : at::Tensor(),
+                  cu_seqlens.has_value() ? cu_seqlens->to(at::kInt).contiguous() : at::Tensor()},
+                 k.device());
+  return {out.at(0), out.at(1), out.at(2)};
+}
+
+at::Tensor chunk_fwd_o_mps(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& h,
+                           const at::Tensor& g, std::optional<double> scale,
+                           const std::optional<at::Tensor>& cu_seqlens) {
+  std::vector<int64_t> offsets;
+  if (cu_seqlens.has_value()) {
+    const at::Tensor host = cu_seqlens->cpu().to(at::kLong).contiguous();
+    offsets.assign(host.data_ptr<int64_t>(), host.data_ptr<int64_t>() + host.numel());
+  }
+  const auto plan = tq_plan::plan_chunk_fwd_o(describe(q), describe(k), describe(v), describe(h), describe(g), scale,
+                                              describe(cu_seqlens), offsets);
+  return run(plan,
+             {q.contiguous(), k.contiguous(), v.contiguous(), h.contiguous(), g.contiguous(),
+              cu_seqlens.has_value() ? cu_seqlens->to(at::kInt).contiguous() : at::Tensor()},
+             q.device())
+      .at(0);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tq, MPS, m) {
@@ -257,6 +383,13 @@ TORCH_LIBRARY_IMPL(tq, MPS, m) {
   m.impl("dequantize_kv", &dequantize_kv_mps);
   m.impl("flash_attn_vec_tq", &flash_attn_vec_tq_mps);
   m.impl("kv_cache_copy", &kv_cache_copy_mps);
+  m.impl("fused_recurrent_gated_delta_rule", &fused_recurrent_gated_delta_rule_mps);
+  m.impl("chunk_local_cumsum", &chunk_local_cumsum_mps);
+  m.impl("chunk_scaled_dot_kkt", &chunk_scaled_dot_kkt_mps);
+  m.impl("solve_tril", &solve_tril_mps);
+  m.impl("recompute_w_u", &recompute_w_u_mps);
+  m.impl("chunk_fwd_h", &chunk_fwd_h_mps);
+  m.impl("chunk_fwd_o", &chunk_fwd_o_mps);
 }
 
 // Importing torch_tq._C_mps registers the kernels above; the module itself has no attributes.

@@ -94,13 +94,16 @@ def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.int64).reshape(*packed.shape[:-1], D)
 
 
-def attention64(q, k, v, kv_len: int, capacity: int, scale: float, sliding_window=0, softcap=0.0, kv_start=None):
+def attention64(q, k, v, kv_len: int, capacity: int, scale: float, sliding_window=0, softcap=0.0, kv_start=None,
+                return_lse=False):
     """Plain float64 attention of queries ``[B, Hq, Lq, D]`` over K/V ``[B, Hkv, N, D]`` holding positions
-    ``lo … kv_len-1`` (``lo = max(0, kv_len - capacity)``), visibility decided position by position."""
+    ``lo … kv_len-1`` (``lo = max(0, kv_len - capacity)``), visibility decided position by position.
+    With ``return_lse``, also each query's ``logsumexp`` of its visible scores ``[B, Hq, Lq]`` (-inf if none)."""
     B, Hq, Lq, D = q.shape
     Hkv = k.shape[1]
     lo = max(0, kv_len - capacity)
     out = torch.zeros(B, Hq, Lq, D, dtype=torch.float64)
+    lse = torch.full((B, Hq, Lq), -math.inf, dtype=torch.float64)
     for b in range(B):
         for h in range(Hq):
             kh = h // (Hq // Hkv)
@@ -120,4 +123,5 @@ def attention64(q, k, v, kv_len: int, capacity: int, scale: float, sliding_windo
                     s = softcap * torch.tanh(s / softcap)
                 p = torch.softmax(s, dim=0)
                 out[b, h, i] = p @ v[b, kh, idx].double()
-    return out
+                lse[b, h, i] = torch.logsumexp(s, dim=0)
+    return (out, lse) if return_lse else out

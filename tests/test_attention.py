@@ -55,13 +55,17 @@ def test_flash_attn_vec_tq_matches_oracle(case):
     start = None if kv_start is None else torch.tensor(kv_start, dtype=torch.int64)
     scale = D**-0.5
 
-    out = torch_tq.flash_attn_vec_tq(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, bits, window, softcap, start, signs)
+    lse = torch.full((B, Hq, Lq), float("nan"))
+    out = torch_tq.flash_attn_vec_tq(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, bits, window, softcap, start,
+                                     signs, lse=lse)
 
     k = decoded_window(k_codes, k_norms, kv_len, bits, signs)
     v = decoded_window(v_codes, v_norms, kv_len, bits, signs)
-    ref = attention64(q.double(), k, v, kv_len, C, scale, window, softcap, start)
+    ref, ref_lse = attention64(q.double(), k, v, kv_len, C, scale, window, softcap, start, return_lse=True)
     assert out.dtype == dtype and out.shape == (B, Hq, Lq, D)
     assert_close("flash_attn_vec_tq", ref, out, OUT_RATIO[dtype])
+    # Scores are float32 in the op (q's values are the same in both): absolute error ~1e-6 per unit of score.
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
 
 
 def test_fully_masked_row_is_zero():

@@ -24,7 +24,7 @@ SCHEMAS = {
     "bool rotated=False, Tensor? signs=None) -> Tensor",
     "flash_attn_vec_tq": "flash_attn_vec_tq(Tensor q, Tensor k_codes, Tensor k_norms, Tensor v_codes, "
     "Tensor v_norms, int kv_len, float scale, int bits=4, int sliding_window=0, float softcap=0.0, "
-    "Tensor? kv_start=None, Tensor? signs=None) -> Tensor",
+    "Tensor? kv_start=None, Tensor? signs=None, Tensor(a!)? lse=None) -> Tensor",
     "kv_cache_copy": "kv_cache_copy(Tensor src, Tensor(a!) cache, int write_pos, bool is_sliding=False) -> ()",
 }
 
@@ -49,9 +49,10 @@ def _(codes, norms, start, length, bits=4, rotated=False, signs=None):
 
 
 @torch.library.register_fake("tq::flash_attn_vec_tq")
-def _(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, bits=4, sliding_window=0, softcap=0.0, kv_start=None, signs=None):
+def _(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, bits=4, sliding_window=0, softcap=0.0, kv_start=None,
+      signs=None, lse=None):
     _validation.check_flash_attn_vec_tq(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, bits,
-                                        sliding_window, softcap, kv_start, signs)
+                                        sliding_window, softcap, kv_start, signs, lse)
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -142,6 +143,7 @@ def flash_attn_vec_tq(
     softcap: float = 0.0,
     kv_start: Optional[torch.Tensor] = None,
     signs: Optional[torch.Tensor] = None,
+    lse: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     r"""Decode attention over a TurboQuant-compressed KV cache, computed in the rotated domain.
 
@@ -163,12 +165,16 @@ def flash_attn_vec_tq(
         softcap (float): logit soft-capping, 0 for off. Default: ``0.0``.
         kv_start (Optional[torch.Tensor]): int64 `[B]`, first valid position per sequence (left padding). Default: ``None``.
         signs (Optional[torch.Tensor]): float32 `[D]` signs used at encode time. Default: ``None``.
+        lse (Optional[torch.Tensor]): contiguous float32 `[B, Hq, Lq]`, written in place with the
+            natural log of each query's softmax denominator, ``log Σ_j exp(s_j)`` over its visible
+            positions (``-inf`` when none is visible), so the output can be merged exactly with
+            attention over other keys (e.g. recent tokens kept in full precision). Default: ``None``.
 
     Returns:
         `[B, Hq, Lq, D]` in q's dtype.
     """
     return _dispatch("flash_attn_vec_tq", q.device)(
-        q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, bits, sliding_window, softcap, kv_start, signs
+        q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, bits, sliding_window, softcap, kv_start, signs, lse
     )
 
 

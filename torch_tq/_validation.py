@@ -158,7 +158,7 @@ class AttentionGeometry(NamedTuple):
 
 
 def check_flash_attn_vec_tq(q, k_codes, k_norms, v_codes, v_norms, kv_len: int, scale: float, bits: int,
-                            sliding_window: int, softcap: float, kv_start, signs) -> AttentionGeometry:
+                            sliding_window: int, softcap: float, kv_start, signs, lse=None) -> AttentionGeometry:
     op = "flash_attn_vec_tq"
     _check_bits(op, bits)
     _check_rank(op, "q", q, 4, "[B, Hq, Lq, D]")
@@ -166,7 +166,7 @@ def check_flash_attn_vec_tq(q, k_codes, k_norms, v_codes, v_norms, kv_len: int, 
     B, Hq, Lq, D = q.shape
     _check_head_dim(op, D)
     _check_same_device(op, {"q": q, "k_codes": k_codes, "k_norms": k_norms, "v_codes": v_codes,
-                            "v_norms": v_norms, "kv_start": kv_start, "signs": signs})
+                            "v_norms": v_norms, "kv_start": kv_start, "signs": signs, "lse": lse})
     kB, Hkv, C = _check_packed_cache(op, "k_", k_codes, k_norms, D, bits)
     _check_packed_cache(op, "v_", v_codes, v_norms, D, bits)
     if tuple(v_codes.shape) != tuple(k_codes.shape):
@@ -198,6 +198,12 @@ def check_flash_attn_vec_tq(q, k_codes, k_norms, v_codes, v_norms, kv_len: int, 
         if kv_start.dtype != torch.int64:
             _fail(op, f"kv_start must be int64, got {kv_start.dtype}")
     _check_signs(op, signs, D)
+    if lse is not None:
+        if tuple(lse.shape) != (B, Hq, Lq):
+            _fail(op, f"lse must have shape [B, Hq, Lq] = [{B}, {Hq}, {Lq}], got {_shape(lse)}")
+        if lse.dtype != torch.float32:
+            _fail(op, f"lse must be float32, got {lse.dtype}")
+        _check_contiguous(op, "lse", lse)
     return AttentionGeometry(B, Hq, Hkv, Lq, D, C)
 
 

@@ -280,6 +280,7 @@ template <typename T, int D>
     device const float* signs [[buffer(2)]],
     device T* out [[buffer(3)]],
     constant FlashAttnVecTqParams& p [[buffer(4)]],
+    device float* lse [[buffer(5)]],
     uint3 tgid [[threadgroup_position_in_grid]],
     uint tid [[thread_index_in_threadgroup]],
     uint sg [[simdgroup_index_in_threadgroup]],
@@ -340,8 +341,11 @@ template <typename T, int D>
       }
     }
   }
-  // A row that saw no key (sum = 0) outputs zeros.
+  // A row that saw no key (sum = 0) outputs zeros and has lse = -inf.
   const float inv_sum = sum > 0.0f ? 1.0f / sum : 0.0f;
+  if (p.has_lse != 0 && active && lig == 0) {
+    lse[row] = sum > 0.0f ? m_max + log(sum) : -INFINITY;
+  }
   for (int i = 0; i < VPL; ++i) {
     v[i] *= inv_sum;
   }

@@ -129,6 +129,7 @@ struct FlashAttnVecTqParams {
   float softcap;         // 0 = off
   float inv_sqrt_r;
   tq_uint key_lo_slot;   // key_lo mod C; the scanned range is shorter than C, so slots wrap at most once
+  tq_uint has_lse;       // the reduce kernel writes each row's log-sum-exp to buffer(5)
 };
 
 // ---- gated delta rule ------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 // Launch plan of tq.flash_attn_vec_tq(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, bits,
 // sliding_window, softcap, kv_start, signs): a split-KV main kernel and a reduce kernel.
 // Inputs (Arg::Input index): 0 q [B, Hq, Lq, D] (the host passes it contiguous), 1 k_codes,
-// 2 k_norms, 3 v_codes, 4 v_norms, 5 kv_start (optional), 6 signs (optional).
+// 2 k_norms, 3 v_codes, 4 v_norms, 5 kv_start (optional), 6 signs (optional), 7 lse (optional,
+// float32 [B, Hq, Lq], written in place by the reduce kernel).
 // Output 0: [B, Hq, Lq, D] in q's dtype. Scratch 0: partial outputs, scratch 1: partial (max, sum).
 #pragma once
 
@@ -32,7 +33,7 @@ inline FlashAttnVecTqPlan plan_flash_attn_vec_tq(const TensorDesc& q, const Tens
                                                  const TensorDesc& k_norms, const TensorDesc& v_codes,
                                                  const TensorDesc& v_norms, int64_t kv_len, double scale, int64_t bits,
                                                  int64_t sliding_window, double softcap, const TensorDesc& kv_start,
-                                                 const TensorDesc& signs) {
+                                                 const TensorDesc& signs, const TensorDesc& lse = TensorDesc()) {
   FlashAttnVecTqPlan plan;
   Checker check("flash_attn_vec_tq");
   [&] {
@@ -47,7 +48,8 @@ inline FlashAttnVecTqPlan plan_flash_attn_vec_tq(const TensorDesc& q, const Tens
                             {"v_codes", &v_codes},
                             {"v_norms", &v_norms},
                             {"kv_start", &kv_start},
-                            {"signs", &signs}}))
+                            {"signs", &signs},
+                            {"lse", &lse}}))
       return;
     int64_t kB = 0, Hkv = 0, C = 0, vB = 0, vH = 0, vC = 0;
     if (!check.packed_cache("k_", k_codes, k_norms, D, bits, &kB, &Hkv, &C)) return;
@@ -109,6 +111,18 @@ inline FlashAttnVecTqPlan plan_flash_attn_vec_tq(const TensorDesc& q, const Tens
       }
     }
     if (!check.signs(signs, D)) return;
+    if (lse.defined) {
+      if (lse.sizes != std::vector<int64_t>{B, Hq, Lq}) {
+        check.fail("lse must have shape [B, Hq, Lq] = [" + str(B) + ", " + str(Hq) + ", " + str(Lq) + "], got " +
+                   shape_str(lse.sizes));
+        return;
+      }
+      if (lse.dtype != "float32") {
+        check.fail("lse must be float32, got torch." + lse.dtype);
+        return;
+      }
+      if (!check.contiguous("lse", lse)) return;
+    }
 
     plan.outputs = {{q.sizes, q.dtype}};
     const uint64_t total_rows = static_cast<uint64_t>(B) * Hq * Lq;
@@ -159,6 +173,7 @@ inline FlashAttnVecTqPlan plan_flash_attn_vec_tq(const TensorDesc& q, const Tens
     p.scale = static_cast<float>(scale);
     p.softcap = static_cast<float>(softcap);
     p.inv_sqrt_r = static_cast<float>(1.0 / std::sqrt(static_cast<double>(rotation_block(D))));
+    p.has_lse = lse.defined ? 1 : 0;
     const std::vector<uint8_t> bytes = params_bytes(p);
 
     plan.scratch_bytes = {total_rows * splits * D * 4, total_rows * splits * 2 * 4};
@@ -194,7 +209,8 @@ inline FlashAttnVecTqPlan plan_flash_attn_vec_tq(const TensorDesc& q, const Tens
                        {Arg::Scratch, 1},
                        {signs.defined ? Arg::Input : Arg::Dummy, 6},
                        {Arg::Output, 0},
-                       {Arg::Params, 0}};
+                       {Arg::Params, 0},
+                       {lse.defined ? Arg::Input : Arg::Dummy, 7}};
     reduce.params = bytes;
     if (!check_launch(check, reduce)) return;
 

@@ -37,6 +37,14 @@ KERNEL_SOURCES = {
     "hadamard_quantize_kv_": "turboquant.metal",
     "dequantize_kv_": "turboquant.metal",
     "flash_attn_vec_tq_": "attention.metal",
+    "recompute_w_u_": "gated_delta_chunk.metal",
+    "chunk_fwd_h_": "gated_delta_chunk.metal",
+    "chunk_fwd_o_": "gated_delta_chunk.metal",
+    "fused_recurrent_gated_delta_rule_": "gated_delta_recurrent.metal",
+    "chunk_local_cumsum_": "gated_delta_chunk_prep.metal",
+    "chunk_scaled_dot_kkt_": "gated_delta_chunk_prep.metal",
+    "solve_tril": "gated_delta_chunk_prep.metal",
+    "gdr_l2norm_": "gated_delta_chunk_prep.metal",
 }
 
 # Schema order of each op's arguments and which of them are tensors (Arg::Input indices).
@@ -44,20 +52,46 @@ OP_ARGS = {
     "kv_cache_copy": ("src", "cache", "write_pos", "is_sliding"),
     "hadamard_quantize_kv": ("src", "codes", "norms", "write_pos", "is_sliding", "bits", "signs"),
     "dequantize_kv": ("codes", "norms", "start", "length", "bits", "rotated", "signs"),
+    "recompute_w_u": ("k", "v", "beta", "A", "g", "cu_seqlens"),
+    "chunk_fwd_h": ("k", "w", "u", "g", "initial_state", "cu_seqlens"),
+    "chunk_fwd_o": ("q", "k", "v", "h", "g", "scale", "cu_seqlens"),
     "flash_attn_vec_tq": ("q", "k_codes", "k_norms", "v_codes", "v_norms", "kv_len", "scale", "bits",
-                          "sliding_window", "softcap", "kv_start", "signs"),
+                          "sliding_window", "softcap", "kv_start", "signs", "lse"),
+    "fused_recurrent_gated_delta_rule": ("q", "k", "v", "g", "beta", "scale", "initial_state", "output_final_state",
+                                         "use_qk_l2norm_in_kernel", "cu_seqlens"),
+    "chunk_local_cumsum": ("g", "chunk_size", "reverse", "scale", "cu_seqlens"),
+    "chunk_scaled_dot_kkt": ("k", "g", "beta", "cu_seqlens"),
+    "solve_tril": ("A", "cu_seqlens"),
+    "gdr_l2norm": ("x", "scale"),  # internal launch of the chunked entry op, not a torch op
 }
 OP_DEFAULTS = {
     "kv_cache_copy": dict(is_sliding=False),
     "hadamard_quantize_kv": dict(is_sliding=False, bits=4, signs=None),
     "dequantize_kv": dict(bits=4, rotated=False, signs=None),
-    "flash_attn_vec_tq": dict(bits=4, sliding_window=0, softcap=0.0, kv_start=None, signs=None),
+    "recompute_w_u": dict(cu_seqlens=None),
+    "chunk_fwd_h": dict(initial_state=None, cu_seqlens=None),
+    "chunk_fwd_o": dict(scale=None, cu_seqlens=None),
+    "flash_attn_vec_tq": dict(bits=4, sliding_window=0, softcap=0.0, kv_start=None, signs=None, lse=None),
+    "fused_recurrent_gated_delta_rule": dict(scale=None, initial_state=None, output_final_state=False,
+                                             use_qk_l2norm_in_kernel=False, cu_seqlens=None),
+    "chunk_local_cumsum": dict(chunk_size=64, reverse=False, scale=None, cu_seqlens=None),
+    "chunk_scaled_dot_kkt": dict(cu_seqlens=None),
+    "solve_tril": dict(cu_seqlens=None),
+    "gdr_l2norm": dict(scale=1.0),
 }
 OP_TENSORS = {
     "kv_cache_copy": ("src", "cache"),
     "hadamard_quantize_kv": ("src", "codes", "norms", "signs"),
     "dequantize_kv": ("codes", "norms", "signs"),
-    "flash_attn_vec_tq": ("q", "k_codes", "k_norms", "v_codes", "v_norms", "kv_start", "signs"),
+    "recompute_w_u": ("k", "v", "beta", "A", "g", "cu_seqlens"),
+    "chunk_fwd_h": ("k", "w", "u", "g", "initial_state", "cu_seqlens"),
+    "chunk_fwd_o": ("q", "k", "v", "h", "g", "cu_seqlens"),
+    "flash_attn_vec_tq": ("q", "k_codes", "k_norms", "v_codes", "v_norms", "kv_start", "signs", "lse"),
+    "fused_recurrent_gated_delta_rule": ("q", "k", "v", "g", "beta", "initial_state", "cu_seqlens"),
+    "chunk_local_cumsum": ("g", "cu_seqlens"),
+    "chunk_scaled_dot_kkt": ("k", "g", "beta", "cu_seqlens"),
+    "solve_tril": ("A", "cu_seqlens"),
+    "gdr_l2norm": ("x",),
 }
 # Inputs the .mm passes through .contiguous() (read-only inputs the validation accepts strided).
 CONTIGUOUS_COPY = {"src", "q", "kv_start"}
@@ -136,7 +170,18 @@ def _library() -> ctypes.CDLL:
     dll.tq_plan_kv_cache_copy.argtypes = [desc, desc, i64, i32, out]
     dll.tq_plan_hadamard_quantize_kv.argtypes = [desc, desc, desc, i64, i32, i64, desc, out]
     dll.tq_plan_dequantize_kv.argtypes = [desc, desc, i64, i64, i64, i32, desc, out]
-    dll.tq_plan_flash_attn_vec_tq.argtypes = [desc, desc, desc, desc, desc, i64, f64, i64, i64, f64, desc, desc, out]
+    dll.tq_plan_flash_attn_vec_tq.argtypes = [desc, desc, desc, desc, desc, i64, f64, i64, i64, f64, desc, desc, desc,
+                                              out]
+    i64p = ctypes.POINTER(ctypes.c_int64)
+    dll.tq_plan_fused_recurrent_gated_delta_rule.argtypes = [desc, desc, desc, desc, desc, i32, f64, desc, i32, i32,
+                                                             desc, i64p, i32, out]
+    dll.tq_plan_chunk_local_cumsum.argtypes = [desc, i64, i32, i32, f64, desc, i64p, i32, out]
+    dll.tq_plan_chunk_scaled_dot_kkt.argtypes = [desc, desc, desc, desc, i64p, i32, out]
+    dll.tq_plan_solve_tril.argtypes = [desc, desc, i64p, i32, out]
+    dll.tq_plan_gdr_l2norm.argtypes = [desc, f64, out]
+    dll.tq_plan_recompute_w_u.argtypes = [desc, desc, desc, desc, desc, desc, i64p, i32, out]
+    dll.tq_plan_chunk_fwd_h.argtypes = [desc, desc, desc, desc, desc, desc, i64p, i32, out]
+    dll.tq_plan_chunk_fwd_o.argtypes = [desc, desc, desc, desc, desc, i32, f64, desc, i64p, i32, out]
     return dll
 
 
@@ -185,7 +230,40 @@ def plan(op: str, **kwargs) -> dict:
     elif op == "flash_attn_vec_tq":
         dll.tq_plan_flash_attn_vec_tq(D("q"), D("k_codes"), D("k_norms"), D("v_codes"), D("v_norms"), a["kv_len"],
                                       float(a["scale"]), a["bits"], a["sliding_window"], float(a["softcap"]),
-                                      D("kv_start"), D("signs"), ctypes.byref(out))
+                                      D("kv_start"), D("signs"), D("lse"), ctypes.byref(out))
+    elif op == "fused_recurrent_gated_delta_rule":
+        cu_values, num_cu_values = values(a["cu_seqlens"])
+        dll.tq_plan_fused_recurrent_gated_delta_rule(
+            D("q"), D("k"), D("v"), D("g"), D("beta"), int(a["scale"] is not None),
+            float(a["scale"] if a["scale"] is not None else 0.0), D("initial_state"), int(a["output_final_state"]),
+            int(a["use_qk_l2norm_in_kernel"]), D("cu_seqlens"), cu_values, num_cu_values, ctypes.byref(out))
+    elif op == "chunk_local_cumsum":
+        cu_values, num_cu_values = values(a["cu_seqlens"])
+        dll.tq_plan_chunk_local_cumsum(D("g"), a["chunk_size"], int(a["reverse"]), int(a["scale"] is not None),
+                                       float(a["scale"] if a["scale"] is not None else 0.0), D("cu_seqlens"),
+                                       cu_values, num_cu_values, ctypes.byref(out))
+    elif op == "chunk_scaled_dot_kkt":
+        cu_values, num_cu_values = values(a["cu_seqlens"])
+        dll.tq_plan_chunk_scaled_dot_kkt(D("k"), D("g"), D("beta"), D("cu_seqlens"), cu_values, num_cu_values,
+                                         ctypes.byref(out))
+    elif op == "solve_tril":
+        cu_values, num_cu_values = values(a["cu_seqlens"])
+        dll.tq_plan_solve_tril(D("A"), D("cu_seqlens"), cu_values, num_cu_values, ctypes.byref(out))
+    elif op == "recompute_w_u":
+        cu_values, num_cu_values = values(a["cu_seqlens"])
+        dll.tq_plan_recompute_w_u(D("k"), D("v"), D("beta"), D("A"), D("g"), D("cu_seqlens"), cu_values, num_cu_values,
+                                  ctypes.byref(out))
+    elif op == "chunk_fwd_h":
+        cu_values, num_cu_values = values(a["cu_seqlens"])
+        dll.tq_plan_chunk_fwd_h(D("k"), D("w"), D("u"), D("g"), D("initial_state"), D("cu_seqlens"), cu_values,
+                                num_cu_values, ctypes.byref(out))
+    elif op == "chunk_fwd_o":
+        cu_values, num_cu_values = values(a["cu_seqlens"])
+        dll.tq_plan_chunk_fwd_o(D("q"), D("k"), D("v"), D("h"), D("g"), int(a["scale"] is not None),
+                                float(a["scale"] if a["scale"] is not None else 0.0), D("cu_seqlens"), cu_values,
+                                num_cu_values, ctypes.byref(out))
+    elif op == "gdr_l2norm":
+        dll.tq_plan_gdr_l2norm(D("x"), float(a["scale"]), ctypes.byref(out))
     else:
         raise KeyError(op)
     launches = []

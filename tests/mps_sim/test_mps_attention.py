@@ -55,11 +55,13 @@ def test_flash_attn_vec_tq(case):
     start = torch.tensor(kv_start, dtype=torch.int64) if kv_start is not None else None
     args = dict(kv_len=kv_len, scale=D**-0.5, bits=bits, sliding_window=window, softcap=softcap, kv_start=start,
                 signs=signs)
-    ref = torch.ops.tq.flash_attn_vec_tq(q, *cache, **args)
+    ref_lse, lse = (torch.full((B, Hq, Lq), float("nan")) for _ in range(2))
+    ref = torch.ops.tq.flash_attn_vec_tq(q, *cache, **args, lse=ref_lse)
     out = _plans.run("flash_attn_vec_tq", q=q, k_codes=cache[0], k_norms=cache[1], v_codes=cache[2],
-                     v_norms=cache[3], **args)
+                     v_norms=cache[3], **args, lse=lse)
     assert out.dtype == dtype and out.shape == q.shape
     assert_close(name, ref.float(), out.float(), OUT_RATIO[dtype])
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
     if kv_start is not None and max(kv_start) >= kv_len:
         assert torch.equal(out[1].float().abs().sum(), torch.tensor(0.0)), "a row without keys must be zeros"
 

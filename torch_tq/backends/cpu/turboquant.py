@@ -95,9 +95,9 @@ def dequantize_kv(codes, norms, start: int, length: int, bits: int = 4, rotated:
 
 
 def flash_attn_vec_tq(q, k_codes, k_norms, v_codes, v_norms, kv_len: int, scale: float, bits: int = 4,
-                      sliding_window: int = 0, softcap: float = 0.0, kv_start=None, signs=None) -> torch.Tensor:
+                      sliding_window: int = 0, softcap: float = 0.0, kv_start=None, signs=None, lse=None) -> torch.Tensor:
     geo = _validation.check_flash_attn_vec_tq(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, bits,
-                                              sliding_window, softcap, kv_start, signs)
+                                              sliding_window, softcap, kv_start, signs, lse)
     B, Hq, Hkv, Lq, D, C = geo
     group = Hq // Hkv
     lo, hi = valid_positions(kv_len, C)
@@ -127,5 +127,8 @@ def flash_attn_vec_tq(q, k_codes, k_norms, v_codes, v_norms, kv_len: int, scale:
     weights = torch.exp(scores - row_max)
     denom = weights.sum(dim=-1, keepdim=True)
     probs = weights / torch.where(denom > 0, denom, torch.ones_like(denom))
+    if lse is not None:
+        # log(denom) + max; a row without visible keys has denom 0 -> -inf.
+        lse.copy_((denom.log() + row_max).reshape(B, Hq, Lq))
     out_rot = torch.einsum("bhgln,bhnd->bhgld", probs, v).reshape(B, Hq, Lq, D)
     return unrotate(out_rot, signs).to(q.dtype)
