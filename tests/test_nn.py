@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import torch_tq
-from torch_tq.nn import TurboQuantAttention, TurboQuantKVCache, reference_attention
+from torch_tq.layout import quantized_nbytes
+from torch_tq.nn import TurboQuantAttention, TurboQuantKVCache, merge_attention, reference_attention
 
 # Relative RMS error of attention outputs over a b-bit cache (TurboQuant MSE ~ 4^-b; generous margins).
 ATTN_RATIO = {4: 0.2, 8: 0.02}
@@ -90,7 +91,7 @@ def test_turboquant_kv_cache_kv_start():
 def test_turboquant_kv_cache_buffers_nbytes_reset_grow():
     cache = TurboQuantKVCache(3, 64, capacity=16, bits=4, batch_size=2)
     names = dict(cache.named_buffers())
-    assert set(names) == {"k_codes", "k_norms", "v_codes", "v_norms", "signs", "k_mean"}
+    assert set(names) == {"k_codes", "k_norms", "v_codes", "v_norms", "signs", "k_mean", "sink_k", "sink_v", "recent_k", "recent_v"}
     assert cache.k_codes.shape == (2, 3, 16, 32) and cache.k_codes.dtype == torch.uint8
     assert cache.k_norms.shape == (2, 3, 16, 1) and cache.k_norms.dtype == torch.float32
     # Signs are always passed, and default to the package's fixed pseudo-random vector.
@@ -162,3 +163,87 @@ def test_turboquant_attention_decode_calls_fused_op(monkeypatch):
     assert calls == []  # prefill: SDPA on the fresh full-precision K/V
     attn(torch.randn(1, 1, 4, 64), torch.randn(1, 1, 2, 64), torch.randn(1, 1, 2, 64))
     assert calls == [(1, 4, 1, 64)]
+
+
+def test_merge_attention_equals_attention_over_the_union():
+    """Two attentions over disjoint key sets, merged by their log-sum-exp, equal the attention over all keys."""
+    B, H, L, N, D = 2, 3, 4, 11, 16
+    q, k, v = torch.randn(B, H, L, D, dtype=torch.float64), torch.randn(B, H, N, D, dtype=torch.float64), torch.randn(B, H, N, D, dtype=torch.float64)
+    s = q @ k.transpose(-1, -2)
+    part = torch.zeros(N, dtype=torch.bool)
+    part[[0, 3, 4, 9]] = True
+
+    def attend(mask):
+        sm = s.masked_fill(~mask, -math.inf)
+        return (torch.softmax(sm, -1) @ v).nan_to_num(0.0), torch.logsumexp(sm, -1)
+
+    out_a, lse_a = attend(part)
+    out_b, lse_b = attend(~part)
+    merged = merge_attention(out_a, lse_a.float(), out_b, lse_b.float())
+    torch.testing.assert_close(merged.double(), torch.softmax(s, -1) @ v, rtol=1e-5, atol=1e-6)
+    # A part without keys (lse = -inf) is ignored; no keys at all gives zeros.
+    empty = torch.full_like(lse_a, -math.inf).float()
+    torch.testing.assert_close(merge_attention(out_a, lse_a.float(), torch.zeros_like(out_b), empty), out_a.float())
+    assert torch.equal(merge_attention(out_a * 0, empty, out_b * 0, empty), torch.zeros(B, H, L, D))
+
+
+@pytest.mark.parametrize("recent", [0, 5])
+@pytest.mark.parametrize("sinks", [0, 4])
+@pytest.mark.parametrize("case", ["decode", "multi-query", "kv-start", "window", "fewer-tokens-than-sinks"])
+def test_full_precision_sinks_and_recent_tokens_attend_exactly(case, sinks, recent):
+    """Sink and recent positions are attended in full precision, the rest from the codes, merged exactly."""
+    B, Hq, Hkv, D = 2, 4, 2, 64
+    N = 3 if case == "fewer-tokens-than-sinks" else 29
+    Lq = 3 if case in ("multi-query", "kv-start", "fewer-tokens-than-sinks") else 1
+    kv_start = torch.tensor([0, 2]) if case == "kv-start" else None
+    window = 10 if case == "window" else 0
+    cache = TurboQuantKVCache(Hkv, D, capacity=32, bits=4, batch_size=B, sink_tokens=sinks, recent_tokens=recent)
+    k, v = torch.randn(B, N, Hkv, D) + 1.0, torch.randn(B, N, Hkv, D)
+    for lo, hi in ((0, 2), (2, max(2, N - Lq)), (max(2, N - Lq), N)):  # chunks, the queries' own tokens last
+        cache.append(k[:, lo:hi], v[:, lo:hi])
+    assert cache.num_recent == (min(N, recent + Lq) if recent else 0)
+    q = torch.randn(B, Hq, Lq, D)
+    out = cache.attend(q, sliding_window=window, kv_start=kv_start)
+    kd, vd = cache.dequantize()
+    # dequantize() shows what attend uses: full precision at the sink and recent positions ...
+    full = torch.zeros(N, dtype=torch.bool)
+    full[: min(sinks, N)] = True
+    full[N - cache.num_recent :] = True
+    torch.testing.assert_close(kd[:, :, full], k.transpose(1, 2)[:, :, full])
+    torch.testing.assert_close(vd[:, :, full], v.transpose(1, 2)[:, :, full])
+    # ... codes elsewhere (4-bit error is far above float rounding) ...
+    assert full.all() or (kd[:, :, ~full] - k.transpose(1, 2)[:, :, ~full]).abs().max() > 1e-3
+    # ... and attend equals attention over exactly those K/V.
+    exact = _attention_over(q, kd, vd, N, window=window, kv_start=kv_start)
+    assert _rel(out, exact) < 1e-5
+    fp_bytes = 2 * B * Hkv * D * 4 * (min(sinks, N) + cache.num_recent)
+    assert cache.nbytes_used == 2 * quantized_nbytes(B, Hkv, cache.quantized_len, D, 4) + fp_bytes
+
+
+def test_recent_tokens_truncate_and_dequantize_range():
+    cache = TurboQuantKVCache(1, 64, capacity=32, bits=8, sink_tokens=2, recent_tokens=4)
+    k, v = torch.randn(1, 20, 1, 64), torch.randn(1, 20, 1, 64)
+    for t in range(0, 20, 3):
+        cache.append(k[:, t : t + 3], v[:, t : t + 3])
+    assert (cache.seq_len, cache.quantized_len) == (20, 14)
+    kd, _ = cache.dequantize_range(10, 8)  # codes 10..13, then full precision 14..17
+    torch.testing.assert_close(kd[0, 0, 4:], k[0, 14:18, 0])
+    assert (kd[0, 0, :4] - k[0, 10:14, 0]).abs().max() < 0.05  # 8-bit codes
+    cache.truncate(16)
+    assert (cache.seq_len, cache.quantized_len, cache.num_recent) == (16, 14, 2)
+    cache.truncate(9)
+    assert (cache.seq_len, cache.quantized_len, cache.num_recent) == (9, 9, 0)
+    cache.append(k[:, 9:12], v[:, 9:12])
+    kd, _ = cache.dequantize()
+    torch.testing.assert_close(kd[0, 0, 9:12], k[0, 9:12, 0])
+
+
+def test_sink_tokens_rules():
+    with pytest.raises(ValueError, match="sink_tokens must be >= 0"):
+        TurboQuantKVCache(2, 64, capacity=8, sink_tokens=-1)
+    with pytest.raises(ValueError, match="sink_tokens needs a global cache"):
+        TurboQuantKVCache(2, 64, capacity=8, sliding_window=4, sink_tokens=2)
+    with pytest.raises(ValueError, match="recent_tokens must be >= 0"):
+        TurboQuantKVCache(2, 64, capacity=8, recent_tokens=-3)
+    with pytest.raises(ValueError, match="recent_tokens needs a global cache"):
+        TurboQuantKVCache(2, 64, capacity=8, sliding_window=4, recent_tokens=2)

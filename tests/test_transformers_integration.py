@@ -115,11 +115,12 @@ def test_teacher_forced_logits_close(bits, max_err):
 
 
 @torch.no_grad()
-def test_decode_uses_fused_op_on_every_layer_without_dequantized_copy():
+@pytest.mark.parametrize("sinks, recent", [(0, 0), (4, 8)])
+def test_decode_uses_fused_op_on_every_layer_without_dequantized_copy(sinks, recent):
     model = tiny_llama()
     L = model.config.num_hidden_layers
     ids = torch.randint(1, V, (1, 24))
-    cache = tqhf.TurboQuantCache(model.config, bits=4)
+    cache = tqhf.TurboQuantCache(model.config, bits=4, sink_tokens=sinks, recent_tokens=recent)
     model(ids, past_key_values=cache)
     Hkv, D = model.config.num_key_value_heads, model.config.head_dim
     steps = 6
@@ -129,8 +130,10 @@ def test_decode_uses_fused_op_on_every_layer_without_dequantized_copy():
             token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
     assert rec.tq_calls.get("tq.flash_attn_vec_tq", 0) == L * steps
     assert rec.tq_calls.get("tq.hadamard_quantize_kv", 0) == 2 * L * steps
-    # Norm correction decodes only the token just written (length 1), never the cache.
-    assert rec.dequantize_lengths == [1] * (2 * L * steps)
+    # Norm correction decodes only the tokens just quantized, never the cache: the new token, or with
+    # a full-precision window the token leaving it (the first step quantizes the prefill beyond it).
+    first = 24 - recent if recent else 1
+    assert rec.dequantize_lengths == [first] * (2 * L) + [1] * (2 * L * (steps - 1))
     # No float tensor as large as one layer's K (Hkv x seq x D) exists outside the fused kernels.
     smallest_cache = Hkv * ids.shape[1] * D
     big = [(n, s) for n, s in rec.float_shapes if torch.Size(s).numel() >= smallest_cache]
@@ -144,7 +147,7 @@ def test_recorder_detects_dequantized_copy_with_other_attention():
     model = tiny_llama(attn="sdpa")
     ids = torch.randint(1, V, (1, 24))
     with pytest.warns(UserWarning, match="dequantizes a full-size copy"):
-        cache = tqhf.TurboQuantCache(model.config, bits=4)
+        cache = tqhf.TurboQuantCache(model.config, bits=4, sink_tokens=0, recent_tokens=0)
     model(ids, past_key_values=cache)
     with _Recorder() as rec:
         model(ids[:, -1:], past_key_values=cache)
@@ -228,7 +231,10 @@ def test_cache_api_semantics():
     with torch.no_grad():
         model(torch.randint(1, V, (2, 10)), past_key_values=cache)  # grows past max_cache_len
     assert cache.get_seq_length() == 25 and layer.kv.capacity >= 25
-    assert cache.nbytes_used == 2 * 2 * 2 * 2 * 25 * (32 + 4)  # layers x K/V x B x Hkv x tokens x bytes
+    # Layers x K/V x B x Hkv x D x float32 bytes x positions: the 25 tokens are all still in the
+    # full-precision window (32 newest), plus the 4 sink tokens; no codes are held yet.
+    assert layer.kv.quantized_len == 0
+    assert cache.nbytes_used == 2 * 2 * 2 * 2 * 64 * 4 * (25 + 4)
     cache.crop(-5)
     assert cache.get_seq_length() == 20
     with pytest.raises(ValueError, match="negative"):

@@ -157,14 +157,25 @@ def _kv_bytes(cache) -> int:
     return total
 
 
-def _make_cache(model, bits: Optional[int], max_cache_len: Optional[int] = None):
+def _make_cache(model, bits: Optional[int], max_cache_len: Optional[int] = None, args=None):
+    """The full-precision ``DynamicCache`` (bits None) or a ``TurboQuantCache`` with the command's window options."""
     from transformers import DynamicCache
 
     from torch_tq.integrations.transformers import TurboQuantCache
 
     if bits is None:
         return DynamicCache(config=model.config)
-    return TurboQuantCache(model.config, bits=bits, max_cache_len=max_cache_len)
+    windows = {name: getattr(args, name) for name in ("sink_tokens", "recent_tokens") if getattr(args, name, None) is not None}
+    return TurboQuantCache(model.config, bits=bits, max_cache_len=max_cache_len, **windows)
+
+
+def _describe_windows(cache) -> str:
+    """How a TurboQuantCache keeps tokens in full precision, for the printed reports."""
+    layer = next((layer for layer in cache.layers if not layer.is_sliding), None)
+    if layer is None or not (layer.sink_tokens or layer.recent_tokens):
+        return "every token quantized"
+    return (f"first {layer.sink_tokens} and newest {layer.recent_tokens} tokens of each global layer also kept in "
+            f"full precision (counted in the KV bytes)")
 
 
 @torch.no_grad()
@@ -216,7 +227,7 @@ def cmd_demo(args) -> int:
 
     full_cache = _make_cache(model, None)
     full_out, full_s = _generate(model, inputs, full_cache, args.max_new_tokens, "full-precision cache", args.seed, args.sample)
-    tq_cache = _make_cache(model, args.bits, max_cache_len=total)
+    tq_cache = _make_cache(model, args.bits, max_cache_len=total, args=args)
     tq_out, tq_s = _generate(model, inputs, tq_cache, args.max_new_tokens, f"TurboQuant {args.bits}-bit cache", args.seed, args.sample)
 
     full_new = full_out[0, prompt_len:]
@@ -227,7 +238,7 @@ def cmd_demo(args) -> int:
     seq = full_out[:, : prompt_len + max(len(full_new) - 1, 0)]
     with torch.no_grad():
         ref_logits = teacher_forced_logits(model, seq, prompt_len, _make_cache(model, None))
-        tq_logits = teacher_forced_logits(model, seq, prompt_len, _make_cache(model, args.bits, max_cache_len=total))
+        tq_logits = teacher_forced_logits(model, seq, prompt_len, _make_cache(model, args.bits, max_cache_len=total, args=args))
     scored = slice(prompt_len - 1, seq.shape[1])
     agree = (ref_logits[scored].argmax(-1) == tq_logits[scored].argmax(-1)).float()
     agreement = agree.mean().item() if agree.numel() else float("nan")
@@ -241,7 +252,7 @@ def cmd_demo(args) -> int:
     print(f"--- full-precision cache ({dtype_name}) ---")
     print(tokenizer.decode(full_new, skip_special_tokens=True).strip())
     print()
-    print(f"--- TurboQuant {args.bits}-bit cache ---")
+    print(f"--- TurboQuant {args.bits}-bit cache ({_describe_windows(tq_cache)}) ---")
     print(tokenizer.decode(tq_new, skip_special_tokens=True).strip())
     print()
     same = 0
@@ -301,10 +312,13 @@ def cmd_eval(args) -> int:
     if not 0 < args.prefix < N - 1:
         raise CLIError(f"torch-tq eval: --prefix must be in [1, {N - 2}] for a text of {N} tokens, got {args.prefix}")
     rows = []
+    windows = ""
     configs = [None] + list(args.bits)
     for bits in configs:
         name = "full" if bits is None else f"{bits}-bit"
-        cache = _make_cache(model, bits, max_cache_len=N)
+        cache = _make_cache(model, bits, max_cache_len=N, args=args)
+        if bits is not None:
+            windows = _describe_windows(cache)
         start = time.perf_counter()
         ppl = perplexity(model, ids, args.prefix, cache, args.chunk, desc=f"eval {name}")
         rows.append((bits, ppl, _kv_bytes(cache), time.perf_counter() - start))
@@ -312,6 +326,8 @@ def cmd_eval(args) -> int:
     dtype_name = str(next(model.parameters()).dtype).replace("torch.", "")
     print(f"text: {args.text or DEFAULT_TEXT.name} ({N} tokens; prefix {args.prefix} prefilled, "
           f"{N - args.prefix} tokens scored, decoded {args.chunk} at a time through the cache)")
+    if len(configs) > 1:
+        print(f"TurboQuant caches: {windows}")
     header = f"{'cache':<16}{'perplexity':>12}{'increase':>11}{'KV bytes':>14}{'ratio':>8}{'seconds':>9}"
     print(header)
     print("-" * len(header))
@@ -406,6 +422,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="model dtype (default: float32)")
 
 
+def _add_window_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sink-tokens", type=int, default=None,
+                   help="first tokens of each global layer kept in full precision too (default: TurboQuantCache's, 4)")
+    p.add_argument("--recent-tokens", type=int, default=None,
+                   help="newest tokens of each global layer kept in full precision (default: TurboQuantCache's, 32)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="torch-tq", description="TurboQuant KV-cache compression for PyTorch models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -418,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     demo.add_argument("--seed", type=int, default=0, help="random seed for --sample (default: 0)")
     demo.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
+    _add_window_args(demo)
     demo.set_defaults(func=cmd_demo)
 
     ev = sub.add_parser("eval", help="perplexity with the full-precision cache and TurboQuant at several bit widths")
@@ -429,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--chunk", type=int, default=32, help="tokens per decode step through the cache (default: 32)")
     ev.add_argument("--max-tokens", type=int, default=None, help="truncate the text to this many tokens")
     ev.add_argument("--plot", default="torch_tq_eval.png", help="PNG plot path, '' for none (default: %(default)s)")
+    _add_window_args(ev)
     ev.set_defaults(func=cmd_eval)
 
     info = sub.add_parser("info", help="torch version, devices and torch_tq backends")

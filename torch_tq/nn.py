@@ -27,7 +27,7 @@ from .layout import (
     valid_positions,
 )
 
-__all__ = ["TurboQuantAttention", "TurboQuantKVCache", "reference_attention"]
+__all__ = ["TurboQuantAttention", "TurboQuantKVCache", "merge_attention", "reference_attention"]
 
 
 class TurboQuantKVCache(nn.Module):
@@ -53,12 +53,23 @@ class TurboQuantKVCache(nn.Module):
             attention without soft-capping, more accurate after quantization). Default: ``True``.
         norm_correction (bool): rescale each new token's stored norm so that its decoded vector has
             the true norm (decodes only the new tokens). Default: ``True``.
+        sink_tokens (int): keep the K/V of the first ``sink_tokens`` positions also in full precision
+            (the dtype of the first appended K/V) and attend to them from there, merging with the
+            compressed positions through the op's log-sum-exp. The first tokens ("attention sinks")
+            take a large share of the attention of every query, so their quantization error weighs
+            on every output. Global caches only. Default: ``0``.
+        recent_tokens (int): keep the newest tokens in full precision: a token is quantized once
+            ``recent_tokens`` newer tokens have been appended in earlier calls (so a call's queries
+            also see their own chunk in full precision). Global caches only. Default: ``0``.
 
     Shapes:
         - k_codes, v_codes (buffers): uint8 ``[B, Hkv, C, D*b/8]``, a little-endian bitstream per row.
         - k_norms, v_norms (buffers): float32 ``[B, Hkv, C, D/R]``.
         - signs (buffer): float32 ``[D]``.
         - k_mean (buffer): float32 ``[B, 1, Hkv, D]``, the key offset (zeros without ``center_keys``).
+        - sink_k, sink_v (buffers): ``[B, Hkv, sink_tokens, D]``, the first positions in full precision
+          (keys centered like the compressed ones).
+        - recent_k, recent_v (buffers): ``[B, Hkv, num_recent, D]``, the positions not quantized yet.
         - append: k, v ``[B, T, Hkv, D]`` (float32/float16/bfloat16).
         - attend: q ``[B, Hq, Lq, D]`` -> ``[B, Hq, Lq, D]`` in q's dtype.
         - dequantize: -> k, v float32 ``[B, Hkv, N, D]`` for the N positions still held.
@@ -88,6 +99,8 @@ class TurboQuantKVCache(nn.Module):
         device: torch.device | str | None = None,
         center_keys: bool = True,
         norm_correction: bool = True,
+        sink_tokens: int = 0,
+        recent_tokens: int = 0,
     ):
         super().__init__()
         if head_dim not in SUPPORTED_HEAD_DIMS:
@@ -101,6 +114,11 @@ class TurboQuantKVCache(nn.Module):
                 f"TurboQuantKVCache: a sliding cache needs capacity >= sliding_window, got capacity={capacity}, "
                 f"sliding_window={sliding_window}"
             )
+        for name, value in (("sink_tokens", sink_tokens), ("recent_tokens", recent_tokens)):
+            if value < 0:
+                raise ValueError(f"TurboQuantKVCache: {name} must be >= 0, got {value}")
+            if value > 0 and sliding_window > 0:
+                raise ValueError(f"TurboQuantKVCache: {name} needs a global cache (sliding-window caches quantize every token)")
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.bits = bits
@@ -123,6 +141,14 @@ class TurboQuantKVCache(nn.Module):
         # Per-(sequence, KV head) key offset subtracted before quantization; set by the first append.
         self.register_buffer("k_mean", torch.zeros(batch_size, 1, num_kv_heads, head_dim, device=k.codes.device))
         self.has_k_mean = False
+        self.sink_tokens = sink_tokens
+        self.register_buffer("sink_k", torch.zeros(batch_size, num_kv_heads, sink_tokens, head_dim, device=k.codes.device))
+        self.register_buffer("sink_v", torch.zeros_like(self.sink_k))
+        # Positions [0, quantized_len) are in the codes; [quantized_len, seq_len) only in recent_k/recent_v.
+        self.recent_tokens = recent_tokens
+        self.quantized_len = 0
+        self.register_buffer("recent_k", torch.zeros(batch_size, num_kv_heads, 0, head_dim, device=k.codes.device))
+        self.register_buffer("recent_v", torch.zeros_like(self.recent_k))
 
     @property
     def is_sliding(self) -> bool:
@@ -143,22 +169,44 @@ class TurboQuantKVCache(nn.Module):
         return hi - lo
 
     @property
+    def num_sinks(self) -> int:
+        """How many of the first positions are attended in full precision: ``min(sink_tokens, seq_len)``."""
+        return min(self.sink_tokens, self.seq_len)
+
+    @property
+    def num_recent(self) -> int:
+        """How many of the newest positions are not quantized yet (held in full precision only)."""
+        return self.seq_len - self.quantized_len
+
+    @property
     def nbytes(self) -> int:
-        """Bytes allocated for K and V (codes + norms) at the current capacity."""
-        return 2 * quantized_nbytes(self.batch_size, self.num_kv_heads, self.capacity, self.head_dim, self.bits)
+        """Bytes allocated for K and V: codes + norms at the current capacity, and the full-precision tokens."""
+        codes = 2 * quantized_nbytes(self.batch_size, self.num_kv_heads, self.capacity, self.head_dim, self.bits)
+        return codes + self._full_precision_nbytes(self.sink_tokens)
 
     @property
     def nbytes_used(self) -> int:
-        """Bytes of K and V (codes + norms) for the positions held, ignoring spare capacity."""
-        return 2 * quantized_nbytes(self.batch_size, self.num_kv_heads, self.num_valid, self.head_dim, self.bits)
+        """Bytes of K and V for the positions held (codes + norms, and the full-precision tokens), without spare capacity."""
+        lo, hi = valid_positions(self.quantized_len, self.capacity)
+        codes = 2 * quantized_nbytes(self.batch_size, self.num_kv_heads, hi - lo, self.head_dim, self.bits)
+        return codes + self._full_precision_nbytes(self.num_sinks)
+
+    def _full_precision_nbytes(self, sinks: int) -> int:
+        per_token = 2 * self.batch_size * self.num_kv_heads * self.head_dim
+        return per_token * (sinks * self.sink_k.element_size() + self.num_recent * self.recent_k.element_size())
 
     def extra_repr(self) -> str:
         kind = f"sliding_window={self.sliding_window}" if self.is_sliding else "global"
+        extra = "".join(f", {name}={getattr(self, name)}" for name in ("sink_tokens", "recent_tokens") if getattr(self, name))
         return (f"B={self.batch_size}, Hkv={self.num_kv_heads}, D={self.head_dim}, C={self.capacity}, "
-                f"bits={self.bits}, {kind}, seq_len={self.seq_len}")
+                f"bits={self.bits}, {kind}, seq_len={self.seq_len}{extra}")
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        r"""Quantize ``T`` new tokens into the next slots (positions ``seq_len … seq_len+T-1``).
+        r"""Add ``T`` new tokens (positions ``seq_len … seq_len+T-1``).
+
+        Without ``recent_tokens`` they are quantized into their slots at once. With it they join the
+        full-precision window, and the tokens that leave the window (all but the newest
+        ``recent_tokens`` of the previous calls) are quantized first.
 
         Args:
             k, v (torch.Tensor): ``[B, T, Hkv, D]``, float32/float16/bfloat16.
@@ -186,11 +234,34 @@ class TurboQuantKVCache(nn.Module):
                 self.k_mean.copy_(k.float().mean(dim=1, keepdim=True))
                 self.has_k_mean = True
             k = k - self.k_mean.to(k.dtype)
-        _ops.hadamard_quantize_kv(k.contiguous(), self.k_codes, self.k_norms, self.seq_len, self.is_sliding, self.bits, self.signs)
-        _ops.hadamard_quantize_kv(v.contiguous(), self.v_codes, self.v_norms, self.seq_len, self.is_sliding, self.bits, self.signs)
-        if self.norm_correction:
-            self._correct_norms(self.seq_len, T)
+        if self.seq_len == 0:
+            # Full precision means the dtype of the model's K/V.
+            self.sink_k, self.sink_v = self.sink_k.to(k.dtype), self.sink_v.to(v.dtype)
+            self.recent_k, self.recent_v = self.recent_k.to(k.dtype), self.recent_v.to(v.dtype)
+        if self.seq_len < self.sink_tokens:
+            n = min(T, self.sink_tokens - self.seq_len)
+            self.sink_k[:, :, self.seq_len : self.seq_len + n] = k[:, :n].transpose(1, 2)
+            self.sink_v[:, :, self.seq_len : self.seq_len + n] = v[:, :n].transpose(1, 2)
+        if self.recent_tokens == 0:
+            self._quantize(k, v, self.seq_len)
+        else:
+            leaving = self.num_recent - self.recent_tokens
+            if leaving > 0:
+                self._quantize(self.recent_k[:, :, :leaving].transpose(1, 2), self.recent_v[:, :, :leaving].transpose(1, 2),
+                               self.quantized_len)
+                self.recent_k, self.recent_v = self.recent_k[:, :, leaving:], self.recent_v[:, :, leaving:]
+            self.recent_k = torch.cat((self.recent_k, k.transpose(1, 2).to(self.recent_k.dtype)), dim=2)
+            self.recent_v = torch.cat((self.recent_v, v.transpose(1, 2).to(self.recent_v.dtype)), dim=2)
         self.seq_len += T
+
+    def _quantize(self, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+        """Encode ``k``, ``v`` ``[B, T, Hkv, D]`` (keys already centered) at positions ``start …``."""
+        T = k.shape[1]
+        _ops.hadamard_quantize_kv(k.contiguous(), self.k_codes, self.k_norms, start, self.is_sliding, self.bits, self.signs)
+        _ops.hadamard_quantize_kv(v.contiguous(), self.v_codes, self.v_norms, start, self.is_sliding, self.bits, self.signs)
+        if self.norm_correction:
+            self._correct_norms(start, T)
+        self.quantized_len = start + T
 
     def _correct_norms(self, start: int, num_tokens: int) -> None:
         """Rescale the stored norms of the tokens just written so each decoded block has the true norm.
@@ -218,7 +289,10 @@ class TurboQuantKVCache(nn.Module):
         sliding_window: Optional[int] = None,
         kv_start: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        r"""Fused decode attention of the last ``Lq`` positions over the compressed cache (``tq.flash_attn_vec_tq``).
+        r"""Attention of the last ``Lq`` positions over the cache: the fused ``tq.flash_attn_vec_tq`` over the codes.
+
+        With ``sink_tokens``/``recent_tokens``, the positions held in full precision are attended
+        separately and merged exactly with the op's output through its log-sum-exp.
 
         Args:
             q (torch.Tensor): ``[B, Hq, Lq, D]``, the queries of positions ``seq_len - Lq … seq_len - 1``
@@ -234,6 +308,7 @@ class TurboQuantKVCache(nn.Module):
         """
         if scale is None:
             scale = self.head_dim ** -0.5
+        scale, softcap = float(scale), float(softcap)
         if softcap > 0 and self.center_keys and self.has_k_mean:
             raise ValueError("TurboQuantKVCache.attend: softcap > 0 needs center_keys=False (tanh soft-capping is not "
                              "shift-invariant, so centered keys would change the scores)")
@@ -242,35 +317,129 @@ class TurboQuantKVCache(nn.Module):
         # than a model's (large) window valid for the op, which requires sliding_window <= C.
         if window >= self.seq_len and not self.is_sliding:
             window = 0
-        return _ops.flash_attn_vec_tq(q, self.k_codes, self.k_norms, self.v_codes, self.v_norms, self.seq_len,
-                                      float(scale), self.bits, window, float(softcap), kv_start, self.signs)
+        if self.sink_tokens == 0 and self.recent_tokens == 0:
+            return _ops.flash_attn_vec_tq(q, self.k_codes, self.k_norms, self.v_codes, self.v_norms, self.seq_len,
+                                          scale, self.bits, window, softcap, kv_start, self.signs)
+        parts = [p for p in (self._attend_codes(q, scale, softcap, window, kv_start),
+                             self._attend_full_precision(q, scale, softcap, window, kv_start)) if p is not None]
+        out, lse = parts[0]
+        if len(parts) == 2:
+            out = merge_attention(out, lse, *parts[1])
+        return out.to(q.dtype)
+
+    def _query_positions(self, Lq: int, device) -> torch.Tensor:
+        return torch.arange(self.seq_len - Lq, self.seq_len, device=device)
+
+    def _attend_codes(self, q, scale: float, softcap: float, window: int, kv_start) -> Optional[tuple]:
+        """``tq.flash_attn_vec_tq`` over the quantized positions that are not sinks: (output, lse), or None if there are none."""
+        first = min(self.num_sinks, self.quantized_len)  # sinks are attended in full precision
+        if self.quantized_len == first:
+            return None
+        B, Hq, Lq, D = q.shape
+        start = kv_start
+        if first > 0:
+            start = torch.full((B,), first, dtype=torch.int64, device=q.device)
+            if kv_start is not None:
+                start = torch.maximum(start, kv_start.to(q.device))
+        if self.quantized_len == self.seq_len:  # the queries' own positions are in the codes: causal as usual
+            lse = torch.empty(B, Hq, Lq, dtype=torch.float32, device=q.device)
+            out = _ops.flash_attn_vec_tq(q, self.k_codes, self.k_norms, self.v_codes, self.v_norms, self.seq_len,
+                                         scale, self.bits, window, softcap, start, self.signs, lse)
+            return out, lse
+        # Every quantized position is older than every query, so all of them are causally visible:
+        # one call with the Lq queries as Hq*Lq single-query heads (head h*Lq + i still maps to KV
+        # head h // (Hq / Hkv)). A window differs per query, then each query is its own call.
+        codes = (self.k_codes, self.k_norms, self.v_codes, self.v_norms, self.quantized_len)
+        if window == 0:
+            lse = torch.empty(B, Hq * Lq, 1, dtype=torch.float32, device=q.device)
+            out = _ops.flash_attn_vec_tq(q.reshape(B, Hq * Lq, 1, D), *codes, scale, self.bits, 0, softcap, start,
+                                         self.signs, lse)
+            return out.reshape(B, Hq, Lq, D), lse.reshape(B, Hq, Lq)
+        out = q.new_zeros(B, Hq, Lq, D)
+        lse = torch.full((B, Hq, Lq), -math.inf, device=q.device)
+        for i, pos in enumerate(self._query_positions(Lq, "cpu").tolist()):
+            # Query i sees positions > pos - window; as a query at position quantized_len - 1 that is
+            # a window of window - (pos - quantized_len + 1).
+            w = window - (pos - self.quantized_len + 1)
+            if w > 0:
+                out[:, :, i : i + 1] = _ops.flash_attn_vec_tq(q[:, :, i : i + 1], *codes, scale, self.bits, w, softcap, start,
+                                                              self.signs, lse[:, :, i : i + 1])
+        return out, lse
+
+    def _attend_full_precision(self, q, scale: float, softcap: float, window: int, kv_start) -> Optional[tuple]:
+        """Attention over the sink and recent positions (float32): (output, lse), or None if there are none."""
+        sinks = min(self.num_sinks, self.quantized_len)  # sinks still in the recent window are counted there
+        k = torch.cat((self.sink_k[:, :, :sinks], self.recent_k), dim=2).float()
+        if k.shape[2] == 0:
+            return None
+        v = torch.cat((self.sink_v[:, :, :sinks], self.recent_v), dim=2).float()
+        j = torch.cat((torch.arange(sinks), torch.arange(self.quantized_len, self.seq_len))).to(q.device)
+        B, Hq, Lq, D = q.shape
+        Hkv = self.num_kv_heads
+        scores = scale * torch.einsum("bhgld,bhnd->bhgln", q.float().reshape(B, Hkv, Hq // Hkv, Lq, D), k)
+        if softcap > 0:
+            scores = softcap * torch.tanh(scores / softcap)
+        pos = self._query_positions(Lq, q.device)[:, None]
+        allowed = j[None, :] <= pos  # [Lq, N]
+        if window > 0:
+            allowed = allowed & (j[None, :] > pos - window)
+        allowed = allowed.expand(B, Lq, j.numel())
+        if kv_start is not None:
+            allowed = allowed & (j[None, None, :] >= kv_start.to(q.device)[:, None, None])
+        scores = scores.masked_fill(~allowed[:, None, None], -math.inf)
+        lse = torch.logsumexp(scores, dim=-1)  # -inf for a query that sees none of these positions
+        probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)
+        out = torch.einsum("bhgln,bhnd->bhgld", probs, v)
+        return out.reshape(B, Hq, Lq, D), lse.reshape(B, Hq, Lq)
 
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode the positions still held: ``(k, v)``, float32 ``[B, Hkv, N, D]`` (a full-size copy; for inspection).
-
-        The key offset removed by ``center_keys`` is added back.
-        """
+        """The K/V :meth:`attend` uses for the positions still held: ``(k, v)``, float32 ``[B, Hkv, N, D]``
+        (a full-size copy; for inspection). Sink and recent positions come from full precision; the key
+        offset removed by ``center_keys`` is added back."""
         lo, hi = valid_positions(self.seq_len, self.capacity)
         return self.dequantize_range(lo, hi - lo)
 
     def dequantize_range(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode positions ``start … start+length-1`` (they must still be held): float32 ``[B, Hkv, length, D]``."""
+        """:meth:`dequantize` of positions ``start … start+length-1`` (they must still be held): float32 ``[B, Hkv, length, D]``."""
         lo, hi = valid_positions(self.seq_len, self.capacity)
         if start < lo or start + length > hi:
             raise ValueError(f"TurboQuantKVCache.dequantize_range: positions [{start}, {start + length}) are not all held; "
                              f"the cache holds [{lo}, {hi})")
-        k = _ops.dequantize_kv(self.k_codes, self.k_norms, start, length, self.bits, False, self.signs)
-        v = _ops.dequantize_kv(self.v_codes, self.v_norms, start, length, self.bits, False, self.signs)
+        stop = start + length
+        coded = max(0, min(stop, self.quantized_len) - start)
+        k = _ops.dequantize_kv(self.k_codes, self.k_norms, start, coded, self.bits, False, self.signs)
+        v = _ops.dequantize_kv(self.v_codes, self.v_norms, start, coded, self.bits, False, self.signs)
+        sinks = min(self.num_sinks, self.quantized_len)
+        if start < sinks:
+            n = min(sinks, stop) - start
+            k[:, :, :n], v[:, :, :n] = self.sink_k[:, :, start : start + n], self.sink_v[:, :, start : start + n]
+        if stop > self.quantized_len:
+            first = max(start, self.quantized_len) - self.quantized_len
+            k = torch.cat((k, self.recent_k[:, :, first : stop - self.quantized_len].float()), dim=2)
+            v = torch.cat((v, self.recent_v[:, :, first : stop - self.quantized_len].float()), dim=2)
         if self.has_k_mean:
             k = k + self.k_mean.transpose(1, 2)
         return k, v
 
+    def truncate(self, seq_len: int) -> None:
+        """Forget the positions from ``seq_len`` on (global caches; the codes of forgotten slots are rewritten later)."""
+        seq_len = max(0, min(seq_len, self.seq_len))
+        if seq_len >= self.quantized_len:
+            keep = seq_len - self.quantized_len
+            self.recent_k, self.recent_v = self.recent_k[:, :, :keep], self.recent_v[:, :, :keep]
+        else:
+            self.quantized_len = seq_len
+            self.recent_k, self.recent_v = self.recent_k[:, :, :0], self.recent_v[:, :, :0]
+        self.seq_len = seq_len
+
     def reset(self) -> None:
         """Forget every token (the buffers are zeroed and kept)."""
         self.seq_len = 0
+        self.quantized_len = 0
         self.has_k_mean = False
-        for t in (self.k_codes, self.k_norms, self.v_codes, self.v_norms, self.k_mean):
+        for t in (self.k_codes, self.k_norms, self.v_codes, self.v_norms, self.k_mean, self.sink_k, self.sink_v):
             t.zero_()
+        self.recent_k, self.recent_v = self.recent_k[:, :, :0], self.recent_v[:, :, :0]
 
     def grow(self, capacity: int) -> None:
         """Reallocate a global cache to ``capacity`` slots, keeping its tokens (copies packed bytes only)."""
@@ -281,19 +450,43 @@ class TurboQuantKVCache(nn.Module):
         for name in ("k_codes", "k_norms", "v_codes", "v_norms"):
             old = getattr(self, name)
             new = old.new_zeros(old.shape[0], old.shape[1], capacity, old.shape[3])
-            new[:, :, : self.seq_len] = old[:, :, : self.seq_len]
+            new[:, :, : self.quantized_len] = old[:, :, : self.quantized_len]
             setattr(self, name, new)
+
+    _BATCH_BUFFERS = ("k_codes", "k_norms", "v_codes", "v_norms", "k_mean", "sink_k", "sink_v", "recent_k", "recent_v")
 
     def index_batch(self, indices: torch.Tensor) -> None:
         """Keep/reorder batch rows: row ``i`` becomes old row ``indices[i]`` (beam reordering, batch selection)."""
         indices = indices.to(self.k_codes.device)
-        for name in ("k_codes", "k_norms", "v_codes", "v_norms", "k_mean"):
+        for name in self._BATCH_BUFFERS:
             setattr(self, name, getattr(self, name).index_select(0, indices).contiguous())
 
     def repeat_batch(self, repeats: int) -> None:
         """Repeat every batch row ``repeats`` times (``repeat_interleave`` on B)."""
-        for name in ("k_codes", "k_norms", "v_codes", "v_norms", "k_mean"):
+        for name in self._BATCH_BUFFERS:
             setattr(self, name, getattr(self, name).repeat_interleave(repeats, dim=0).contiguous())
+
+
+def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:
+    r"""Combine two attentions of the same queries over disjoint key sets into the attention over their union.
+
+    Each part is ``softmax(s) @ v`` over its keys with ``lse = log Σ exp(s)``; the union's output is
+    the two outputs weighted by ``exp(lse_part - lse_union)``. A part whose ``lse`` is ``-inf`` (no
+    visible key) gets weight 0; a query that sees no key in either part outputs zeros.
+
+    Args:
+        out_a, out_b (torch.Tensor): ``[B, H, L, D]``.
+        lse_a, lse_b (torch.Tensor): float32 ``[B, H, L]``.
+
+    Returns:
+        float32 ``[B, H, L, D]``.
+    """
+    m = torch.maximum(lse_a, lse_b)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    wa, wb = torch.exp(lse_a - m), torch.exp(lse_b - m)
+    total = wa + wb
+    total = torch.where(total > 0, total, torch.ones_like(total))
+    return (out_a.float() * (wa / total).unsqueeze(-1)) + (out_b.float() * (wb / total).unsqueeze(-1))
 
 
 def reference_attention(

@@ -75,6 +75,10 @@ __all__ = [
 ]
 
 ATTN_IMPLEMENTATION = "tq"
+# Full-precision positions of each global layer (torch-tq eval on SmolLM2-135M, 4 bits: see the
+# module docstring). Sliding-window layers quantize every token.
+DEFAULT_SINK_TOKENS = 4
+DEFAULT_RECENT_TOKENS = 32
 # Initial slots of a global layer without max_cache_len; growth rounds up to a multiple of this.
 _GROWTH_STEP = 256
 
@@ -93,6 +97,8 @@ class TurboQuantLayer(CacheLayerMixin):
         signs (Optional[torch.Tensor]): float32 ``[D]`` rotation signs. Default: :func:`torch_tq.hadamard_signs`.
         fused (bool): return the new full-precision K/V tagged for the ``"tq"`` attention (True) or
             the dequantized cache (False, for other attention implementations). Default: ``True``.
+        sink_tokens, recent_tokens (int): first and newest positions also kept in full precision
+            (see :class:`torch_tq.nn.TurboQuantKVCache`). Default: ``0``.
     """
 
     is_compileable = False
@@ -100,9 +106,11 @@ class TurboQuantLayer(CacheLayerMixin):
     is_croppable = True
 
     def __init__(self, bits: int = 4, max_cache_len: Optional[int] = None, signs: Optional[torch.Tensor] = None,
-                 fused: bool = True, center_keys: bool = True, **kwargs):
+                 fused: bool = True, center_keys: bool = True, sink_tokens: int = 0, recent_tokens: int = 0, **kwargs):
         super().__init__()
         self.center_keys = center_keys
+        self.sink_tokens = sink_tokens
+        self.recent_tokens = recent_tokens
         if bits not in SUPPORTED_BITS:
             raise ValueError(f"TurboQuantCache: bits must be one of {SUPPORTED_BITS}, got {bits}")
         self.bits = bits
@@ -127,7 +135,8 @@ class TurboQuantLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.kv = TurboQuantKVCache(Hkv, D, self._initial_capacity(T), self.bits, B,
                                     sliding_window=getattr(self, "sliding_window", 0) if self.is_sliding else 0,
-                                    signs=self.signs, device=self.device, center_keys=self.center_keys)
+                                    signs=self.signs, device=self.device, center_keys=self.center_keys,
+                                    sink_tokens=self.sink_tokens, recent_tokens=self.recent_tokens)
         self.is_initialized = True
 
     def _reserve(self, num_tokens: int) -> None:
@@ -208,7 +217,7 @@ class TurboQuantLayer(CacheLayerMixin):
             raise ValueError(f"TurboQuantCache.crop: pass a negative number of tokens to remove, got {tokens_to_remove}")
         if tokens_to_remove == 0 or self.kv is None:
             return
-        self.kv.seq_len = max(0, self.kv.seq_len + tokens_to_remove)
+        self.kv.truncate(self.kv.seq_len + tokens_to_remove)
 
     def offload(self) -> None:
         raise NotImplementedError("TurboQuantCache does not support offloading (the compressed cache is already small)")
@@ -298,6 +307,10 @@ class TurboQuantCache(Cache):
         signs (Optional[torch.Tensor]): float32 ``[D]`` rotation signs. Default: :func:`torch_tq.hadamard_signs`.
         attn_implementation (Optional[str]): overrides ``config._attn_implementation`` to pick the fused
             (``"tq"``) or the dequantizing path. Default: ``None``.
+        sink_tokens (int): the first positions of each global layer, kept in full precision as well
+            (attention sinks). Default: ``4``.
+        recent_tokens (int): the newest positions of each global layer, kept in full precision until
+            they are older than ``recent_tokens`` tokens. Default: ``32``.
 
     Examples::
 
@@ -314,6 +327,8 @@ class TurboQuantCache(Cache):
         decode_chunk: int = 64,
         signs: Optional[torch.Tensor] = None,
         attn_implementation: Optional[str] = None,
+        sink_tokens: int = DEFAULT_SINK_TOKENS,
+        recent_tokens: int = DEFAULT_RECENT_TOKENS,
     ):
         if bits not in SUPPORTED_BITS:
             raise ValueError(f"TurboQuantCache: bits must be one of {SUPPORTED_BITS}, got {bits}")
@@ -347,7 +362,7 @@ class TurboQuantCache(Cache):
                                                      signs=signs, fused=fused, center_keys=center))
             else:
                 layers.append(TurboQuantLayer(bits=bits, max_cache_len=max_cache_len, signs=signs, fused=fused,
-                                              center_keys=center))
+                                              center_keys=center, sink_tokens=sink_tokens, recent_tokens=recent_tokens))
         super().__init__(layers=layers)
 
     @property
