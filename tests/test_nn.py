@@ -131,13 +131,16 @@ def test_turboquant_kv_cache_errors():
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("window,softcap", [(0, 0.0), (6, 0.0), (0, 20.0)], ids=["full", "window6", "softcap20"])
-def test_turboquant_attention_prefill_then_decode(bits, window, softcap):
+@pytest.mark.parametrize("window,softcap,sinks,recent", [(0, 0.0, 0, 0), (6, 0.0, 0, 0), (0, 20.0, 0, 0), (0, 0.0, 2, 3),
+                                                         (0, 20.0, 2, 3)],
+                         ids=["full", "window6", "softcap20", "full-sinks2-recent3", "softcap20-sinks2-recent3"])
+def test_turboquant_attention_prefill_then_decode(bits, window, softcap, sinks, recent):
     B, Hq, Hkv, D, T = 2, 4, 2, 64, 20
     q, k, v = torch.randn(B, T, Hq, D), torch.randn(B, T, Hkv, D), torch.randn(B, T, Hkv, D)
     ref = reference_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softcap=softcap,
                               sliding_window=window).transpose(1, 2)
-    attn = TurboQuantAttention(Hq, Hkv, D, capacity=24, bits=bits, batch_size=B, sliding_window=window, softcap=softcap)
+    attn = TurboQuantAttention(Hq, Hkv, D, capacity=24, bits=bits, batch_size=B, sliding_window=window, softcap=softcap,
+                               sink_tokens=sinks, recent_tokens=recent)
     prefill = attn(q[:, :12], k[:, :12], v[:, :12])
     # The prefill is full precision: identical to the reference up to float rounding.
     assert _rel(prefill, ref[:, :12]) < 1e-5

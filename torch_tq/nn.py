@@ -555,6 +555,8 @@ class TurboQuantAttention(nn.Module):
         scale (Optional[float]): score scale. Default: ``D ** -0.5``.
         signs (Optional[torch.Tensor]): rotation signs. Default: :func:`torch_tq.hadamard_signs` ``(D)``.
         device: where the cache lives. Default: ``None``.
+        sink_tokens, recent_tokens (int): positions also kept in full precision (global attention
+            only; see :class:`TurboQuantKVCache`). Default: ``0``.
 
     Shapes:
         - q: ``[B, T, Hq, D]``; k, v: ``[B, T, Hkv, D]`` (the new tokens, positions ``cache.seq_len …``).
@@ -581,6 +583,8 @@ class TurboQuantAttention(nn.Module):
         scale: Optional[float] = None,
         signs: Optional[torch.Tensor] = None,
         device: torch.device | str | None = None,
+        sink_tokens: int = 0,
+        recent_tokens: int = 0,
     ):
         super().__init__()
         if num_heads % num_kv_heads != 0:
@@ -592,7 +596,7 @@ class TurboQuantAttention(nn.Module):
         self.scale = head_dim ** -0.5 if scale is None else scale
         self.sliding_window = sliding_window
         self.cache = TurboQuantKVCache(num_kv_heads, head_dim, capacity, bits, batch_size, sliding_window, signs, device,
-                                       center_keys=softcap == 0)
+                                       center_keys=softcap == 0, sink_tokens=sink_tokens, recent_tokens=recent_tokens)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: Optional[torch.Tensor] = None) -> torch.Tensor:
         if q.dim() != 4 or q.shape[2] != self.num_heads or q.shape[3] != self.head_dim:
