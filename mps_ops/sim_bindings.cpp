@@ -8,6 +8,7 @@
 
 #include "plans/chunk_fwd_h.h"
 #include "plans/chunk_fwd_o.h"
+#include "plans/chunk_gated_delta_rule.h"
 #include "plans/chunk_local_cumsum.h"
 #include "plans/chunk_scaled_dot_kkt.h"
 #include "plans/dequantize_kv.h"
@@ -223,6 +224,19 @@ void tq_plan_chunk_fwd_o(const tq_tensor_desc* q, const tq_tensor_desc* k, const
   const auto plan = tq_plan::plan_chunk_fwd_o(to_desc(q), to_desc(k), to_desc(v), to_desc(h), to_desc(g),
                                               has_scale ? std::optional<double>(scale) : std::nullopt,
                                               to_desc(cu_seqlens), values(cu_seqlens_values, num_cu_seqlens_values));
+  copy_plan(plan, out);
+}
+
+void tq_plan_chunk_gated_delta_rule(const tq_tensor_desc* q, const tq_tensor_desc* k, const tq_tensor_desc* v,
+                                    const tq_tensor_desc* g, const tq_tensor_desc* beta, int32_t has_scale,
+                                    double scale, const tq_tensor_desc* initial_state, int32_t output_final_state,
+                                    int32_t use_qk_l2norm_in_kernel, const tq_tensor_desc* cu_seqlens,
+                                    const int64_t* cu_seqlens_values, int32_t num_cu_seqlens_values,
+                                    tq_plan_result* out) {
+  const auto plan = tq_plan::plan_chunk_gated_delta_rule(
+      to_desc(q), to_desc(k), to_desc(v), to_desc(g), to_desc(beta),
+      has_scale ? std::optional<double>(scale) : std::nullopt, to_desc(initial_state), output_final_state != 0,
+      use_qk_l2norm_in_kernel != 0, to_desc(cu_seqlens), values(cu_seqlens_values, num_cu_seqlens_values));
   copy_plan(plan, out);
 }
 

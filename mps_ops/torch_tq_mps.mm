@@ -21,6 +21,7 @@
 
 #include "plans/chunk_fwd_h.h"
 #include "plans/chunk_fwd_o.h"
+#include "plans/chunk_gated_delta_rule.h"
 #include "plans/chunk_local_cumsum.h"
 #include "plans/chunk_scaled_dot_kkt.h"
 #include "plans/dequantize_kv.h"
@@ -221,6 +222,20 @@ std::vector<at::Tensor> run(const tq_plan::Plan& plan, std::vector<at::Tensor> i
 
 // An absent optional is bound as Arg::Dummy; keep the slot so input indices match the plan.
 at::Tensor or_undefined(const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
+at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->contiguous() : at::Tensor();
+}
+
+// cu_seqlens of the gated-delta ops: its values on the host (one device read, as FLA's
+// prepare_chunk_indices does: the plans validate them and size data-dependent outputs) and the
+// int32 device copy the kernels read.
+std::vector<int64_t> host_values(const std::optional<at::Tensor>& t) {
+  if (!t.has_value()) return {};
+  const at::Tensor host = t->cpu().to(at::kLong).contiguous();
+  return std::vector<int64_t>(host.data_ptr<int64_t>(), host.data_ptr<int64_t>() + host.numel());
+}
+
+at::Tensor as_int32(const std::optional<at::Tensor>& t) { return t.has_value() ? t->to(at::kInt).contiguous() : at::Tensor(); }
 
 // ---- ops (schemas in torch_tq/_ops.py) ---------------------------------------------------
 
@@ -249,7 +264,7 @@ at::Tensor flash_attn_vec_tq_mps(const at::Tensor& q, const at::Tensor& k_codes,
                                                     describe(lse));
   return run(plan,
              {q.contiguous(), k_codes, k_norms, v_codes, v_norms,
-              kv_start.has_value() ? kv_start->contiguous() : at::Tensor(), or_undefined(signs), or_undefined(lse)},
+              contiguous_or_undefined(kv_start), or_undefined(signs), or_undefined(lse)},
              q.device())
       .at(0);
 }
@@ -263,61 +278,60 @@ std::tuple<at::Tensor, at::Tensor> fused_recurrent_gated_delta_rule_mps(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g, const at::Tensor& beta,
     std::optional<double> scale, const std::optional<at::Tensor>& initial_state, bool output_final_state,
     bool use_qk_l2norm_in_kernel, const std::optional<at::Tensor>& cu_seqlens) {
-  // cu_seqlens values: one host copy (FLA's prepare_chunk_indices does the same sync).
-  std::vector<int64_t> offsets;
-  if (cu_seqlens.has_value()) {
-    const at::Tensor host = cu_seqlens->cpu().to(at::kLong).contiguous();
-    offsets.assign(host.data_ptr<int64_t>(), host.data_ptr<int64_t>() + host.numel());
-  }
+  const std::vector<int64_t> offsets = host_values(cu_seqlens);
   const auto plan = tq_plan::plan_fused_recurrent_gated_delta_rule(
       describe(q), describe(k), describe(v), describe(g), describe(beta), scale, describe(initial_state),
       output_final_state, use_qk_l2norm_in_kernel, describe(cu_seqlens), offsets);
   auto out = run(plan,
                  {q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(),
-                  initial_state.has_value() ? initial_state->contiguous() : at::Tensor(),
-                  cu_seqlens.has_value() ? cu_seqlens->to(at::kInt).contiguous() : at::Tensor()},
+                  contiguous_or_undefined(initial_state),
+                  as_int32(cu_seqlens)},
+                 q.device());
+  return {out.at(0), out.at(1)};
+}
+
+std::tuple<at::Tensor, at::Tensor> chunk_gated_delta_rule_mps(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g, const at::Tensor& beta,
+    std::optional<double> scale, const std::optional<at::Tensor>& initial_state, bool output_final_state,
+    bool use_qk_l2norm_in_kernel, const std::optional<at::Tensor>& cu_seqlens) {
+  const std::vector<int64_t> offsets = host_values(cu_seqlens);
+  const auto plan = tq_plan::plan_chunk_gated_delta_rule(
+      describe(q), describe(k), describe(v), describe(g), describe(beta), scale, describe(initial_state),
+      output_final_state, use_qk_l2norm_in_kernel, describe(cu_seqlens), offsets);
+  auto out = run(plan,
+                 {q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(),
+                  contiguous_or_undefined(initial_state),
+                  as_int32(cu_seqlens)},
                  q.device());
   return {out.at(0), out.at(1)};
 }
 
 at::Tensor chunk_local_cumsum_mps(const at::Tensor& g, int64_t chunk_size, bool reverse, std::optional<double> scale,
                                   const std::optional<at::Tensor>& cu_seqlens) {
-  std::vector<int64_t> offsets;
-  if (cu_seqlens.has_value()) {
-    const at::Tensor host = cu_seqlens->cpu().to(at::kLong).contiguous();
-    offsets.assign(host.data_ptr<int64_t>(), host.data_ptr<int64_t>() + host.numel());
-  }
+  const std::vector<int64_t> offsets = host_values(cu_seqlens);
   const auto plan =
       tq_plan::plan_chunk_local_cumsum(describe(g), chunk_size, reverse, scale, describe(cu_seqlens), offsets);
-  return run(plan, {g.contiguous(), cu_seqlens.has_value() ? cu_seqlens->to(at::kInt).contiguous() : at::Tensor()},
+  return run(plan, {g.contiguous(), as_int32(cu_seqlens)},
              g.device())
       .at(0);
 }
 
 at::Tensor chunk_scaled_dot_kkt_mps(const at::Tensor& k, const at::Tensor& g, const at::Tensor& beta,
                                     const std::optional<at::Tensor>& cu_seqlens) {
-  std::vector<int64_t> offsets;
-  if (cu_seqlens.has_value()) {
-    const at::Tensor host = cu_seqlens->cpu().to(at::kLong).contiguous();
-    offsets.assign(host.data_ptr<int64_t>(), host.data_ptr<int64_t>() + host.numel());
-  }
+  const std::vector<int64_t> offsets = host_values(cu_seqlens);
   const auto plan =
       tq_plan::plan_chunk_scaled_dot_kkt(describe(k), describe(g), describe(beta), describe(cu_seqlens), offsets);
   return run(plan,
              {k.contiguous(), g.contiguous(), beta.contiguous(),
-              cu_seqlens.has_value() ? cu_seqlens->to(at::kInt).contiguous() : at::Tensor()},
+              as_int32(cu_seqlens)},
              k.device())
       .at(0);
 }
 
 at::Tensor solve_tril_mps(const at::Tensor& A, const std::optional<at::Tensor>& cu_seqlens) {
-  std::vector<int64_t> offsets;
-  if (cu_seqlens.has_value()) {
-    const at::Tensor host = cu_seqlens->cpu().to(at::kLong).contiguous();
-    offsets.assign(host.data_ptr<int64_t>(), host.data_ptr<int64_t>() + host.numel());
-  }
+  const std::vector<int64_t> offsets = host_values(cu_seqlens);
   const auto plan = tq_plan::plan_solve_tril(describe(A), describe(cu_seqlens), offsets);
-  return run(plan, {A.contiguous(), cu_seqlens.has_value() ? cu_seqlens->to(at::kInt).contiguous() : at::Tensor()},
+  return run(plan, {A.contiguous(), as_int32(cu_seqlens)},
              A.device())
       .at(0);
 }
@@ -325,16 +339,12 @@ at::Tensor solve_tril_mps(const at::Tensor& A, const std::optional<at::Tensor>& 
 std::tuple<at::Tensor, at::Tensor> recompute_w_u_mps(const at::Tensor& k, const at::Tensor& v, const at::Tensor& beta,
                                                      const at::Tensor& A, const at::Tensor& g,
                                                      const std::optional<at::Tensor>& cu_seqlens) {
-  std::vector<int64_t> offsets;
-  if (cu_seqlens.has_value()) {
-    const at::Tensor host = cu_seqlens->cpu().to(at::kLong).contiguous();
-    offsets.assign(host.data_ptr<int64_t>(), host.data_ptr<int64_t>() + host.numel());
-  }
+  const std::vector<int64_t> offsets = host_values(cu_seqlens);
   const auto plan = tq_plan::plan_recompute_w_u(describe(k), describe(v), describe(beta), describe(A), describe(g),
                                                 describe(cu_seqlens), offsets);
   auto out = run(plan,
                  {k.contiguous(), v.contiguous(), beta.contiguous(), A.contiguous(), g.contiguous(),
-                  cu_seqlens.has_value() ? cu_seqlens->to(at::kInt).contiguous() : at::Tensor()},
+                  as_int32(cu_seqlens)},
                  k.device());
   return {out.at(0), out.at(1)};
 }
@@ -343,18 +353,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_fwd_h_mps(const at::Tensor&
                                                                const at::Tensor& u, const at::Tensor& g,
                                                                const std::optional<at::Tensor>& initial_state,
                                                                const std::optional<at::Tensor>& cu_seqlens) {
-  // cu_seqlens values: one host copy, which also sizes h (NT is data-dependent).
-  std::vector<int64_t> offsets;
-  if (cu_seqlens.has_value()) {
-    const at::Tensor host = cu_seqlens->cpu().to(at::kLong).contiguous();
-    offsets.assign(host.data_ptr<int64_t>(), host.data_ptr<int64_t>() + host.numel());
-  }
+  const std::vector<int64_t> offsets = host_values(cu_seqlens);
   const auto plan = tq_plan::plan_chunk_fwd_h(describe(k), describe(w), describe(u), describe(g), describe(initial_state),
                                               describe(cu_seqlens), offsets);
   auto out = run(plan,
                  {k.contiguous(), w.contiguous(), u.contiguous(), g.contiguous(),
-                  initial_state.has_value() ? initial_state->contiguous() : at::Tensor(),
-                  cu_seqlens.has_value() ? cu_seqlens->to(at::kInt).contiguous() : at::Tensor()},
+                  contiguous_or_undefined(initial_state),
+                  as_int32(cu_seqlens)},
                  k.device());
   return {out.at(0), out.at(1), out.at(2)};
 }
@@ -362,16 +367,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_fwd_h_mps(const at::Tensor&
 at::Tensor chunk_fwd_o_mps(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& h,
                            const at::Tensor& g, std::optional<double> scale,
                            const std::optional<at::Tensor>& cu_seqlens) {
-  std::vector<int64_t> offsets;
-  if (cu_seqlens.has_value()) {
-    const at::Tensor host = cu_seqlens->cpu().to(at::kLong).contiguous();
-    offsets.assign(host.data_ptr<int64_t>(), host.data_ptr<int64_t>() + host.numel());
-  }
+  const std::vector<int64_t> offsets = host_values(cu_seqlens);
   const auto plan = tq_plan::plan_chunk_fwd_o(describe(q), describe(k), describe(v), describe(h), describe(g), scale,
                                               describe(cu_seqlens), offsets);
   return run(plan,
              {q.contiguous(), k.contiguous(), v.contiguous(), h.contiguous(), g.contiguous(),
-              cu_seqlens.has_value() ? cu_seqlens->to(at::kInt).contiguous() : at::Tensor()},
+              as_int32(cu_seqlens)},
              q.device())
       .at(0);
 }
@@ -384,6 +385,7 @@ TORCH_LIBRARY_IMPL(tq, MPS, m) {
   m.impl("flash_attn_vec_tq", &flash_attn_vec_tq_mps);
   m.impl("kv_cache_copy", &kv_cache_copy_mps);
   m.impl("fused_recurrent_gated_delta_rule", &fused_recurrent_gated_delta_rule_mps);
+  m.impl("chunk_gated_delta_rule", &chunk_gated_delta_rule_mps);
   m.impl("chunk_local_cumsum", &chunk_local_cumsum_mps);
   m.impl("chunk_scaled_dot_kkt", &chunk_scaled_dot_kkt_mps);
   m.impl("solve_tril", &solve_tril_mps);

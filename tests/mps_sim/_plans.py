@@ -59,6 +59,8 @@ OP_ARGS = {
                           "sliding_window", "softcap", "kv_start", "signs", "lse"),
     "fused_recurrent_gated_delta_rule": ("q", "k", "v", "g", "beta", "scale", "initial_state", "output_final_state",
                                          "use_qk_l2norm_in_kernel", "cu_seqlens"),
+    "chunk_gated_delta_rule": ("q", "k", "v", "g", "beta", "scale", "initial_state", "output_final_state",
+                               "use_qk_l2norm_in_kernel", "cu_seqlens"),
     "chunk_local_cumsum": ("g", "chunk_size", "reverse", "scale", "cu_seqlens"),
     "chunk_scaled_dot_kkt": ("k", "g", "beta", "cu_seqlens"),
     "solve_tril": ("A", "cu_seqlens"),
@@ -74,6 +76,8 @@ OP_DEFAULTS = {
     "flash_attn_vec_tq": dict(bits=4, sliding_window=0, softcap=0.0, kv_start=None, signs=None, lse=None),
     "fused_recurrent_gated_delta_rule": dict(scale=None, initial_state=None, output_final_state=False,
                                              use_qk_l2norm_in_kernel=False, cu_seqlens=None),
+    "chunk_gated_delta_rule": dict(scale=None, initial_state=None, output_final_state=False,
+                                   use_qk_l2norm_in_kernel=False, cu_seqlens=None),
     "chunk_local_cumsum": dict(chunk_size=64, reverse=False, scale=None, cu_seqlens=None),
     "chunk_scaled_dot_kkt": dict(cu_seqlens=None),
     "solve_tril": dict(cu_seqlens=None),
@@ -88,6 +92,7 @@ OP_TENSORS = {
     "chunk_fwd_o": ("q", "k", "v", "h", "g", "cu_seqlens"),
     "flash_attn_vec_tq": ("q", "k_codes", "k_norms", "v_codes", "v_norms", "kv_start", "signs", "lse"),
     "fused_recurrent_gated_delta_rule": ("q", "k", "v", "g", "beta", "initial_state", "cu_seqlens"),
+    "chunk_gated_delta_rule": ("q", "k", "v", "g", "beta", "initial_state", "cu_seqlens"),
     "chunk_local_cumsum": ("g", "cu_seqlens"),
     "chunk_scaled_dot_kkt": ("k", "g", "beta", "cu_seqlens"),
     "solve_tril": ("A", "cu_seqlens"),
@@ -175,6 +180,8 @@ def _library() -> ctypes.CDLL:
     i64p = ctypes.POINTER(ctypes.c_int64)
     dll.tq_plan_fused_recurrent_gated_delta_rule.argtypes = [desc, desc, desc, desc, desc, i32, f64, desc, i32, i32,
                                                              desc, i64p, i32, out]
+    dll.tq_plan_chunk_gated_delta_rule.argtypes = [desc, desc, desc, desc, desc, i32, f64, desc, i32, i32, desc, i64p,
+                                                   i32, out]
     dll.tq_plan_chunk_local_cumsum.argtypes = [desc, i64, i32, i32, f64, desc, i64p, i32, out]
     dll.tq_plan_chunk_scaled_dot_kkt.argtypes = [desc, desc, desc, desc, i64p, i32, out]
     dll.tq_plan_solve_tril.argtypes = [desc, desc, i64p, i32, out]
@@ -234,6 +241,12 @@ def plan(op: str, **kwargs) -> dict:
     elif op == "fused_recurrent_gated_delta_rule":
         cu_values, num_cu_values = values(a["cu_seqlens"])
         dll.tq_plan_fused_recurrent_gated_delta_rule(
+            D("q"), D("k"), D("v"), D("g"), D("beta"), int(a["scale"] is not None),
+            float(a["scale"] if a["scale"] is not None else 0.0), D("initial_state"), int(a["output_final_state"]),
+            int(a["use_qk_l2norm_in_kernel"]), D("cu_seqlens"), cu_values, num_cu_values, ctypes.byref(out))
+    elif op == "chunk_gated_delta_rule":
+        cu_values, num_cu_values = values(a["cu_seqlens"])
+        dll.tq_plan_chunk_gated_delta_rule(
             D("q"), D("k"), D("v"), D("g"), D("beta"), int(a["scale"] is not None),
             float(a["scale"] if a["scale"] is not None else 0.0), D("initial_state"), int(a["output_final_state"]),
             int(a["use_qk_l2norm_in_kernel"]), D("cu_seqlens"), cu_values, num_cu_values, ctypes.byref(out))

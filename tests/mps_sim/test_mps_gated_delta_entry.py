@@ -1,0 +1,169 @@
+"""chunk_gated_delta_rule (the chunked entry op) through its launch plan and the MSL simulator, against
+the CPU reference.
+
+The plan chains the stage kernels (l2norm, cumsum, kkt, solve_tril, recompute_w_u, chunk_fwd_h,
+chunk_fwd_o) on float32 scratch; the CPU reference runs the same math in a fused, segmented pass.
+Both accumulate in float32 in a different order, so float32 outputs agree to float32 tolerances;
+float16/bfloat16 o is rounded to its dtype on both sides, where a float32 difference may flip the
+last bit, so the bound is about one ulp of that dtype (as in test_mps_gated_delta_recurrent.py).
+
+The simulator runs every simdgroup_matrix product lane by lane: cases keep T <= 130 and few heads.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import _plans
+from _gated_delta_bad_inputs import BAD_INPUTS, rule_args
+from _utils import assert_close
+
+OP = "chunk_gated_delta_rule"
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+# Relative RMS error bounds of o by dtype; the final state is float32 for every input dtype.
+O_RATIO = {F32: 1e-5, F16: 1e-3, BF16: 8e-3}
+STATE_RATIO = 1e-5
+# Three sequences: a partial second chunk (70 = 64 + 6), an empty one, a partial one of 60.
+CU = [0, 70, 70, 130]
+
+
+def make_inputs(B, T, H, HV, K, V, dtype, l2, seed, initial_state=True, cu_seqlens=None):
+    gen = torch.Generator().manual_seed(seed)
+    N = B if cu_seqlens is None else len(cu_seqlens) - 1
+    q = torch.randn(B, T, H, K, generator=gen)
+    k = torch.randn(B, T, H, K, generator=gen)
+    if not l2:
+        # Unit-size keys keep the delta rule contractive (|beta k k^T| <= 1) without the l2 norm.
+        k = k * K**-0.5
+    return dict(
+        q=q.to(dtype), k=k.to(dtype), v=torch.randn(B, T, HV, V, generator=gen).to(dtype),
+        g=F.logsigmoid(torch.randn(B, T, HV, generator=gen) + 2.0),
+        beta=torch.rand(B, T, HV, generator=gen),
+        initial_state=torch.randn(N, HV, K, V, generator=gen) if initial_state else None,
+        cu_seqlens=None if cu_seqlens is None else torch.tensor(cu_seqlens, dtype=torch.int32),
+        use_qk_l2norm_in_kernel=l2,
+    )
+
+
+def _max_errors(name, ref, out):
+    err = (out.double() - ref.double()).abs().max().item() if ref.numel() else 0.0
+    print(f"{name}: max abs err {err:.2e} (max |ref| {ref.abs().max().item() if ref.numel() else 0.0:.2e})")
+
+
+def check_against_cpu(name, args, dtype):
+    state_before = None if args["initial_state"] is None else args["initial_state"].clone()
+    ref_o, ref_state = torch.ops.tq.chunk_gated_delta_rule(**args)
+    o, state = _plans.run(OP, **args)
+    assert o.dtype == dtype and state.dtype == F32
+    _max_errors(name + "-o", ref_o, o)
+    assert_close(name + "-o", ref_o.float(), o.float(), O_RATIO[dtype])
+    assert state.shape == ref_state.shape
+    if state.numel():
+        _max_errors(name + "-state", ref_state, state)
+        assert_close(name + "-state", ref_state, state, STATE_RATIO)
+    if state_before is not None:
+        assert torch.equal(args["initial_state"], state_before), "initial_state must not be modified"
+    return o, state
+
+
+CASES = [
+    # id, B, T, H, HV, K, V, dtype, l2, initial_state, output_final_state, scale, cu_seqlens
+    ("T130-varlen-gva-k64-l2-init", 1, 130, 2, 4, 64, 64, F32, True, True, True, None, CU),
+    ("T64-gva-k128-v64-nol2-scale", 1, 64, 2, 4, 128, 64, F32, False, False, True, 0.3, None),
+    ("T70-B2-k64-v64-l2-init", 2, 70, 1, 1, 64, 64, F32, True, True, True, None, None),
+    ("T1-B2-gva-k64-v128-bf16-l2", 2, 1, 2, 4, 64, 128, BF16, True, True, False, 0.2, None),
+    ("T64-k128-v64-f16-nol2", 1, 64, 1, 2, 128, 64, F16, False, False, True, None, None),
+    ("T65-k256-v64-f16-l2-init", 1, 65, 1, 1, 256, 64, F16, True, True, True, None, None),
+    ("T130-varlen-k64-bf16-nol2-nofinal", 1, 130, 1, 2, 64, 64, BF16, False, True, False, 0.5, CU),
+    ("T1-k256-v256-l2-init", 1, 1, 1, 1, 256, 256, F32, True, True, True, None, None),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
+def test_chunk_gated_delta_rule(case):
+    name, B, T, H, HV, K, V, dtype, l2, init, final, scale, cu = case
+    args = make_inputs(B, T, H, HV, K, V, dtype, l2, seed=len(name) * 7 + T, initial_state=init, cu_seqlens=cu)
+    args.update(output_final_state=final, scale=scale)
+    _, state = check_against_cpu(name, args, dtype)
+    N = B if cu is None else len(cu) - 1
+    assert tuple(state.shape) == ((N if final else 0), HV, K, V)
+    if final and init and cu is not None:
+        # The empty sequence returns its initial state unchanged.
+        assert torch.equal(state[1], args["initial_state"][1])
+
+
+def test_varlen_int64_offsets_strided_k_low_precision_gates():
+    """int64 cu_seqlens, a non-contiguous k, and bfloat16/float16 g/beta (g read as given, beta as float32)."""
+    args = make_inputs(1, 9, 2, 2, 64, 64, F32, False, seed=5, initial_state=False, cu_seqlens=[0, 1, 9])
+    args["cu_seqlens"] = args["cu_seqlens"].long()
+    args["k"] = args["k"].transpose(1, 2).contiguous().transpose(1, 2)
+    args["g"], args["beta"] = args["g"].bfloat16(), args["beta"].half()
+    assert not args["k"].is_contiguous()
+    check_against_cpu("varlen-int64", dict(args, output_final_state=True), F32)
+
+
+def test_matches_the_recurrent_form():
+    """The chunked form on the simulator against the CPU recurrence (a different algorithm: the
+    token-by-token state update), float32, no l2norm, partial last chunk."""
+    args = make_inputs(1, 130, 1, 1, 64, 128, F32, False, seed=3)
+    args.update(output_final_state=True)
+    o, state = _plans.run(OP, **args)
+    ref_o, ref_state = torch.ops.tq.fused_recurrent_gated_delta_rule(**args)
+    _max_errors("vs-recurrent-o", ref_o, o)
+    _max_errors("vs-recurrent-state", ref_state, state)
+    assert_close("vs-recurrent-o", ref_o, o, 1e-5)
+    assert_close("vs-recurrent-state", ref_state, state, 1e-5)
+
+
+# Every rule of the entry ops in the shared table; rows written for the recurrent op are checked
+# against the chunked op's own CPU message (same rule, other op name).
+ENTRY_BAD = [c for c in BAD_INPUTS if c[1] in ("chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule")]
+
+
+@pytest.mark.parametrize("case_id, op, build, message", ENTRY_BAD, ids=[c[0] for c in ENTRY_BAD])
+def test_plan_rejects_bad_input_like_the_cpu_op(case_id, op, build, message):
+    args = build()
+    with pytest.raises(ValueError) as exc:
+        torch.ops.tq.chunk_gated_delta_rule(**args)
+    p = _plans.plan(OP, **args)
+    assert p["error"] == str(exc.value)
+    assert p["launches"] == [] and p["outputs"] == [] and p["scratch_bytes"] == []
+
+
+def test_plan_rejects_float64_on_this_device():
+    args = rule_args(dtype=torch.float64)
+    assert _plans.plan(OP, **args)["error"] == (
+        "tq.chunk_gated_delta_rule: q must be float32, float16 or bfloat16 on this device (float64 is CPU only), "
+        "got torch.float64")
+
+
+def scratch_formula(B, T, H, HV, K, V, NT, l2):
+    """4 * [B T HV (1 + 64 + K + 2V) + NT HV K V (+ 2 B T H K with l2norm)] bytes (A shares v_new's buffer)."""
+    return 4 * (B * T * HV * (1 + 64 + K + 2 * V) + NT * HV * K * V + (2 * B * T * H * K if l2 else 0))
+
+
+@pytest.mark.parametrize("l2", [False, True])
+def test_plan_shapes_launches_and_scratch(l2):
+    """Qwen3-Next-like prefill (B=1, T=4096, H=16, HV=32, K=V=128, bfloat16): plan only."""
+    B, T, H, HV, K, V = 1, 4096, 16, 32, 128, 128
+    args = rule_args(B=B, T=T, H=H, HV=HV, K=K, V=V, dtype=BF16, initial_state=True)
+    args["g"] = args["g"].to(BF16)  # read as given, by the cumsum only
+    p = _plans.plan(OP, **dict(args, use_qk_l2norm_in_kernel=l2, output_final_state=False))
+    assert p["error"] == ""
+    assert p["outputs"] == [([B, T, HV, V], BF16), ([0, HV, K, V], F32)]
+    assert p["input_dtypes"] == ["bfloat16"] * 4 + ["float32"] * 2 + ["int32"]
+    kernels = [launch["kernel"] for launch in p["launches"]]
+    qk = "float32" if l2 else "bfloat16"
+    assert kernels == (["gdr_l2norm_bfloat16"] * 2 if l2 else []) + [
+        "chunk_local_cumsum_bfloat16", f"chunk_scaled_dot_kkt_{qk}", "solve_tril", f"recompute_w_u_{qk}_bfloat16",
+        f"chunk_fwd_h_{qk}_k128", f"chunk_fwd_o_{qk}_bfloat16"]
+    assert all(launch["threadgroup_memory"] <= 32 * 1024 for launch in p["launches"])
+    assert len(p["scratch_bytes"]) == (8 if l2 else 6)
+    assert sum(p["scratch_bytes"]) == scratch_formula(B, T, H, HV, K, V, T // 64, l2)
+    assert sum(p["scratch_bytes"]) == (436_731_904 if l2 else 369_623_040)  # 416.5 / 352.5 MiB
+
+
+def test_plan_empty_batch_launches_nothing():
+    p = _plans.plan(OP, **rule_args(B=0))
+    assert p["error"] == "" and p["launches"] == [] and p["scratch_bytes"] == []
+    assert p["outputs"] == [([0, 5, 4, 64], F32), ([0, 4, 64, 64], F32)]
