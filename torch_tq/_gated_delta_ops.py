@@ -28,9 +28,10 @@ row t of ``A`` is token t's row of its chunk's matrix, chunks restart at every `
 sequence start, and a partial last chunk of L tokens is an L x L problem.
 
 Kernels: ``torch_tq.backends.cpu.gated_delta_rule`` is registered for CPU and, being plain
-PyTorch, also as the CompositeExplicitAutograd kernel, so any device without a native kernel
-(MPS until its Metal kernels land, CUDA) runs the same code on its own tensors. A native backend
-registers its kernels for its dispatch key under these schemas and takes precedence.
+PyTorch, also as the CompositeExplicitAutograd kernel, so a device without a native kernel (CUDA
+until its Triton kernels land) runs the same code on its own tensors. The native MPS extension
+(``mps_ops/``, macOS builds) registers Metal kernels for every op under the MPS key, which takes
+precedence.
 """
 
 from __future__ import annotations
@@ -70,8 +71,8 @@ for _schema in SCHEMAS.values():
 
 for _name in SCHEMAS:
     _lib.impl(_name, getattr(_cpu, _name), "CPU")
-    # The reference is plain PyTorch, so it also serves every device without a native kernel (MPS
-    # before its Metal kernels exist, CUDA): a kernel registered for a backend key takes precedence.
+    # The reference is plain PyTorch, so it also serves every device without a native kernel (CUDA
+    # today): a kernel registered for a backend key (MPS) takes precedence.
     _lib.impl(_name, getattr(_cpu, _name), "CompositeExplicitAutograd")
 
 
