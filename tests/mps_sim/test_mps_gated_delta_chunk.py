@@ -18,22 +18,18 @@ import torch
 import torch.nn.functional as F
 
 import _plans
+from _gdr import CU, assert_allclose_written, cu_tensor
 from _sim_adapter import launch_kernel, library
 from torch_tq.backends.cpu import gated_delta_rule as cpu_gdr
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 BT = 64
-# Three sequences: a partial second chunk (70 = 64 + 6), an empty one, a partial one of 60.
-CU = [0, 70, 70, 130]
 
-
-def _cu(offsets):
-    return None if offsets is None else torch.tensor(offsets)
 
 
 def _inputs(B, T, H, HV, K, V, offsets=None, dtype=F32, v_dtype=None):
     """Realistic stage inputs, produced by the CPU stage ops from the (already converted) q/k/v."""
-    cu = _cu(offsets)
+    cu = cu_tensor(offsets)
     q = cpu_gdr.l2norm(torch.randn(B, T, H, K)).to(dtype)
     k = cpu_gdr.l2norm(torch.randn(B, T, H, K)).to(dtype)
     v = torch.randn(B, T, HV, V).to(v_dtype or dtype)
@@ -47,12 +43,6 @@ def _inputs(B, T, H, HV, K, V, offsets=None, dtype=F32, v_dtype=None):
 def _state(N, HV, K, V):
     return torch.randn(N, HV, K, V) * 0.1
 
-
-def _assert_close(name, ref, out, rtol, atol):
-    assert out.shape == ref.shape and out.dtype == ref.dtype, name
-    assert not out.isnan().any(), f"{name}: unwritten (NaN) elements"
-    err = (out - ref).abs().max().item()
-    assert torch.allclose(out, ref, rtol=rtol, atol=atol), f"{name}: max abs error {err:.3e}"
 
 
 # ---- recompute_w_u -------------------------------------------------------------------------------
@@ -74,8 +64,8 @@ def test_recompute_w_u(case):
     kwargs = dict(k=x["k"], v=x["v"], beta=x["beta"], A=x["A"], g=x["g"], cu_seqlens=x["cu_seqlens"])
     w_ref, u_ref = torch.ops.tq.recompute_w_u(**kwargs)
     w, u = _plans.run("recompute_w_u", **kwargs)
-    _assert_close("w", w_ref, w, rtol=1e-5, atol=1e-6)
-    _assert_close("u", u_ref, u, rtol=1e-5, atol=1e-5)
+    assert_allclose_written("w", w_ref, w, rtol=1e-5, atol=1e-6)
+    assert_allclose_written("u", u_ref, u, rtol=1e-5, atol=1e-5)
 
 
 def test_recompute_w_u_reads_only_the_lower_triangle_of_A():
@@ -89,8 +79,8 @@ def test_recompute_w_u_reads_only_the_lower_triangle_of_A():
     kwargs = dict(k=x["k"], v=x["v"], beta=x["beta"].half(), A=A.half(), g=x["g"].half())
     w_ref, u_ref = torch.ops.tq.recompute_w_u(**kwargs)
     w, u = _plans.run("recompute_w_u", **kwargs)
-    _assert_close("w", w_ref, w, rtol=1e-5, atol=1e-6)
-    _assert_close("u", u_ref, u, rtol=1e-5, atol=1e-5)
+    assert_allclose_written("w", w_ref, w, rtol=1e-5, atol=1e-6)
+    assert_allclose_written("u", u_ref, u, rtol=1e-5, atol=1e-5)
 
 
 # ---- chunk_fwd_h ---------------------------------------------------------------------------------
@@ -121,9 +111,9 @@ def test_chunk_fwd_h(case):
     _, kwargs = _h_inputs(B, T, H, HV, K, V, offsets, dtype, init)
     h_ref, v_new_ref, final_ref = torch.ops.tq.chunk_fwd_h(**kwargs)
     h, v_new, final = _plans.run("chunk_fwd_h", **kwargs)
-    _assert_close("h", h_ref, h, rtol=1e-5, atol=1e-5)
-    _assert_close("v_new", v_new_ref, v_new, rtol=1e-5, atol=1e-5)
-    _assert_close("final_state", final_ref, final, rtol=1e-5, atol=1e-5)
+    assert_allclose_written("h", h_ref, h, rtol=1e-5, atol=1e-5)
+    assert_allclose_written("v_new", v_new_ref, v_new, rtol=1e-5, atol=1e-5)
+    assert_allclose_written("final_state", final_ref, final, rtol=1e-5, atol=1e-5)
     if offsets is not None and init:
         # The empty sequence has no chunk: its final state is its initial state, bit for bit.
         assert torch.equal(final[1], kwargs["initial_state"][1])
@@ -163,7 +153,7 @@ def test_chunk_fwd_o(case):
     kwargs = dict(_o_inputs(B, T, H, HV, K, V, offsets, dtype), scale=scale)
     ref = torch.ops.tq.chunk_fwd_o(**kwargs)
     out = _plans.run("chunk_fwd_o", **kwargs)
-    _assert_close("o", ref, out, rtol=1e-5, atol=1e-6)
+    assert_allclose_written("o", ref, out, rtol=1e-5, atol=1e-6)
 
 
 def test_chunk_fwd_o_mixed_qk_dtypes_and_float16_stage_inputs():
@@ -171,7 +161,7 @@ def test_chunk_fwd_o_mixed_qk_dtypes_and_float16_stage_inputs():
     kwargs = _o_inputs(1, 65, 1, 2, 64, 64, None, F32)
     kwargs.update(q=kwargs["q"].half(), v=kwargs["v"].half(), h=kwargs["h"].half(), g=kwargs["g"].half())
     assert _plans.plan("chunk_fwd_o", **kwargs)["launches"][0]["kernel"] == "chunk_fwd_o_float32_float32"
-    _assert_close("o", torch.ops.tq.chunk_fwd_o(**kwargs), _plans.run("chunk_fwd_o", **kwargs), 1e-5, 1e-6)
+    assert_allclose_written("o", torch.ops.tq.chunk_fwd_o(**kwargs), _plans.run("chunk_fwd_o", **kwargs), 1e-5, 1e-6)
 
 
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=["fp16", "bf16"])
@@ -188,7 +178,7 @@ def test_chunk_fwd_o_writes_the_q_dtype_for_the_entry_op(dtype):
                   launch["grid"], launch["threads"], buffers)
     assert not o.isnan().any()
     # The float32 result rounded once to the output dtype: within half an ulp (plus float32 noise).
-    _assert_close("o", ref, o.float(), rtol=torch.finfo(dtype).eps / 2, atol=1e-6)
+    assert_allclose_written("o", ref, o.float(), rtol=torch.finfo(dtype).eps / 2, atol=1e-6)
 
 
 # ---- the three stages chained, against the entry op ------------------------------------------------
@@ -203,8 +193,8 @@ def test_stages_chained_match_chunk_gated_delta_rule():
     o = _plans.run("chunk_fwd_o", q=x["q"], k=x["k"], v=v_new, h=h, g=x["g"], cu_seqlens=x["cu_seqlens"])
     o_ref, final_ref = torch.ops.tq.chunk_gated_delta_rule(x["q"], x["k"], x["v"], x["raw_g"], x["beta"], None, h0,
                                                            True, False, x["cu_seqlens"])
-    _assert_close("o", o_ref, o, rtol=1e-4, atol=1e-5)
-    _assert_close("final_state", final_ref, final, rtol=1e-4, atol=1e-5)
+    assert_allclose_written("o", o_ref, o, rtol=1e-4, atol=1e-5)
+    assert_allclose_written("final_state", final_ref, final, rtol=1e-4, atol=1e-5)
 
 
 # ---- plans: bad inputs, limits -------------------------------------------------------------------
@@ -284,7 +274,7 @@ def test_plans_respect_apple_limits_and_name_instantiated_kernels():
                 plans = {
                     f"recompute_w_u_{name}_{name}": _plans.plan("recompute_w_u", k=k, v=v, beta=g, A=A, g=g),
                     f"chunk_fwd_h_{name}_k{K}": _plans.plan("chunk_fwd_h", k=k, w=torch.empty(1, 130, 2, K),
-                                                            u=v.float(), g=g, cu_seqlens=_cu(CU)),
+                                                            u=v.float(), g=g, cu_seqlens=cu_tensor(CU)),
                     f"chunk_fwd_o_{name}_float32": _plans.plan("chunk_fwd_o", q=k, k=k, v=v.float(),
                                                                h=torch.empty(1, 3, 2, K, V), g=g),
                 }

@@ -12,9 +12,9 @@ The simulator runs every simdgroup_matrix product lane by lane: cases keep T <= 
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import _plans
+from _gdr import CU, entry_inputs
 from _gated_delta_bad_inputs import BAD_INPUTS, rule_args
 from _utils import assert_close
 
@@ -23,26 +23,6 @@ F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 # Relative RMS error bounds of o by dtype; the final state is float32 for every input dtype.
 O_RATIO = {F32: 1e-5, F16: 1e-3, BF16: 8e-3}
 STATE_RATIO = 1e-5
-# Three sequences: a partial second chunk (70 = 64 + 6), an empty one, a partial one of 60.
-CU = [0, 70, 70, 130]
-
-
-def make_inputs(B, T, H, HV, K, V, dtype, l2, seed, initial_state=True, cu_seqlens=None):
-    gen = torch.Generator().manual_seed(seed)
-    N = B if cu_seqlens is None else len(cu_seqlens) - 1
-    q = torch.randn(B, T, H, K, generator=gen)
-    k = torch.randn(B, T, H, K, generator=gen)
-    if not l2:
-        # Unit-size keys keep the delta rule contractive (|beta k k^T| <= 1) without the l2 norm.
-        k = k * K**-0.5
-    return dict(
-        q=q.to(dtype), k=k.to(dtype), v=torch.randn(B, T, HV, V, generator=gen).to(dtype),
-        g=F.logsigmoid(torch.randn(B, T, HV, generator=gen) + 2.0),
-        beta=torch.rand(B, T, HV, generator=gen),
-        initial_state=torch.randn(N, HV, K, V, generator=gen) if initial_state else None,
-        cu_seqlens=None if cu_seqlens is None else torch.tensor(cu_seqlens, dtype=torch.int32),
-        use_qk_l2norm_in_kernel=l2,
-    )
 
 
 def _max_errors(name, ref, out):
@@ -82,7 +62,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
 def test_chunk_gated_delta_rule(case):
     name, B, T, H, HV, K, V, dtype, l2, init, final, scale, cu = case
-    args = make_inputs(B, T, H, HV, K, V, dtype, l2, seed=len(name) * 7 + T, initial_state=init, cu_seqlens=cu)
+    args = entry_inputs(B, T, H, HV, K, V, dtype, l2, seed=len(name) * 7 + T, initial_state=init, cu_seqlens=cu)
     args.update(output_final_state=final, scale=scale)
     _, state = check_against_cpu(name, args, dtype)
     N = B if cu is None else len(cu) - 1
@@ -94,7 +74,7 @@ def test_chunk_gated_delta_rule(case):
 
 def test_varlen_int64_offsets_strided_k_low_precision_gates():
     """int64 cu_seqlens, a non-contiguous k, and bfloat16/float16 g/beta (g read as given, beta as float32)."""
-    args = make_inputs(1, 9, 2, 2, 64, 64, F32, False, seed=5, initial_state=False, cu_seqlens=[0, 1, 9])
+    args = entry_inputs(1, 9, 2, 2, 64, 64, F32, False, seed=5, initial_state=False, cu_seqlens=[0, 1, 9])
     args["cu_seqlens"] = args["cu_seqlens"].long()
     args["k"] = args["k"].transpose(1, 2).contiguous().transpose(1, 2)
     args["g"], args["beta"] = args["g"].bfloat16(), args["beta"].half()
@@ -105,7 +85,7 @@ def test_varlen_int64_offsets_strided_k_low_precision_gates():
 def test_matches_the_recurrent_form():
     """The chunked form on the simulator against the CPU recurrence (a different algorithm: the
     token-by-token state update), float32, no l2norm, partial last chunk."""
-    args = make_inputs(1, 130, 1, 1, 64, 128, F32, False, seed=3)
+    args = entry_inputs(1, 130, 1, 1, 64, 128, F32, False, seed=3)
     args.update(output_final_state=True)
     o, state = _plans.run(OP, **args)
     ref_o, ref_state = torch.ops.tq.fused_recurrent_gated_delta_rule(**args)

@@ -12,11 +12,10 @@ import torch
 import torch.nn.functional as F
 
 import _plans
+from _gdr import CU, assert_allclose_written, cu_tensor
 from torch_tq.backends.cpu import gated_delta_rule as cpu_gdr
 
 BT = 64
-# Three sequences: a partial one (70 = 64 + 6), an empty one, a partial one of 60.
-CU = [0, 70, 70, 130]
 
 
 def _gates(B, T, HV, dtype=torch.float32):
@@ -33,15 +32,6 @@ def _chunks(B, T, offsets):
     return [(b, s + c, min(BT, n - c)) for b, s, n in spans for c in range(0, n, BT)]
 
 
-def _cu(offsets):
-    return None if offsets is None else torch.tensor(offsets)
-
-
-def _assert_close(name, ref, out, rtol, atol):
-    assert out.shape == ref.shape and out.dtype == torch.float32, name
-    assert not out.isnan().any(), f"{name}: unwritten (NaN) elements"
-    err = (out - ref).abs().max().item()
-    assert torch.allclose(out, ref, rtol=rtol, atol=atol), f"{name}: max abs error {err:.3e}"
 
 
 # ---- chunk_local_cumsum ------------------------------------------------------------------------
@@ -64,11 +54,11 @@ CUMSUM_CASES = [
 def test_chunk_local_cumsum(case):
     _, B, T, HV, cs, reverse, scale, offsets, dtype = case
     g = _gates(B, T, HV, dtype)
-    kwargs = dict(g=g, chunk_size=cs, reverse=reverse, scale=scale, cu_seqlens=_cu(offsets))
+    kwargs = dict(g=g, chunk_size=cs, reverse=reverse, scale=scale, cu_seqlens=cu_tensor(offsets))
     ref = torch.ops.tq.chunk_local_cumsum(**kwargs)
     out = _plans.run("chunk_local_cumsum", **kwargs)
     # Sums of up to 64 (4096) terms of size ~0.7: float32 rounding of the partial sums.
-    _assert_close("chunk_local_cumsum", ref, out, rtol=1e-5, atol=2e-5 * (1 + abs(scale or 1)))
+    assert_allclose_written("chunk_local_cumsum", ref, out, rtol=1e-5, atol=2e-5 * (1 + abs(scale or 1)))
 
 
 # ---- chunk_scaled_dot_kkt ----------------------------------------------------------------------
@@ -98,13 +88,13 @@ def _check_kkt_layout(A, B, T, offsets):
 def test_chunk_scaled_dot_kkt(case):
     _, B, T, H, HV, K, offsets, dtype = case
     k = _keys(B, T, H, K, dtype)
-    g = torch.ops.tq.chunk_local_cumsum(_gates(B, T, HV), cu_seqlens=_cu(offsets))
+    g = torch.ops.tq.chunk_local_cumsum(_gates(B, T, HV), cu_seqlens=cu_tensor(offsets))
     beta = torch.rand(B, T, HV)
-    kwargs = dict(k=k, g=g, beta=beta, cu_seqlens=_cu(offsets))
+    kwargs = dict(k=k, g=g, beta=beta, cu_seqlens=cu_tensor(offsets))
     ref = torch.ops.tq.chunk_scaled_dot_kkt(**kwargs)
     out = _plans.run("chunk_scaled_dot_kkt", **kwargs)
     # |A_ij| <= 1 (unit keys, beta and decay <= 1): K-term float32 dot products.
-    _assert_close("chunk_scaled_dot_kkt", ref, out, rtol=1e-5, atol=1e-6)
+    assert_allclose_written("chunk_scaled_dot_kkt", ref, out, rtol=1e-5, atol=1e-6)
     _check_kkt_layout(out, B, T, offsets)
 
 
@@ -116,15 +106,15 @@ def test_chunk_scaled_dot_kkt_raw_keys_and_float16_gates():
     beta = torch.rand(B, T, HV).half()
     ref = torch.ops.tq.chunk_scaled_dot_kkt(k, g, beta)
     out = _plans.run("chunk_scaled_dot_kkt", k=k, g=g, beta=beta)
-    _assert_close("chunk_scaled_dot_kkt", ref, out, rtol=1e-5, atol=1e-4)
+    assert_allclose_written("chunk_scaled_dot_kkt", ref, out, rtol=1e-5, atol=1e-4)
 
 
 # ---- solve_tril --------------------------------------------------------------------------------
 
 def _kkt_input(B, T, HV, offsets, K=64):
     """A realistic solve_tril input: the CPU kkt of l2-normalised keys (well conditioned)."""
-    g = torch.ops.tq.chunk_local_cumsum(_gates(B, T, HV), cu_seqlens=_cu(offsets))
-    return torch.ops.tq.chunk_scaled_dot_kkt(_keys(B, T, 1, K), g, torch.rand(B, T, HV), _cu(offsets))
+    g = torch.ops.tq.chunk_local_cumsum(_gates(B, T, HV), cu_seqlens=cu_tensor(offsets))
+    return torch.ops.tq.chunk_scaled_dot_kkt(_keys(B, T, 1, K), g, torch.rand(B, T, HV), cu_tensor(offsets))
 
 
 def _check_inverse(A, Ai, B, T, offsets):
@@ -156,9 +146,9 @@ SOLVE_CASES = [
 def test_solve_tril(case):
     _, B, T, HV, offsets = case
     A = _kkt_input(B, T, HV, offsets)
-    ref = torch.ops.tq.solve_tril(A, _cu(offsets))
-    out = _plans.run("solve_tril", A=A, cu_seqlens=_cu(offsets))
-    _assert_close("solve_tril", ref, out, rtol=1e-5, atol=1e-6)
+    ref = torch.ops.tq.solve_tril(A, cu_tensor(offsets))
+    out = _plans.run("solve_tril", A=A, cu_seqlens=cu_tensor(offsets))
+    assert_allclose_written("solve_tril", ref, out, rtol=1e-5, atol=1e-6)
     _check_inverse(A, out, B, T, offsets)
 
 
@@ -171,8 +161,8 @@ def test_solve_tril_correlated_keys():
     A = torch.ops.tq.chunk_scaled_dot_kkt(k, g, torch.rand(B, T, HV))
     assert A.abs().max() > 0.5
     out = _plans.run("solve_tril", A=A)
-    _assert_close("solve_tril", torch.ops.tq.solve_tril(A), out, rtol=1e-5, atol=1e-6)
-    _assert_close("solve_tril vs float64", torch.ops.tq.solve_tril(A.double()).float(), out, rtol=1e-5, atol=1e-6)
+    assert_allclose_written("solve_tril", torch.ops.tq.solve_tril(A), out, rtol=1e-5, atol=1e-6)
+    assert_allclose_written("solve_tril vs float64", torch.ops.tq.solve_tril(A.double()).float(), out, rtol=1e-5, atol=1e-6)
     _check_inverse(A, out, B, T, None)
 
 
@@ -185,11 +175,11 @@ def test_solve_tril_reads_only_the_strictly_lower_triangle():
     for _, s, L in _chunks(B, T, CU):
         block = A[0, s:s + L].transpose(0, 1)  # [HV, L, 64] view
         block[:, upper[:L]] = float("nan")
-    ref = torch.ops.tq.solve_tril(A, _cu(CU))
-    out = _plans.run("solve_tril", A=A, cu_seqlens=_cu(CU))
-    _assert_close("solve_tril", ref, out, rtol=1e-5, atol=1e-6)
+    ref = torch.ops.tq.solve_tril(A, cu_tensor(CU))
+    out = _plans.run("solve_tril", A=A, cu_seqlens=cu_tensor(CU))
+    assert_allclose_written("solve_tril", ref, out, rtol=1e-5, atol=1e-6)
     A16 = A.nan_to_num(0.0).half()
-    _assert_close("solve_tril fp16", torch.ops.tq.solve_tril(A16), _plans.run("solve_tril", A=A16), 1e-5, 1e-6)
+    assert_allclose_written("solve_tril fp16", torch.ops.tq.solve_tril(A16), _plans.run("solve_tril", A=A16), 1e-5, 1e-6)
 
 
 def test_prep_pipeline_matches_cpu():
@@ -200,7 +190,7 @@ def test_prep_pipeline_matches_cpu():
     A = _plans.run("chunk_scaled_dot_kkt", k=k, g=g_cum, beta=beta)
     Ai = _plans.run("solve_tril", A=A)
     ref = torch.ops.tq.solve_tril(torch.ops.tq.chunk_scaled_dot_kkt(k, torch.ops.tq.chunk_local_cumsum(g), beta))
-    _assert_close("pipeline", ref, Ai, rtol=1e-4, atol=1e-5)
+    assert_allclose_written("pipeline", ref, Ai, rtol=1e-4, atol=1e-5)
 
 
 # ---- l2norm (internal launch of the chunked entry op) ------------------------------------------
@@ -213,7 +203,7 @@ def test_l2norm_launch(K, dtype, scale):
     # The CPU entry op's factor (chunk_gated_delta_rule_fwd): scale / sqrt(|x|^2 + 1e-6), then x * factor.
     ref = x32 * cpu_gdr._qk_factor(x32, True, scale, torch.float32)
     out = _plans.run("gdr_l2norm", x=x, scale=scale)
-    _assert_close("l2norm", ref, out, rtol=1e-6, atol=1e-7)
+    assert_allclose_written("l2norm", ref, out, rtol=1e-6, atol=1e-7)
     assert _plans.plan("gdr_l2norm", x=torch.randn(3, 512))["error"].startswith("tq.gdr_l2norm: internal:")
 
 

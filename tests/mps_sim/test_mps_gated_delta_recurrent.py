@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from _gated_delta_bad_inputs import rule_args
 from _utils import assert_close
 import _plans
+from _gdr import entry_inputs
 
 OP = "fused_recurrent_gated_delta_rule"
 # Relative RMS error of o. The kernel and the reference read the same inputs and accumulate in
@@ -16,24 +16,6 @@ OP = "fused_recurrent_gated_delta_rule"
 O_RATIO = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 # The final state is float32 whatever the input dtype, so it is compared at float32 precision.
 STATE_RATIO = 1e-5
-
-
-def make_inputs(B, T, H, HV, K, V, dtype, l2, seed, initial_state=True, cu_seqlens=None):
-    gen = torch.Generator().manual_seed(seed)
-    N = B if cu_seqlens is None else len(cu_seqlens) - 1
-    q = torch.randn(B, T, H, K, generator=gen)
-    k = torch.randn(B, T, H, K, generator=gen)
-    if not l2:
-        # Unit-size keys keep the delta rule contractive (|beta k k^T| <= 1) without the l2 norm.
-        k = k * K**-0.5
-    return dict(
-        q=q.to(dtype), k=k.to(dtype), v=torch.randn(B, T, HV, V, generator=gen).to(dtype),
-        g=F.logsigmoid(torch.randn(B, T, HV, generator=gen) + 2.0),
-        beta=torch.rand(B, T, HV, generator=gen),
-        initial_state=torch.randn(N, HV, K, V, generator=gen) if initial_state else None,
-        cu_seqlens=None if cu_seqlens is None else torch.tensor(cu_seqlens, dtype=torch.int32),
-        use_qk_l2norm_in_kernel=l2,
-    )
 
 
 def check_against_cpu(name, args, dtype):
@@ -66,7 +48,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
 def test_fused_recurrent_gated_delta_rule(case):
     name, B, T, H, HV, K, V, dtype, l2, init, final, scale = case
-    args = make_inputs(B, T, H, HV, K, V, dtype, l2, seed=len(name) * 7 + T, initial_state=init)
+    args = entry_inputs(B, T, H, HV, K, V, dtype, l2, seed=len(name) * 7 + T, initial_state=init)
     args.update(output_final_state=final, scale=scale)
     _, state = check_against_cpu(name, args, dtype)
     assert tuple(state.shape) == ((B if final else 0), HV, K, V)
@@ -77,7 +59,7 @@ def test_varlen_sequences_do_not_share_state(dtype):
     """cu_seqlens with a sequence of length 0 in the middle: each sequence starts from its own
     initial state, and the empty one returns its initial state unchanged."""
     cu = [0, 6, 6, 13]
-    args = make_inputs(1, 13, 1, 2, 64, 64, dtype, True, seed=11, cu_seqlens=cu)
+    args = entry_inputs(1, 13, 1, 2, 64, 64, dtype, True, seed=11, cu_seqlens=cu)
     args.update(output_final_state=True)
     o_all, state = check_against_cpu("varlen", args, dtype)
     assert torch.equal(state[1], args["initial_state"][1])
@@ -94,7 +76,7 @@ def test_varlen_sequences_do_not_share_state(dtype):
 
 def test_varlen_int64_offsets_strided_q_low_precision_gates():
     """int64 cu_seqlens, a non-contiguous q, and bfloat16/float16 g/beta (read as float32)."""
-    args = make_inputs(1, 9, 2, 2, 128, 64, torch.float32, False, seed=5, initial_state=False, cu_seqlens=[0, 1, 9])
+    args = entry_inputs(1, 9, 2, 2, 128, 64, torch.float32, False, seed=5, initial_state=False, cu_seqlens=[0, 1, 9])
     args["cu_seqlens"] = args["cu_seqlens"].long()
     args["q"] = args["q"].transpose(1, 2).contiguous().transpose(1, 2)
     args["g"], args["beta"] = args["g"].bfloat16(), args["beta"].half()
@@ -153,7 +135,7 @@ def test_decode_bytes_moved():
     element is read once per threadgroup, and the whole launch moves <= 1.1x the minimum device
     bytes (state in and out, q/k/v/g/beta read once, o written once)."""
     B, H, HV, K, V = 1, 2, 4, 128, 128
-    args = make_inputs(B, 1, H, HV, K, V, torch.float32, True, seed=3)
+    args = entry_inputs(B, 1, H, HV, K, V, torch.float32, True, seed=3)
     stats = []
     _plans.run(OP, **args, output_final_state=True, stats=stats)
     report = stats[0]["report"]
