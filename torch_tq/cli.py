@@ -234,11 +234,13 @@ def cmd_demo(args) -> int:
     tq_new = tq_out[0, prompt_len:]
     full_bytes, tq_bytes = _kv_bytes(full_cache), _kv_bytes(tq_cache)
 
-    # Agreement: top-1 next-token match, teacher-forced over the full-precision continuation.
+    # Agreement: top-1 next-token match, teacher-forced over the full-precision continuation, one
+    # token per step as generate() decodes (so the caches hold what they hold during generation).
     seq = full_out[:, : prompt_len + max(len(full_new) - 1, 0)]
     with torch.no_grad():
-        ref_logits = teacher_forced_logits(model, seq, prompt_len, _make_cache(model, None))
-        tq_logits = teacher_forced_logits(model, seq, prompt_len, _make_cache(model, args.bits, max_cache_len=total, args=args))
+        ref_logits = teacher_forced_logits(model, seq, prompt_len, _make_cache(model, None), chunk=1)
+        tq_cache_tf = _make_cache(model, args.bits, max_cache_len=total, args=args)
+        tq_logits = teacher_forced_logits(model, seq, prompt_len, tq_cache_tf, chunk=1)
     scored = slice(prompt_len - 1, seq.shape[1])
     agree = (ref_logits[scored].argmax(-1) == tq_logits[scored].argmax(-1)).float()
     agreement = agree.mean().item() if agree.numel() else float("nan")
