@@ -192,19 +192,22 @@ def test_merge_attention_equals_attention_over_the_union():
 
 @pytest.mark.parametrize("recent", [0, 5])
 @pytest.mark.parametrize("sinks", [0, 4])
-@pytest.mark.parametrize("case", ["decode", "multi-query", "kv-start", "window", "fewer-tokens-than-sinks"])
+@pytest.mark.parametrize("case", ["decode", "multi-query", "kv-start", "window", "fewer-tokens-than-sinks", "long-chunk",
+                                  "long-chunk-window"])
 def test_full_precision_sinks_and_recent_tokens_attend_exactly(case, sinks, recent):
-    """Sink and recent positions are attended in full precision, the rest from the codes, merged exactly."""
+    """Sink and recent positions are attended in full precision, the rest from the codes, merged exactly.
+
+    "long-chunk": the last call adds 12 tokens (> 2 * recent), so some of its own queries sit in the codes."""
     B, Hq, Hkv, D = 2, 4, 2, 64
     N = 3 if case == "fewer-tokens-than-sinks" else 29
-    Lq = 3 if case in ("multi-query", "kv-start", "fewer-tokens-than-sinks") else 1
+    Lq = {"multi-query": 3, "kv-start": 3, "fewer-tokens-than-sinks": 3, "long-chunk": 12, "long-chunk-window": 12}.get(case, 1)
     kv_start = torch.tensor([0, 2]) if case == "kv-start" else None
-    window = 10 if case == "window" else 0
+    window = 10 if case in ("window", "long-chunk-window") else 0
     cache = TurboQuantKVCache(Hkv, D, capacity=32, bits=4, batch_size=B, sink_tokens=sinks, recent_tokens=recent)
     k, v = torch.randn(B, N, Hkv, D) + 1.0, torch.randn(B, N, Hkv, D)
     for lo, hi in ((0, 2), (2, max(2, N - Lq)), (max(2, N - Lq), N)):  # chunks, the queries' own tokens last
         cache.append(k[:, lo:hi], v[:, lo:hi])
-    assert cache.num_recent == (min(N, recent + Lq) if recent else 0)
+    assert cache.num_recent == (min(N, recent + min(Lq, recent)) if recent else 0)
     q = torch.randn(B, Hq, Lq, D)
     out = cache.attend(q, sliding_window=window, kv_start=kv_start)
     kd, vd = cache.dequantize()
@@ -239,6 +242,10 @@ def test_recent_tokens_truncate_and_dequantize_range():
     cache.append(k[:, 9:12], v[:, 9:12])
     kd, _ = cache.dequantize()
     torch.testing.assert_close(kd[0, 0, 9:12], k[0, 9:12, 0])
+    # A long prefill is quantized at once but for 2 * recent_tokens: the window's memory stays bounded.
+    cache.reset()
+    cache.append(k, v)
+    assert (cache.seq_len, cache.num_recent) == (20, 8)
 
 
 def test_sink_tokens_rules():

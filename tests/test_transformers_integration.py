@@ -131,8 +131,9 @@ def test_decode_uses_fused_op_on_every_layer_without_dequantized_copy(sinks, rec
     assert rec.tq_calls.get("tq.flash_attn_vec_tq", 0) == L * steps
     assert rec.tq_calls.get("tq.hadamard_quantize_kv", 0) == 2 * L * steps
     # Norm correction decodes only the tokens just quantized, never the cache: the new token, or with
-    # a full-precision window the token leaving it (the first step quantizes the prefill beyond it).
-    first = 24 - recent if recent else 1
+    # a full-precision window the tokens leaving it. The prefill (24 > 2 * recent tokens) leaves
+    # 2 * recent in full precision and each step keeps recent + 1, so the first step quantizes `recent`.
+    first = recent if recent else 1
     assert rec.dequantize_lengths == [first] * (2 * L) + [1] * (2 * L * (steps - 1))
     # No float tensor as large as one layer's K (Hkv x seq x D) exists outside the fused kernels.
     smallest_cache = Hkv * ids.shape[1] * D

@@ -58,9 +58,10 @@ class TurboQuantKVCache(nn.Module):
             compressed positions through the op's log-sum-exp. The first tokens ("attention sinks")
             take a large share of the attention of every query, so their quantization error weighs
             on every output. Global caches only. Default: ``0``.
-        recent_tokens (int): keep the newest tokens in full precision: a token is quantized once
-            ``recent_tokens`` newer tokens have been appended in earlier calls (so a call's queries
-            also see their own chunk in full precision). Global caches only. Default: ``0``.
+        recent_tokens (int): keep the newest tokens in full precision: the newest ``recent_tokens``
+            of earlier calls and up to ``recent_tokens`` of the latest call (so a decode chunk also
+            sees itself in full precision, and at most ``2 * recent_tokens`` tokens are held this
+            way); older ones are quantized as they leave. Global caches only. Default: ``0``.
 
     Shapes:
         - k_codes, v_codes (buffers): uint8 ``[B, Hkv, C, D*b/8]``, a little-endian bitstream per row.
@@ -205,8 +206,7 @@ class TurboQuantKVCache(nn.Module):
         r"""Add ``T`` new tokens (positions ``seq_len … seq_len+T-1``).
 
         Without ``recent_tokens`` they are quantized into their slots at once. With it they join the
-        full-precision window, and the tokens that leave the window (all but the newest
-        ``recent_tokens`` of the previous calls) are quantized first.
+        full-precision window, and the tokens that leave it are quantized (see ``recent_tokens``).
 
         Args:
             k, v (torch.Tensor): ``[B, T, Hkv, D]``, float32/float16/bfloat16.
@@ -245,13 +245,15 @@ class TurboQuantKVCache(nn.Module):
         if self.recent_tokens == 0:
             self._quantize(k, v, self.seq_len)
         else:
-            leaving = self.num_recent - self.recent_tokens
+            self.recent_k = torch.cat((self.recent_k, k.transpose(1, 2).to(self.recent_k.dtype)), dim=2)
+            self.recent_v = torch.cat((self.recent_v, v.transpose(1, 2).to(self.recent_v.dtype)), dim=2)
+            # Keep the newest recent_tokens of earlier calls and up to recent_tokens of this one, so a
+            # decode chunk attends to itself in full precision while a long prefill is quantized now.
+            leaving = self.num_recent + T - self.recent_tokens - min(T, self.recent_tokens)
             if leaving > 0:
                 self._quantize(self.recent_k[:, :, :leaving].transpose(1, 2), self.recent_v[:, :, :leaving].transpose(1, 2),
                                self.quantized_len)
                 self.recent_k, self.recent_v = self.recent_k[:, :, leaving:], self.recent_v[:, :, leaving:]
-            self.recent_k = torch.cat((self.recent_k, k.transpose(1, 2).to(self.recent_k.dtype)), dim=2)
-            self.recent_v = torch.cat((self.recent_v, v.transpose(1, 2).to(self.recent_v.dtype)), dim=2)
         self.seq_len += T
 
     def _quantize(self, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
@@ -341,29 +343,37 @@ class TurboQuantKVCache(nn.Module):
             start = torch.full((B,), first, dtype=torch.int64, device=q.device)
             if kv_start is not None:
                 start = torch.maximum(start, kv_start.to(q.device))
-        if self.quantized_len == self.seq_len:  # the queries' own positions are in the codes: causal as usual
-            lse = torch.empty(B, Hq, Lq, dtype=torch.float32, device=q.device)
-            out = _ops.flash_attn_vec_tq(q, self.k_codes, self.k_norms, self.v_codes, self.v_norms, self.seq_len,
-                                         scale, self.bits, window, softcap, start, self.signs, lse)
-            return out, lse
-        # Every quantized position is older than every query, so all of them are causally visible:
-        # one call with the Lq queries as Hq*Lq single-query heads (head h*Lq + i still maps to KV
-        # head h // (Hq / Hkv)). A window differs per query, then each query is its own call.
         codes = (self.k_codes, self.k_norms, self.v_codes, self.v_norms, self.quantized_len)
-        if window == 0:
-            lse = torch.empty(B, Hq * Lq, 1, dtype=torch.float32, device=q.device)
-            out = _ops.flash_attn_vec_tq(q.reshape(B, Hq * Lq, 1, D), *codes, scale, self.bits, 0, softcap, start,
-                                         self.signs, lse)
-            return out.reshape(B, Hq, Lq, D), lse.reshape(B, Hq, Lq)
         out = q.new_zeros(B, Hq, Lq, D)
         lse = torch.full((B, Hq, Lq), -math.inf, device=q.device)
-        for i, pos in enumerate(self._query_positions(Lq, "cpu").tolist()):
+
+        def op(queries, sliding_window):  # -> (output, lse) of queries that are the last positions of the codes
+            part_lse = torch.empty(queries.shape[:3], dtype=torch.float32, device=q.device)
+            part = _ops.flash_attn_vec_tq(queries, *codes, scale, self.bits, sliding_window, softcap, start, self.signs,
+                                          part_lse)
+            return part, part_lse
+
+        # Queries whose own position is quantized are the last `inside` positions of the codes: causal as usual.
+        inside = max(0, min(Lq, self.quantized_len - (self.seq_len - Lq)))
+        if inside > 0:
+            out[:, :, :inside], lse[:, :, :inside] = op(q[:, :, :inside], window)
+        if inside == Lq:
+            return out, lse
+        # Every quantized position is older than the other queries, so all of them are causally visible:
+        # one call with those queries as single-query heads (head h*L + i still maps to KV head
+        # h // (Hq / Hkv)). A window differs per query, then each query is its own call.
+        later = q[:, :, inside:]
+        L = Lq - inside
+        if window == 0:
+            part, part_lse = op(later.reshape(B, Hq * L, 1, D), 0)
+            out[:, :, inside:], lse[:, :, inside:] = part.reshape(B, Hq, L, D), part_lse.reshape(B, Hq, L)
+            return out, lse
+        for i, pos in enumerate(self._query_positions(Lq, "cpu").tolist()[inside:], start=inside):
             # Query i sees positions > pos - window; as a query at position quantized_len - 1 that is
             # a window of window - (pos - quantized_len + 1).
             w = window - (pos - self.quantized_len + 1)
             if w > 0:
-                out[:, :, i : i + 1] = _ops.flash_attn_vec_tq(q[:, :, i : i + 1], *codes, scale, self.bits, w, softcap, start,
-                                                              self.signs, lse[:, :, i : i + 1])
+                out[:, :, i : i + 1], lse[:, :, i : i + 1] = op(q[:, :, i : i + 1], w)
         return out, lse
 
     def _attend_full_precision(self, q, scale: float, softcap: float, window: int, kv_start) -> Optional[tuple]:
