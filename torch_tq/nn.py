@@ -57,7 +57,9 @@ class TurboQuantKVCache(nn.Module):
             (the dtype of the first appended K/V) and attend to them from there, merging with the
             compressed positions through the op's log-sum-exp. The first tokens ("attention sinks")
             take a large share of the attention of every query, so their quantization error weighs
-            on every output. Global caches only. Default: ``0``.
+            on every output. These are absolute positions: in a left-padded batch a padded row's
+            sinks are padding (masked by ``kv_start``), so its own first tokens stay quantized.
+            Global caches only. Default: ``0``.
         recent_tokens (int): keep the newest tokens in full precision: the newest ``recent_tokens``
             of earlier calls and up to ``recent_tokens`` of the latest call (so a decode chunk also
             sees itself in full precision, and at most ``2 * recent_tokens`` tokens are held this
