@@ -7,11 +7,13 @@
 // the MSL simulator in tests/mps_sim/. Build: mps_ops/build_config.py (macOS only).
 #include <torch/extension.h>
 
+// ---- Metal headers (tests/mps_sim/test_mps_host_code.py compiles this file without them) ----
 #include <ATen/mps/MPSDevice.h>
 #include <ATen/mps/MPSStream.h>
 
 #import <Foundation/Foundation.h>
 #import <Metal/Metal.h>
+// ---- end of Metal headers ----
 
 #include <map>
 #include <mutex>
@@ -31,9 +33,6 @@
 #include "plans/kv_cache_copy.h"
 #include "plans/recompute_w_u.h"
 #include "plans/solve_tril.h"
-// Generated at build time by mps_ops/build_config.py: `kTorchTqMetalSource`, every .metal file of
-// mps_ops/kernels/ with its local headers inlined (newLibraryWithSource has no include path).
-#include "torch_tq_metal_source.h"
 
 namespace {
 
@@ -69,7 +68,20 @@ tq_plan::TensorDesc describe(const std::optional<at::Tensor>& t) {
   return d;
 }
 
-// ---- library and pipelines ---------------------------------------------------------------
+at::ScalarType scalar_type(const std::string& name) {
+  for (at::ScalarType t : {at::kFloat, at::kHalf, at::kBFloat16, at::kByte, at::kInt, at::kLong}) {
+    if (dtype_name(t) == name) return t;
+  }
+  TORCH_CHECK(false, "tq: internal: a launch plan names the unsupported dtype ", name);
+  return at::kFloat;  // not reached
+}
+
+// ---- Metal encoding (tests/mps_sim/test_mps_host_code.py replaces this section by a stub) ----
+// Generated at build time by mps_ops/build_config.py: `kTorchTqMetalSource`, every .metal file of
+// mps_ops/kernels/ with its local headers inlined (newLibraryWithSource has no include path).
+#include "torch_tq_metal_source.h"
+
+// Library and pipelines.
 
 std::mutex g_pipeline_mutex;
 id<MTLLibrary> g_library = nil;                                  // built once, kept for the process
@@ -152,15 +164,8 @@ void set_tensor(id<MTLComputeCommandEncoder> enc, const at::Tensor& t, NSUIntege
   [enc setBuffer:buffer offset:t.storage_offset() * t.element_size() atIndex:index];
 }
 
-// The generic encoder: every launch of the plan, in order, on the stream's current encoder.
-at::ScalarType scalar_type(const std::string& name) {
-  for (at::ScalarType t : {at::kFloat, at::kHalf, at::kBFloat16, at::kByte, at::kInt, at::kLong}) {
-    if (dtype_name(t) == name) return t;
-  }
-  TORCH_CHECK(false, "tq: internal: a launch plan names the unsupported dtype ", name);
-}
-
-// Encodes `plan` (already checked ok) on the current MPS stream.
+// The generic encoder: every launch of `plan` (already checked ok), in order, on the current MPS
+// stream's encoder.
 void encode(const tq_plan::Plan& plan, const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& outputs) {
   if (plan.launches.empty()) return;
   std::vector<at::Tensor> scratch;
@@ -202,6 +207,8 @@ void encode(const tq_plan::Plan& plan, const std::vector<at::Tensor>& inputs, co
     }
   });
 }
+
+// ---- end of Metal encoding ----
 
 void check_plan(const tq_plan::Plan& plan) { TORCH_CHECK_VALUE(plan.ok(), plan.error); }
 

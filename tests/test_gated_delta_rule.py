@@ -477,3 +477,12 @@ def test_opcheck_chunk_fwd_h_varlen():
     torch.library.opcheck(torch.ops.tq.chunk_fwd_h.default, args=(), kwargs=kwargs)
     torch.library.opcheck(torch.ops.tq.chunk_fwd_o.default, args=(),
                           kwargs=dict(q=rv["q"], k=kn, v=v_new, h=h, g=g_cum, scale=None, cu_seqlens=cu))
+
+
+@pytest.mark.parametrize("op", ["chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule"])
+def test_empty_batch(op):
+    """B = 0 returns empty outputs of the right shapes (the MPS plans do the same)."""
+    q, k = torch.randn(0, 5, 2, 64), torch.randn(0, 5, 2, 64)
+    v, g, beta = torch.randn(0, 5, 4, 32 * 2), torch.randn(0, 5, 4), torch.rand(0, 5, 4)
+    o, state = getattr(torch.ops.tq, op)(q, k, v, g, beta, output_final_state=True)
+    assert o.shape == (0, 5, 4, 64) and state.shape == (0, 4, 64, 64)

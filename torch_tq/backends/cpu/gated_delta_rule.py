@@ -67,13 +67,13 @@ class _Packing:
         if self.trivial:
             return
         pos = torch.arange(self.Tp, device=device)
-        length = torch.tensor(lengths, device=device)
+        length = torch.tensor(lengths, dtype=torch.long, device=device)
         self.valid = pos[None, :] < length[:, None]  # [N, Tp]
         # Slots of a sequence's last, partial chunk (edge-filled); later, all-padding chunks stay 0.
-        self.in_chunk = pos[None, :] < torch.tensor(self.chunks, device=device)[:, None] * block
+        self.in_chunk = pos[None, :] < torch.tensor(self.chunks, dtype=torch.long, device=device)[:, None] * block
         # A padded slot reads the sequence's last real token (its cumulative gate is the chunk's last).
         last = (length - 1).clamp(min=0)
-        index = torch.tensor(starts, device=device)[:, None] + torch.minimum(pos[None, :], last[:, None])
+        index = torch.tensor(starts, dtype=torch.long, device=device)[:, None] + torch.minimum(pos[None, :], last[:, None])
         self.index = index.clamp(max=max(B * T - 1, 0)).flatten()
         self.rows = self.valid.flatten().nonzero().squeeze(1)
         # Position of each sequence's chunks in the [N * NC] grid, in sequence order.
