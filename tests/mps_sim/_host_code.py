@@ -164,7 +164,7 @@ def source() -> str:
 
 
 def compiler() -> str | None:
-    for cxx in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+    for cxx in (os.environ.get("CXX"), "c++", "g++", "clang++", "clang++-19"):
         if cxx and shutil.which(cxx):
             return shutil.which(cxx)
     return None
@@ -173,7 +173,7 @@ def compiler() -> str | None:
 def unavailable() -> str | None:
     """Why the host code cannot be built here (no C++ compiler or no torch headers), else None."""
     if compiler() is None:
-        return "no C++ compiler (c++, g++, clang++ or $CXX) to build the host code of mps_ops/torch_tq_mps.mm"
+        return "no C++ compiler (c++, g++, clang++, clang++-19 or $CXX) to build the host code of mps_ops/torch_tq_mps.mm"
     from torch.utils.cpp_extension import include_paths
 
     if not any((Path(p) / "torch" / "extension.h").exists() for p in include_paths()):
