@@ -3,8 +3,9 @@
 // into the same ValueError text as torch_tq/_validation.py, and hands the plan to one generic
 // encoder that binds buffers in the plan's order on PyTorch's current MPS stream.
 //
-// Not compiled on this project's CI (no macOS); the kernels and the plans are verified through
-// the MSL simulator in tests/mps_sim/. Build: mps_ops/build_config.py (macOS only).
+// No macOS in this project's CI: the kernels and the plans are verified through the MSL simulator
+// in tests/mps_sim/, and this file minus its two marked Metal sections is compiled, loaded and
+// checked on Linux by tests/mps_sim/test_mps_host_code.py. Build: mps_ops/build_config.py (macOS only).
 #include <torch/extension.h>
 
 // ---- Metal headers (tests/mps_sim/test_mps_host_code.py compiles this file without them) ----
