@@ -326,13 +326,22 @@ template <typename TK, int K>
 }
 
 // ---- chunk_fwd_o --------------------------------------------------------------------------------
-// One threadgroup per (32 value columns, chunk, value head). q and k are staged 32 key columns at
-// a time (2 x 8 KB); over them simdgroup s accumulates its 8 row blocks of q S (S = h[chunk], its
-// columns read straight from device memory) and 9 blocks of the lower triangle of q k^T: row
-// blocks s and 7 - s, so every simdgroup has the same share. The triangle is then masked and
-// decayed in registers, scale exp(G_i - G_j) for i >= j (the mask chooses before exp, so every
-// exponent is <= 0), and stored over the q/k tiles as A [64, 64]; finally
-// o = scale exp(G) (q S) + A v_new, read for the simdgroup's columns from device memory.
+// One threadgroup per (chunk, value head), covering all V columns in 32-column tiles t; simdgroup s
+// owns the tile's columns 8s .. 8s+7. q and k are read once, in 32-column key slices: over them
+// simdgroup s accumulates the 9 blocks of the lower triangle of q k^T in row blocks s and 7 - s
+// (every simdgroup has the same share) and, while q is staged anyway, tile 0's q S (S = h[chunk],
+// its columns read straight from device memory). The triangle is masked and decayed in registers,
+// scale exp(G_i - G_j) for i >= j (the mask chooses before exp, so every exponent is <= 0), and
+// stored once as A [64, 64] (16 KB); each tile is o = scale exp(G) (q S) + A v_new, v_new read for
+// the simdgroup's columns from device memory.
+// q S needs q again for every tile after the first. q as float32 is 64 x K x 4 bytes (32 KB at
+// K = 128) and does not fit next to A in 32 KB, but two of its 32-column slices do (A 16 KB + 2 x
+// 8 KB, the gates living in A's space until A is stored), so the tiles walk the slices in snake
+// order (forward, backward, ...): the two slices a tile ends with are still resident for the next,
+// and only the K / 32 - 2 others are read again: q is read 1 + (V / 32 - 1) (K - 64) / K times
+// (once at K = 64; 2.5 times instead of 4 at K = V = 128), k once. Keeping all of q instead would
+// need o for all V columns in registers (8 V / 32 matrices per simdgroup: too many at V = 256), or
+// q in half precision next to A.
 template <typename T, typename O>
 [[kernel, max_total_threads_per_threadgroup(TQ_GDR_CHUNK_SIMDGROUPS * 32)]] void chunk_fwd_o(
     device const T* q [[buffer(0)]],
@@ -348,95 +357,121 @@ template <typename T, typename O>
     uint sg [[simdgroup_index_in_threadgroup]],
     uint lane [[thread_index_in_simdgroup]]) {
   constexpr uint BT = TQ_GDR_CHUNK;
+  constexpr uint COLS = TQ_GDR_CHUNK_COLUMNS;
   constexpr uint SLICE = 32;  // key columns of q and k staged at once
+  constexpr uint SLOTS = 2;   // q slices kept in threadgroup memory
   constexpr uint PAIRS = 9;   // lower-triangle blocks per simdgroup: (s + 1) + (8 - s)
   static_assert(TQ_GDR_CHUNK_SIMDGROUPS == 4, "the triangle split pairs row blocks s and 7 - s");
-  // q tile [64, SLICE], k tile [64, SLICE]; after the K loop, A [64, 64].
-  threadgroup float qk_tile[2 * BT * SLICE];
-  threadgroup float gate[BT];
+  // A [64, 64]; until A is stored: the k slice [64, SLICE], then the chunk's 64 gates.
+  threadgroup float a_tile[BT * BT];
+  // q slice s lives in slot s % SLOTS ([64, SLICE] each).
+  threadgroup float q_slots[SLOTS * BT * SLICE];
+  static_assert(BT * SLICE + BT <= BT * BT, "the k slice and the gates share A's space");
 
-  const uint column = tgid.x * TQ_GDR_CHUNK_COLUMNS + sg * 8;
-  const uint c = tgid.y;
-  const uint hv = tgid.z;
+  const uint c = tgid.x;
+  const uint hv = tgid.y;
   const uint kh = hv / p.group;
   const uint H = p.heads, HV = p.value_heads, K = p.head_dim, V = p.value_dim;
   const GdrChunk chunk = gdr_chunk(c, p.tokens, p.sequences, p.has_cu_seqlens, cu_seqlens);
   const uint row0 = chunk.start;
   const uint len = chunk.length;
 
+  auto k_tile = a_tile;
+  auto gate = a_tile + BT * SLICE;
   if (tid < BT) {
     gate[tid] = g[(row0 + min(tid, len - 1)) * HV + hv];
   }
 
   // Block i of this simdgroup's triangle share: row block lo = s for i <= s, else hi = 7 - s.
   const uint lo = sg, hi = 7 - sg;
-  simdgroup_float8x8 o_acc[8];
   simdgroup_float8x8 a_acc[PAIRS];
-  GDR_UNROLL
-  for (uint rb = 0; rb < 8; ++rb) o_acc[rb] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
   GDR_UNROLL
   for (uint i = 0; i < PAIRS; ++i) a_acc[i] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
 
-  auto q_tile = qk_tile;
-  auto k_tile = qk_tile + BT * SLICE;
-  device const float* h_chunk = h + (c * HV + hv) * K * V + column;
+  const float scale = p.scale;
+  const uint fr = gdr_frag_row(lane), fc = gdr_frag_col(lane);
+  float row_factor[8];  // scale exp(G) of the lane's row in each row block
+  const uint slices = K / SLICE;
+  const uint resident = min(slices, SLOTS);
   const uint key_at = (row0 * H + kh) * K;
-  for (uint s = 0; s < K / SLICE; ++s) {
-    if (s > 0) threadgroup_barrier(mem_flags::mem_threadgroup);
-    gdr_stage_rows<SLICE>(q_tile, q + key_at + s * SLICE, H * K, len, 1.0f, tid);
-    gdr_stage_rows<SLICE>(k_tile, k + key_at + s * SLICE, H * K, len, 1.0f, tid);
-    threadgroup_barrier(mem_flags::mem_threadgroup);
+  for (uint t = 0; t < V / COLS; ++t) {
+    const uint column = t * COLS + sg * 8;
+    device const float* h_chunk = h + (c * HV + hv) * K * V + column;
+    simdgroup_float8x8 o_acc[8];
     GDR_UNROLL
-    for (uint kk = 0; kk < SLICE / 8; ++kk) {
-      simdgroup_float8x8 hf;
-      simdgroup_load(hf, h_chunk + (s * SLICE + kk * 8) * V, V);
-      GDR_UNROLL
-      for (uint rb = 0; rb < 8; ++rb) {
-        if (rb * 8 >= len) break;  // rows past the chunk's end are not written
-        simdgroup_multiply_accumulate(o_acc[rb], gdr_tile_block(q_tile, SLICE, rb * 8, kk * 8), hf, o_acc[rb]);
+    for (uint rb = 0; rb < 8; ++rb) o_acc[rb] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+
+    for (uint i = 0; i < slices; ++i) {
+      const uint s = t % 2 == 0 ? i : slices - 1 - i;
+      auto q_tile = q_slots + (s % SLOTS) * BT * SLICE;
+      if (t == 0 || i >= resident) {
+        // The readers of the slot (the slice SLOTS positions back) and of the k slice are done.
+        if (t > 0 || i > 0) threadgroup_barrier(mem_flags::mem_threadgroup);
+        gdr_stage_rows<SLICE>(q_tile, q + key_at + s * SLICE, H * K, len, 1.0f, tid);
+        if (t == 0) gdr_stage_rows<SLICE>(k_tile, k + key_at + s * SLICE, H * K, len, 1.0f, tid);
+        threadgroup_barrier(mem_flags::mem_threadgroup);
       }
+      GDR_UNROLL
+      for (uint kk = 0; kk < SLICE / 8; ++kk) {
+        simdgroup_float8x8 hf;
+        simdgroup_load(hf, h_chunk + (s * SLICE + kk * 8) * V, V);
+        GDR_UNROLL
+        for (uint rb = 0; rb < 8; ++rb) {
+          if (rb * 8 >= len) break;  // rows past the chunk's end are not written
+          simdgroup_multiply_accumulate(o_acc[rb], gdr_tile_block(q_tile, SLICE, rb * 8, kk * 8), hf, o_acc[rb]);
+        }
+        if (t == 0) {
+          GDR_UNROLL
+          for (uint b = 0; b < PAIRS; ++b) {
+            const uint rb = b <= lo ? lo : hi;
+            const uint tb = b <= lo ? b : b - lo - 1;
+            if (rb * 8 >= len) continue;
+            simdgroup_multiply_accumulate(a_acc[b], gdr_tile_block(q_tile, SLICE, rb * 8, kk * 8),
+                                          gdr_tile_block(k_tile, SLICE, tb * 8, kk * 8, true), a_acc[b]);
+          }
+        }
+      }
+    }
+
+    if (t == 0) {
+      // Mask and decay the triangle, with the gates read before A overwrites them and the k slice.
       GDR_UNROLL
       for (uint i = 0; i < PAIRS; ++i) {
         const uint rb = i <= lo ? lo : hi;
         const uint tb = i <= lo ? i : i - lo - 1;
-        if (rb * 8 >= len) continue;
-        simdgroup_multiply_accumulate(a_acc[i], gdr_tile_block(q_tile, SLICE, rb * 8, kk * 8),
-                                      gdr_tile_block(k_tile, SLICE, tb * 8, kk * 8, true), a_acc[i]);
+        const uint r = rb * 8 + fr, j = tb * 8 + fc;
+        const float gr = gate[r];
+        const float e0 = a_acc[i].thread_elements()[0], e1 = a_acc[i].thread_elements()[1];
+        a_acc[i].thread_elements()[0] = r >= j ? e0 * (scale * exp(gr - gate[j])) : 0.0f;
+        a_acc[i].thread_elements()[1] = r >= j + 1 ? e1 * (scale * exp(gr - gate[j + 1])) : 0.0f;
       }
+      GDR_UNROLL
+      for (uint rb = 0; rb < 8; ++rb) row_factor[rb] = scale * exp(gate[rb * 8 + fr]);
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+      GDR_UNROLL
+      for (uint i = 0; i < PAIRS; ++i) {
+        const uint rb = i <= lo ? lo : hi;
+        const uint tb = i <= lo ? i : i - lo - 1;
+        simdgroup_store(a_acc[i], a_tile + rb * 8 * BT + tb * 8, BT);
+      }
+      threadgroup_barrier(mem_flags::mem_threadgroup);
     }
-  }
 
-  // Every simdgroup is done with the q/k tiles: A overwrites them.
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  const float scale = p.scale;
-  const uint fr = gdr_frag_row(lane), fc = gdr_frag_col(lane);
-  GDR_UNROLL
-  for (uint i = 0; i < PAIRS; ++i) {
-    const uint rb = i <= lo ? lo : hi;
-    const uint tb = i <= lo ? i : i - lo - 1;
-    const uint r = rb * 8 + fr, j = tb * 8 + fc;
-    const float gr = gate[r];
-    const float e0 = a_acc[i].thread_elements()[0], e1 = a_acc[i].thread_elements()[1];
-    a_acc[i].thread_elements()[0] = r >= j ? e0 * (scale * exp(gr - gate[j])) : 0.0f;
-    a_acc[i].thread_elements()[1] = r >= j + 1 ? e1 * (scale * exp(gr - gate[j + 1])) : 0.0f;
-    simdgroup_store(a_acc[i], qk_tile + rb * 8 * BT + tb * 8, BT);
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-
-  const uint value_at = (row0 * HV + hv) * V + column;
-  simdgroup_float8x8 vf[8];
-  GDR_UNROLL
-  for (uint tb = 0; tb < 8; ++tb) {
-    vf[tb] = gdr_load_rows(v + value_at, HV * V, tb * 8, len, lane);
-  }
-  GDR_UNROLL
-  for (uint rb = 0; rb < 8; ++rb) {
-    if (rb * 8 >= len) break;
-    gdr_scale_elements(o_acc[rb], scale * exp(gate[rb * 8 + fr]));
+    const uint value_at = (row0 * HV + hv) * V + column;
+    simdgroup_float8x8 vf[8];
     GDR_UNROLL
-    for (uint tb = 0; tb <= rb; ++tb) {
-      simdgroup_multiply_accumulate(o_acc[rb], gdr_tile_block(qk_tile, BT, rb * 8, tb * 8), vf[tb], o_acc[rb]);
+    for (uint tb = 0; tb < 8; ++tb) {
+      vf[tb] = gdr_load_rows(v + value_at, HV * V, tb * 8, len, lane);
     }
-    gdr_store_rows(o_acc[rb], o + value_at, HV * V, rb * 8, len, lane);
+    GDR_UNROLL
+    for (uint rb = 0; rb < 8; ++rb) {
+      if (rb * 8 >= len) break;
+      gdr_scale_elements(o_acc[rb], row_factor[rb]);
+      GDR_UNROLL
+      for (uint tb = 0; tb <= rb; ++tb) {
+        simdgroup_multiply_accumulate(o_acc[rb], gdr_tile_block(a_tile, BT, rb * 8, tb * 8), vf[tb], o_acc[rb]);
+      }
+      gdr_store_rows(o_acc[rb], o + value_at, HV * V, rb * 8, len, lane);
+    }
   }
 }

@@ -84,7 +84,8 @@ struct GdrL2normParams {
 // ---- recompute_w_u, chunk_fwd_h, chunk_fwd_o -----------------------------------------------
 // The three matrix stages of the chunked form (gated_delta_chunk.h). A threadgroup is
 // TQ_GDR_CHUNK_SIMDGROUPS simdgroups working on one 64-token chunk (chunk_fwd_h: one sequence's
-// chunks in order) x TQ_GDR_CHUNK_COLUMNS output columns; simdgroup s owns columns 8s .. 8s+7.
+// chunks in order) x TQ_GDR_CHUNK_COLUMNS output columns (chunk_fwd_o: each such tile of all V
+// columns in turn); simdgroup s owns columns 8s .. 8s+7.
 // One Params struct serves the three kernels (fields a kernel does not use are 0).
 //
 // recompute_w_u: grid (NT, HV, 1). Buffers: 0 k [B, T, H, K], 1 v [B, T, HV, V] (each in its own
@@ -95,9 +96,10 @@ struct GdrL2normParams {
 //   has_initial_state = 0), 5 cu_seqlens (dummy), 6 h [NT, HV, K, V] float32 (the [B, NT/B] rows of
 //   [B, NT, HV, K, V] are the global chunk index), 7 v_new [B, T, HV, V] float32, 8 final_state
 //   [N, HV, K, V] float32 (dummy when has_final_state = 0), 9 params.
-// chunk_fwd_o: grid (V / 32, NT, HV). Buffers: 0 q, 1 k [B, T, H, K] (one dtype), 2 v (v_new)
-//   [B, T, HV, V], 3 h [NT, HV, K, V], 4 g [B, T, HV] (float32), 5 cu_seqlens (dummy),
-//   6 o [B, T, HV, V] (float32, or q's dtype for the entry op), 7 params.
+// chunk_fwd_o: grid (NT, HV, 1), each threadgroup walking all V / 32 column tiles. Buffers: 0 q,
+//   1 k [B, T, H, K] (one dtype), 2 v (v_new) [B, T, HV, V], 3 h [NT, HV, K, V], 4 g [B, T, HV]
+//   (float32), 5 cu_seqlens (dummy), 6 o [B, T, HV, V] (float32, or q's dtype for the entry op),
+//   7 params.
 TQ_CONSTEXPR tq_uint TQ_GDR_CHUNK_SIMDGROUPS = 4;
 TQ_CONSTEXPR tq_uint TQ_GDR_CHUNK_COLUMNS = 32;
 struct GdrChunkParams {
