@@ -282,36 +282,37 @@ void kv_cache_copy_mps(const at::Tensor& src, const at::Tensor& cache, int64_t w
   run(plan, {src.contiguous(), cache}, src.device());
 }
 
+// The two entry ops share their arguments, inputs and outputs; only the plan differs.
+template <typename PlanFn>
+std::tuple<at::Tensor, at::Tensor> gated_delta_rule_entry(
+    PlanFn make_plan, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
+    const at::Tensor& beta, std::optional<double> scale, const std::optional<at::Tensor>& initial_state,
+    bool output_final_state, bool use_qk_l2norm_in_kernel, const std::optional<at::Tensor>& cu_seqlens) {
+  const std::vector<int64_t> offsets = host_values(cu_seqlens);
+  const auto plan = make_plan(describe(q), describe(k), describe(v), describe(g), describe(beta), scale,
+                              describe(initial_state), output_final_state, use_qk_l2norm_in_kernel,
+                              describe(cu_seqlens), offsets);
+  auto out = run(plan,
+                 {q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(),
+                  contiguous_or_undefined(initial_state), as_int32(cu_seqlens)},
+                 q.device());
+  return {out.at(0), out.at(1)};
+}
+
 std::tuple<at::Tensor, at::Tensor> fused_recurrent_gated_delta_rule_mps(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g, const at::Tensor& beta,
     std::optional<double> scale, const std::optional<at::Tensor>& initial_state, bool output_final_state,
     bool use_qk_l2norm_in_kernel, const std::optional<at::Tensor>& cu_seqlens) {
-  const std::vector<int64_t> offsets = host_values(cu_seqlens);
-  const auto plan = tq_plan::plan_fused_recurrent_gated_delta_rule(
-      describe(q), describe(k), describe(v), describe(g), describe(beta), scale, describe(initial_state),
-      output_final_state, use_qk_l2norm_in_kernel, describe(cu_seqlens), offsets);
-  auto out = run(plan,
-                 {q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(),
-                  contiguous_or_undefined(initial_state),
-                  as_int32(cu_seqlens)},
-                 q.device());
-  return {out.at(0), out.at(1)};
+  return gated_delta_rule_entry(tq_plan::plan_fused_recurrent_gated_delta_rule, q, k, v, g, beta, scale, initial_state,
+                                output_final_state, use_qk_l2norm_in_kernel, cu_seqlens);
 }
 
 std::tuple<at::Tensor, at::Tensor> chunk_gated_delta_rule_mps(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g, const at::Tensor& beta,
     std::optional<double> scale, const std::optional<at::Tensor>& initial_state, bool output_final_state,
     bool use_qk_l2norm_in_kernel, const std::optional<at::Tensor>& cu_seqlens) {
-  const std::vector<int64_t> offsets = host_values(cu_seqlens);
-  const auto plan = tq_plan::plan_chunk_gated_delta_rule(
-      describe(q), describe(k), describe(v), describe(g), describe(beta), scale, describe(initial_state),
-      output_final_state, use_qk_l2norm_in_kernel, describe(cu_seqlens), offsets);
-  auto out = run(plan,
-                 {q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(),
-                  contiguous_or_undefined(initial_state),
-                  as_int32(cu_seqlens)},
-                 q.device());
-  return {out.at(0), out.at(1)};
+  return gated_delta_rule_entry(tq_plan::plan_chunk_gated_delta_rule, q, k, v, g, beta, scale, initial_state,
+                                output_final_state, use_qk_l2norm_in_kernel, cu_seqlens);
 }
 
 at::Tensor chunk_local_cumsum_mps(const at::Tensor& g, int64_t chunk_size, bool reverse, std::optional<double> scale,
@@ -319,9 +320,7 @@ at::Tensor chunk_local_cumsum_mps(const at::Tensor& g, int64_t chunk_size, bool 
   const std::vector<int64_t> offsets = host_values(cu_seqlens);
   const auto plan =
       tq_plan::plan_chunk_local_cumsum(describe(g), chunk_size, reverse, scale, describe(cu_seqlens), offsets);
-  return run(plan, {g.contiguous(), as_int32(cu_seqlens)},
-             g.device())
-      .at(0);
+  return run(plan, {g.contiguous(), as_int32(cu_seqlens)}, g.device()).at(0);
 }
 
 at::Tensor chunk_scaled_dot_kkt_mps(const at::Tensor& k, const at::Tensor& g, const at::Tensor& beta,
@@ -329,19 +328,13 @@ at::Tensor chunk_scaled_dot_kkt_mps(const at::Tensor& k, const at::Tensor& g, co
   const std::vector<int64_t> offsets = host_values(cu_seqlens);
   const auto plan =
       tq_plan::plan_chunk_scaled_dot_kkt(describe(k), describe(g), describe(beta), describe(cu_seqlens), offsets);
-  return run(plan,
-             {k.contiguous(), g.contiguous(), beta.contiguous(),
-              as_int32(cu_seqlens)},
-             k.device())
-      .at(0);
+  return run(plan, {k.contiguous(), g.contiguous(), beta.contiguous(), as_int32(cu_seqlens)}, k.device()).at(0);
 }
 
 at::Tensor solve_tril_mps(const at::Tensor& A, const std::optional<at::Tensor>& cu_seqlens) {
   const std::vector<int64_t> offsets = host_values(cu_seqlens);
   const auto plan = tq_plan::plan_solve_tril(describe(A), describe(cu_seqlens), offsets);
-  return run(plan, {A.contiguous(), as_int32(cu_seqlens)},
-             A.device())
-      .at(0);
+  return run(plan, {A.contiguous(), as_int32(cu_seqlens)}, A.device()).at(0);
 }
 
 std::tuple<at::Tensor, at::Tensor> recompute_w_u_mps(const at::Tensor& k, const at::Tensor& v, const at::Tensor& beta,
@@ -351,8 +344,7 @@ std::tuple<at::Tensor, at::Tensor> recompute_w_u_mps(const at::Tensor& k, const 
   const auto plan = tq_plan::plan_recompute_w_u(describe(k), describe(v), describe(beta), describe(A), describe(g),
                                                 describe(cu_seqlens), offsets);
   auto out = run(plan,
-                 {k.contiguous(), v.contiguous(), beta.contiguous(), A.contiguous(), g.contiguous(),
-                  as_int32(cu_seqlens)},
+                 {k.contiguous(), v.contiguous(), beta.contiguous(), A.contiguous(), g.contiguous(), as_int32(cu_seqlens)},
                  k.device());
   return {out.at(0), out.at(1)};
 }
@@ -365,8 +357,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_fwd_h_mps(const at::Tensor&
   const auto plan = tq_plan::plan_chunk_fwd_h(describe(k), describe(w), describe(u), describe(g), describe(initial_state),
                                               describe(cu_seqlens), offsets);
   auto out = run(plan,
-                 {k.contiguous(), w.contiguous(), u.contiguous(), g.contiguous(),
-                  contiguous_or_undefined(initial_state),
+                 {k.contiguous(), w.contiguous(), u.contiguous(), g.contiguous(), contiguous_or_undefined(initial_state),
                   as_int32(cu_seqlens)},
                  k.device());
   return {out.at(0), out.at(1), out.at(2)};
@@ -379,8 +370,7 @@ at::Tensor chunk_fwd_o_mps(const at::Tensor& q, const at::Tensor& k, const at::T
   const auto plan = tq_plan::plan_chunk_fwd_o(describe(q), describe(k), describe(v), describe(h), describe(g), scale,
                                               describe(cu_seqlens), offsets);
   return run(plan,
-             {q.contiguous(), k.contiguous(), v.contiguous(), h.contiguous(), g.contiguous(),
-              as_int32(cu_seqlens)},
+             {q.contiguous(), k.contiguous(), v.contiguous(), h.contiguous(), g.contiguous(), as_int32(cu_seqlens)},
              q.device())
       .at(0);
 }

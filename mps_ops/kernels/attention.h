@@ -290,12 +290,8 @@ template <typename T, int D>
   constexpr int LANES = L::LANES;
   constexpr int NT = 32 * TQ_REDUCE_SIMDGROUPS;
 
-  // The signs once per threadgroup rather than once per row.
   threadgroup float tg_signs[D];
-  for (uint d = tid; d < uint(D); d += NT) {
-    tg_signs[d] = p.has_signs != 0 ? signs[d] : 1.0f;
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
+  tq::load_signs<D, NT>(tg_signs, signs, p.has_signs, tid);
 
   const uint simd_row0 = (tgid.x * TQ_REDUCE_SIMDGROUPS + sg) * L::ROWS;
   if (simd_row0 >= p.total_rows) {

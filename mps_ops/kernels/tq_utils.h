@@ -118,4 +118,14 @@ inline void store_codes(device uchar* row, uint d0, thread const uint (&codes)[V
   }
 }
 
+// The rotation signs (+1 everywhere when the op got none) into threadgroup memory, read once per
+// threadgroup rather than once per vector; every thread of the threadgroup must call it.
+template <int D, uint THREADS, typename Signs>
+inline void load_signs(Signs tg_signs, device const float* signs, uint has_signs, uint tid) {
+  for (uint d = tid; d < uint(D); d += THREADS) {
+    tg_signs[d] = has_signs != 0 ? signs[d] : 1.0f;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+}
+
 }  // namespace tq

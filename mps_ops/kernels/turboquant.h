@@ -23,12 +23,8 @@ template <typename T, int D, int BITS>
     uint lane [[thread_index_in_simdgroup]]) {
   using L = tq::RowLayout<D>;
   constexpr uint ROW_BYTES = D * BITS / 8;
-  // The sign vector is read once per threadgroup, not once per vector.
   threadgroup float tg_signs[D];
-  for (uint d = tid; d < uint(D); d += TQ_QUANT_SIMDGROUPS * 32) {
-    tg_signs[d] = p.has_signs != 0 ? signs[d] : 1.0f;
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
+  tq::load_signs<D, TQ_QUANT_SIMDGROUPS * 32>(tg_signs, signs, p.has_signs, tid);
   const uint simd_row0 = (tgid.x * TQ_QUANT_SIMDGROUPS + sg) * L::ROWS;
   if (simd_row0 >= p.num_rows) {
     return;  // the whole simdgroup is past the end
@@ -90,10 +86,7 @@ template <int D, int BITS>
   using L = tq::RowLayout<D>;
   constexpr uint ROW_BYTES = D * BITS / 8;
   threadgroup float tg_signs[D];
-  for (uint d = tid; d < uint(D); d += TQ_QUANT_SIMDGROUPS * 32) {
-    tg_signs[d] = p.has_signs != 0 ? signs[d] : 1.0f;
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
+  tq::load_signs<D, TQ_QUANT_SIMDGROUPS * 32>(tg_signs, signs, p.has_signs, tid);
   const uint simd_row0 = (tgid.x * TQ_QUANT_SIMDGROUPS + sg) * L::ROWS;
   if (simd_row0 >= p.num_rows) {
     return;
