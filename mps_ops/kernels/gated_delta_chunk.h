@@ -7,12 +7,12 @@
 //   chunk_fwd_o     o = scale [(exp(G) q) S + ((q k^T) exp(G_i - G_j) [i >= j]) v_new]
 //
 // Shared layout: a threadgroup of TQ_GDR_CHUNK_SIMDGROUPS (4) simdgroups computes a 64-row chunk x
-// 32-column output tile with 8x8 simdgroup_matrix products; simdgroup s owns the tile's columns
-// 8s .. 8s+7, i.e. one matrix per 8-row block. Operands every simdgroup reads (A, w, k, q) are staged
-// in threadgroup memory as float32, zero past the chunk's last token; operands a simdgroup needs
-// alone (its columns of u, v_new, h and of the state) go straight between device memory and its
-// matrices. A partial chunk reads and writes only its own token rows: its padded rows are zero, as
-// in the CPU reference, so they add nothing to any product.
+// 32-column output tile with 8x8 simdgroup_matrix products (chunk_fwd_h: 8 simdgroups, 64 columns);
+// simdgroup s owns the tile's columns 8s .. 8s+7, i.e. one matrix per 8-row block. Operands every
+// simdgroup reads (A, w, k, q) are staged in threadgroup memory as float32, zero past the chunk's
+// last token; operands a simdgroup needs alone (its columns of u, v_new, h and of the state) go
+// straight between device memory and its matrices. A partial chunk reads and writes only its own
+// token rows: its padded rows are zero, as in the CPU reference, so they add nothing to any product.
 #pragma once
 
 #include "gated_delta_utils.h"
@@ -79,10 +79,9 @@ inline void gdr_store_rows(simdgroup_float8x8 m, device O* dst, uint ld, uint ro
 }
 
 // tile[r][c] = factor * src[r * ld + c] as float for the chunk's rows r < valid, 0 for padded rows;
-// a [64, COLS] tile written by all threads, consecutive threads reading consecutive columns.
-template <int COLS, typename T, typename Tile>
+// a [64, COLS] tile written by all THREADS threads, consecutive threads reading consecutive columns.
+template <int COLS, uint THREADS = TQ_GDR_CHUNK_SIMDGROUPS * 32, typename T, typename Tile>
 inline void gdr_stage_rows(Tile tile, device const T* src, uint ld, uint valid, float factor, uint tid) {
-  constexpr uint THREADS = TQ_GDR_CHUNK_SIMDGROUPS * 32;
   for (uint e = tid; e < TQ_GDR_CHUNK * COLS; e += THREADS) {
     const uint r = e / COLS, c = e % COLS;
     tile[e] = r < valid ? factor * float(src[r * ld + c]) : 0.0f;
@@ -193,15 +192,26 @@ template <typename TK, typename TV>
 }
 
 // ---- chunk_fwd_h --------------------------------------------------------------------------------
-// One threadgroup per (32 value columns, value head, sequence), walking the sequence's chunks in
-// order. The state S [K, 32] stays in registers for the whole sequence: simdgroup s holds its
-// 8 columns as K/8 matrices. Per chunk: S is stored to h; v_new = u - w S starts from the
-// simdgroup's columns of u and accumulates -w (staged 64 columns at a time) times S; its rows are
-// stored, scaled by exp(G_last - G) (the reference scales k by it: the same product), and
-// S = exp(G_last) S + k^T v_new with k staged 64 columns at a time and read transposed. No
-// simdgroup needs another's columns, so the state never goes through threadgroup memory.
+// One threadgroup of TQ_GDR_FWD_H_SIMDGROUPS (8) simdgroups per (64 value columns, value head,
+// sequence), walking the sequence's chunks in order. The state S [K, 64] stays in registers for the
+// whole sequence: simdgroup s holds its 8 columns as K/8 matrices. Per chunk: S is stored to h;
+// v_new = u - w S starts from the simdgroup's columns of u and accumulates -w (staged 64 columns at
+// a time) times S; its rows are stored, scaled by exp(G_last - G) (the reference scales k by it:
+// the same product), and S = exp(G_last) S + k^T v_new with k staged 64 columns at a time and read
+// transposed. No simdgroup needs another's columns, so the state never goes through threadgroup
+// memory.
+// Tile width: every threadgroup stages all of the chunk's w and k rows (the same rows for each of
+// the V / 64 column tiles and, for k, for each of the HV / H value heads of a key head), so the
+// device reads of k and w grow with the number of column tiles. 64 columns over 8 simdgroups
+// (rather than 32 over 4) halve them (k is read V / 64 x HV / H times, w V / 64 times: once each
+// at V = 64 without GVA) at the same registers per thread (each simdgroup still owns 8 state
+// columns: K/8 + 8 matrices) and the same threadgroup memory (one 64 x 64 float slice + 64 gates,
+// 16.25 KB), with twice the threads staging each slice. The price: half as many threadgroups
+// (V / 64 x HV x N) for the sequential chunk walk, and barriers across 8 simdgroups instead of 4.
+// 128 columns would halve the re-reads again, but with 512-thread threadgroups whose threads each
+// still hold K/4 + 16 floats of S and v_new (80 at K = 256): a register budget they may not have.
 template <typename TK, int K>
-[[kernel, max_total_threads_per_threadgroup(TQ_GDR_CHUNK_SIMDGROUPS * 32)]] void chunk_fwd_h(
+[[kernel, max_total_threads_per_threadgroup(TQ_GDR_FWD_H_SIMDGROUPS * 32)]] void chunk_fwd_h(
     device const TK* k [[buffer(0)]],
     device const float* w [[buffer(1)]],
     device const float* u [[buffer(2)]],
@@ -218,12 +228,13 @@ template <typename TK, int K>
     uint lane [[thread_index_in_simdgroup]]) {
   constexpr uint BT = TQ_GDR_CHUNK;
   constexpr uint SLICE = 64;  // columns of w or k staged at once
+  constexpr uint THREADS = TQ_GDR_FWD_H_SIMDGROUPS * 32;
   constexpr uint KB = K / 8;
   static_assert(K % SLICE == 0, "K must be a multiple of the staged slice");
   threadgroup float slice[BT * SLICE];
   threadgroup float gate[BT];
 
-  const uint column = tgid.x * TQ_GDR_CHUNK_COLUMNS + sg * 8;
+  const uint column = tgid.x * TQ_GDR_FWD_H_COLUMNS + sg * 8;
   const uint hv = tgid.y;
   const uint n = tgid.z;
   const uint kh = hv / p.group;
@@ -270,7 +281,7 @@ template <typename TK, int K>
     GDR_UNROLL
     for (uint s = 0; s < K / SLICE; ++s) {
       if (s > 0) threadgroup_barrier(mem_flags::mem_threadgroup);
-      gdr_stage_rows<SLICE>(slice, w + (row0 * HV + hv) * K + s * SLICE, HV * K, len, -1.0f, tid);
+      gdr_stage_rows<SLICE, THREADS>(slice, w + (row0 * HV + hv) * K + s * SLICE, HV * K, len, -1.0f, tid);
       threadgroup_barrier(mem_flags::mem_threadgroup);
       GDR_UNROLL
       for (uint kk = 0; kk < SLICE / 8; ++kk) {
@@ -302,7 +313,7 @@ template <typename TK, int K>
     GDR_UNROLL
     for (uint s = 0; s < K / SLICE; ++s) {
       threadgroup_barrier(mem_flags::mem_threadgroup);
-      gdr_stage_rows<SLICE>(slice, k + (row0 * H + kh) * K + s * SLICE, H * K, len, 1.0f, tid);
+      gdr_stage_rows<SLICE, THREADS>(slice, k + (row0 * H + kh) * K + s * SLICE, H * K, len, 1.0f, tid);
       threadgroup_barrier(mem_flags::mem_threadgroup);
       GDR_UNROLL
       for (uint kk = 0; kk < SLICE / 8; ++kk) {

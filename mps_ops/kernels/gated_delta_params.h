@@ -83,25 +83,28 @@ struct GdrL2normParams {
 
 // ---- recompute_w_u, chunk_fwd_h, chunk_fwd_o -----------------------------------------------
 // The three matrix stages of the chunked form (gated_delta_chunk.h). A threadgroup is
-// TQ_GDR_CHUNK_SIMDGROUPS simdgroups working on one 64-token chunk (chunk_fwd_h: one sequence's
-// chunks in order) x TQ_GDR_CHUNK_COLUMNS output columns (chunk_fwd_o: each such tile of all V
-// columns in turn); simdgroup s owns columns 8s .. 8s+7.
+// TQ_GDR_CHUNK_SIMDGROUPS simdgroups working on one 64-token chunk x TQ_GDR_CHUNK_COLUMNS output
+// columns (chunk_fwd_o: each such tile of all V columns in turn; chunk_fwd_h: one sequence's chunks
+// in order, TQ_GDR_FWD_H_SIMDGROUPS simdgroups x TQ_GDR_FWD_H_COLUMNS columns); simdgroup s owns
+// columns 8s .. 8s+7.
 // One Params struct serves the three kernels (fields a kernel does not use are 0).
 //
 // recompute_w_u: grid (NT, HV, 1). Buffers: 0 k [B, T, H, K], 1 v [B, T, HV, V] (each in its own
 //   dtype), 2 beta [B, T, HV], 3 A [B, T, HV, 64], 4 g [B, T, HV] (float32), 5 cu_seqlens [N+1] int32
 //   (dummy when has_cu_seqlens = 0), 6 w [B, T, HV, K] float32, 7 u [B, T, HV, V] float32, 8 params.
-// chunk_fwd_h: grid (V / 32, HV, N). Buffers: 0 k [B, T, H, K] (its dtype), 1 w [B, T, HV, K],
-//   2 u [B, T, HV, V], 3 g [B, T, HV] (float32), 4 initial_state [N, HV, K, V] float32 (dummy when
-//   has_initial_state = 0), 5 cu_seqlens (dummy), 6 h [NT, HV, K, V] float32 (the [B, NT/B] rows of
-//   [B, NT, HV, K, V] are the global chunk index), 7 v_new [B, T, HV, V] float32, 8 final_state
-//   [N, HV, K, V] float32 (dummy when has_final_state = 0), 9 params.
+// chunk_fwd_h: grid (V / 64, HV, N), 8 simdgroups. Buffers: 0 k [B, T, H, K] (its dtype),
+//   1 w [B, T, HV, K], 2 u [B, T, HV, V], 3 g [B, T, HV] (float32), 4 initial_state [N, HV, K, V]
+//   float32 (dummy when has_initial_state = 0), 5 cu_seqlens (dummy), 6 h [NT, HV, K, V] float32
+//   (the [B, NT/B] rows of [B, NT, HV, K, V] are the global chunk index), 7 v_new [B, T, HV, V]
+//   float32, 8 final_state [N, HV, K, V] float32 (dummy when has_final_state = 0), 9 params.
 // chunk_fwd_o: grid (NT, HV, 1), each threadgroup walking all V / 32 column tiles. Buffers: 0 q,
 //   1 k [B, T, H, K] (one dtype), 2 v (v_new) [B, T, HV, V], 3 h [NT, HV, K, V], 4 g [B, T, HV]
 //   (float32), 5 cu_seqlens (dummy), 6 o [B, T, HV, V] (float32, or q's dtype for the entry op),
 //   7 params.
 TQ_CONSTEXPR tq_uint TQ_GDR_CHUNK_SIMDGROUPS = 4;
 TQ_CONSTEXPR tq_uint TQ_GDR_CHUNK_COLUMNS = 32;
+TQ_CONSTEXPR tq_uint TQ_GDR_FWD_H_SIMDGROUPS = 8;
+TQ_CONSTEXPR tq_uint TQ_GDR_FWD_H_COLUMNS = TQ_GDR_FWD_H_SIMDGROUPS * 8;  // divides every V (64, 128, 256)
 struct GdrChunkParams {
   tq_uint tokens;             // T (rows per batch entry; B * T token rows in all)
   tq_uint sequences;          // N

@@ -26,9 +26,10 @@ inline bool append_chunk_fwd_h_launch(Plan& plan, Checker& check, const GdrChunk
   p.has_final_state = is_dummy(b.final_state) ? 0 : 1;
   Launch l;
   l.kernel = "chunk_fwd_h_" + k_dtype + "_k" + str(g.geo.head_dim);
-  l.grid = {static_cast<uint32_t>(g.geo.value_dim / TQ_GDR_CHUNK_COLUMNS), static_cast<uint32_t>(g.geo.value_heads),
+  // 64-column tiles (V is 64, 128 or 256), 8 simdgroups of 8 columns each.
+  l.grid = {static_cast<uint32_t>(g.geo.value_dim / TQ_GDR_FWD_H_COLUMNS), static_cast<uint32_t>(g.geo.value_heads),
             static_cast<uint32_t>(g.geo.sequences)};
-  l.threads = {kGdrChunkThreads, 1, 1};
+  l.threads = {TQ_GDR_FWD_H_SIMDGROUPS * kSimdWidth, 1, 1};
   // A [64, 64] slice of w or k, the chunk's 64 gates.
   l.threadgroup_memory = static_cast<uint32_t>((kGdrChunk * 64 + kGdrChunk) * 4);
   l.bindings = {b.k, b.w, b.u, b.g, b.initial_state, b.cu_seqlens, b.h, b.v_new, b.final_state, {Arg::Params, 0}};
