@@ -115,3 +115,9 @@ def test_demo_smollm2(capsys):
     text = capsys.readouterr().out
     # 8-bit TurboQuant reproduces SmolLM2's greedy continuation (measured: 64/64 tokens).
     assert "identical greedy prefix: 24/24 tokens" in text
+
+
+def test_window_options_must_be_non_negative(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--recent-tokens", "-2"])
+    assert "--recent-tokens: must be >= 0, got -2" in capsys.readouterr().err

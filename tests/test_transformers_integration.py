@@ -270,3 +270,9 @@ def test_attention_without_cache_is_sdpa():
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref(ids).logits)
         assert torch.equal(model(ids, past_key_values=DynamicCache(config=model.config)).logits, ref(ids).logits)
+
+
+def test_cache_rejects_negative_windows():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="recent_tokens must be >= 0, got -1"):
+        tqhf.TurboQuantCache(model.config, recent_tokens=-1)

@@ -424,10 +424,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="model dtype (default: float32)")
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _add_window_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sink-tokens", type=int, default=None,
+    p.add_argument("--sink-tokens", type=_non_negative, default=None,
                    help="first tokens of each global layer kept in full precision too (default: TurboQuantCache's, 4)")
-    p.add_argument("--recent-tokens", type=int, default=None,
+    p.add_argument("--recent-tokens", type=_non_negative, default=None,
                    help="newest tokens of each global layer kept in full precision (default: TurboQuantCache's, 32)")
 
 

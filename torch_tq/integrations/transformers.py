@@ -335,6 +335,9 @@ class TurboQuantCache(Cache):
     ):
         if bits not in SUPPORTED_BITS:
             raise ValueError(f"TurboQuantCache: bits must be one of {SUPPORTED_BITS}, got {bits}")
+        for name, value in (("sink_tokens", sink_tokens), ("recent_tokens", recent_tokens)):
+            if value < 0:
+                raise ValueError(f"TurboQuantCache: {name} must be >= 0, got {value}")
         text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
         if head_dim not in SUPPORTED_HEAD_DIMS:
