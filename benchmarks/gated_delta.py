@@ -17,12 +17,11 @@ import argparse
 import datetime
 import json
 import os
-import platform
 
 import torch
 import torch.nn.functional as F
 
-from _timing import median_ms
+from _timing import cpu_name, median_ms
 
 import torch_tq  # noqa: F401  (defines torch.ops.tq)
 from torch_tq import _gated_delta_ops as gdr
@@ -31,17 +30,6 @@ from torch_tq import _gated_delta_ops as gdr
 def rel_rms(ref: torch.Tensor, out: torch.Tensor) -> float:
     ref, out = ref.double(), out.double()
     return ((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def inputs(B, T, H, HV, K, V, dtype):

@@ -78,6 +78,7 @@ import torch  # noqa: E402
 import torch_tq  # noqa: E402,F401  (defines torch.ops.tq: the CPU references)
 import _plans  # noqa: E402
 from _gdr import entry_inputs  # noqa: E402
+from _timing import cpu_name  # noqa: E402
 from torch_tq.layout import unpack_codes  # noqa: E402
 
 KIND_NAMES = {_plans.ARG_INPUT: "input", _plans.ARG_OUTPUT: "output", _plans.ARG_SCRATCH: "scratch"}
@@ -87,17 +88,6 @@ KIND_NAMES = {_plans.ARG_INPUT: "input", _plans.ARG_OUTPUT: "output", _plans.ARG
 CHUNK_INPUTS = ["q", "k", "v", "g", "beta", "initial_state", "cu_seqlens"]
 CHUNK_OUTPUTS = ["o", "final_state"]
 CHUNK_SCRATCH = ["G", "A|v_new", "Ai", "w", "u", "h", "q_n", "k_n"]
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def rel_rms(ref: torch.Tensor, out: torch.Tensor) -> float:
