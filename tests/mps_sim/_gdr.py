@@ -38,3 +38,16 @@ def assert_allclose_written(name, ref, out, rtol, atol):
     assert not out.isnan().any(), f"{name}: unwritten (NaN) elements"
     err = (out - ref).abs().max().item()
     assert torch.allclose(out, ref, rtol=rtol, atol=atol), f"{name}: max abs error {err:.3e}"
+
+
+def assert_plan_rejects_like_the_cpu_op(op: str, kwargs: dict) -> None:
+    """The MPS plan of ``op`` fails with exactly the CPU op's ValueError text and carries nothing else."""
+    import pytest
+
+    import _plans
+
+    with pytest.raises(ValueError) as exc:
+        getattr(torch.ops.tq, op)(**kwargs)
+    p = _plans.plan(op, **kwargs)
+    assert p["error"] == str(exc.value)
+    assert p["launches"] == [] and p["outputs"] == [] and p["scratch_bytes"] == []

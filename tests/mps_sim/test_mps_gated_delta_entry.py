@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import _plans
-from _gdr import CU, entry_inputs
+from _gdr import CU, assert_plan_rejects_like_the_cpu_op, entry_inputs
 from _gated_delta_bad_inputs import BAD_INPUTS, rule_args
 from _utils import assert_close
 
@@ -102,12 +102,7 @@ ENTRY_BAD = [c for c in BAD_INPUTS if c[1] in ("chunk_gated_delta_rule", "fused_
 
 @pytest.mark.parametrize("case_id, op, build, message", ENTRY_BAD, ids=[c[0] for c in ENTRY_BAD])
 def test_plan_rejects_bad_input_like_the_cpu_op(case_id, op, build, message):
-    args = build()
-    with pytest.raises(ValueError) as exc:
-        torch.ops.tq.chunk_gated_delta_rule(**args)
-    p = _plans.plan(OP, **args)
-    assert p["error"] == str(exc.value)
-    assert p["launches"] == [] and p["outputs"] == [] and p["scratch_bytes"] == []
+    assert_plan_rejects_like_the_cpu_op(OP, build())
 
 
 def test_plan_rejects_float64_on_this_device():
