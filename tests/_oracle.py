@@ -125,3 +125,26 @@ def attention64(q, k, v, kv_len: int, capacity: int, scale: float, sliding_windo
                 out[b, h, i] = p @ v[b, kh, idx].double()
                 lse[b, h, i] = torch.logsumexp(s, dim=0)
     return (out, lse) if return_lse else out
+
+
+def union_kv64(k_codes, k_norms, v_codes, v_norms, kv_len: int, bits: int, v_bits: int, signs,
+               k_sink=None, v_sink=None, k_recent=None, v_recent=None):
+    """The K/V ``flash_attn_vec_tq`` attends to, float64, original domain, ``[B, Hkv, N, D]`` for the valid
+    positions ``lo … kv_len-1``: position by position from the sinks (``j < S``), else the recent ring
+    (``j >= kv_len - W``, slot ``j mod W``), else the oracle-decoded codes (slot ``j mod C``)."""
+    C = k_codes.shape[2]
+    S = 0 if k_sink is None else k_sink.shape[2]
+    W = 0 if k_recent is None else k_recent.shape[2]
+    ks, vs = [], []
+    for j in range(max(0, kv_len - C), kv_len):
+        if j < S:
+            k_rot, v_rot = k_sink[:, :, j].double(), v_sink[:, :, j].double()
+        elif W and j >= kv_len - W:
+            k_rot, v_rot = k_recent[:, :, j % W].double(), v_recent[:, :, j % W].double()
+        else:
+            s = j % C
+            k_rot = decode_rotated64(unpack_bits(k_codes[:, :, s], bits), k_norms[:, :, s], bits)
+            v_rot = decode_rotated64(unpack_bits(v_codes[:, :, s], v_bits), v_norms[:, :, s], v_bits)
+        ks.append(unrotate64(k_rot, signs))
+        vs.append(unrotate64(v_rot, signs))
+    return torch.stack(ks, dim=2), torch.stack(vs, dim=2)

@@ -18,13 +18,15 @@ from .backends import registered_backend_error
 NAMESPACE = "tq"
 
 SCHEMAS = {
-    "hadamard_quantize_kv": "hadamard_quantize_kv(Tensor src, Tensor(a!) codes, Tensor(b!) norms, int write_pos, "
-    "bool is_sliding=False, int bits=4, Tensor? signs=None) -> ()",
+    "hadamard_quantize_kv": "hadamard_quantize_kv(Tensor src, Tensor(a!) codes, Tensor(b!) norms, SymInt write_pos, "
+    "bool is_sliding=False, int bits=4, Tensor? signs=None, Tensor? offset=None, bool norm_correction=False, "
+    "Tensor(c!)? sink=None, Tensor(d!)? recent=None) -> ()",
     "dequantize_kv": "dequantize_kv(Tensor codes, Tensor norms, int start, int length, int bits=4, "
     "bool rotated=False, Tensor? signs=None) -> Tensor",
     "flash_attn_vec_tq": "flash_attn_vec_tq(Tensor q, Tensor k_codes, Tensor k_norms, Tensor v_codes, "
-    "Tensor v_norms, int kv_len, float scale, int bits=4, int sliding_window=0, float softcap=0.0, "
-    "Tensor? kv_start=None, Tensor? signs=None, Tensor(a!)? lse=None) -> Tensor",
+    "Tensor v_norms, SymInt kv_len, float scale, int bits=4, int sliding_window=0, float softcap=0.0, "
+    "Tensor? kv_start=None, Tensor? signs=None, Tensor(a!)? lse=None, int? v_bits=None, Tensor? k_sink=None, "
+    "Tensor? v_sink=None, Tensor? k_recent=None, Tensor? v_recent=None) -> Tensor",
     "kv_cache_copy": "kv_cache_copy(Tensor src, Tensor(a!) cache, int write_pos, bool is_sliding=False) -> ()",
 }
 
@@ -37,8 +39,9 @@ for _name in SCHEMAS:
 
 
 @torch.library.register_fake("tq::hadamard_quantize_kv")
-def _(src, codes, norms, write_pos, is_sliding=False, bits=4, signs=None):
-    _validation.check_hadamard_quantize_kv(src, codes, norms, write_pos, is_sliding, bits, signs)
+def _(src, codes, norms, write_pos, is_sliding=False, bits=4, signs=None, offset=None, norm_correction=False, sink=None,
+      recent=None):
+    _validation.check_hadamard_quantize_kv(src, codes, norms, write_pos, is_sliding, bits, signs, offset, sink, recent)
     return None
 
 
@@ -50,9 +53,10 @@ def _(codes, norms, start, length, bits=4, rotated=False, signs=None):
 
 @torch.library.register_fake("tq::flash_attn_vec_tq")
 def _(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, bits=4, sliding_window=0, softcap=0.0, kv_start=None,
-      signs=None, lse=None):
+      signs=None, lse=None, v_bits=None, k_sink=None, v_sink=None, k_recent=None, v_recent=None):
     _validation.check_flash_attn_vec_tq(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, bits,
-                                        sliding_window, softcap, kv_start, signs, lse)
+                                        sliding_window, softcap, kv_start, signs, lse, v_bits, k_sink, v_sink,
+                                        k_recent, v_recent)
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -78,11 +82,22 @@ def hadamard_quantize_kv(
     is_sliding: bool = False,
     bits: int = 4,
     signs: Optional[torch.Tensor] = None,
+    offset: Optional[torch.Tensor] = None,
+    norm_correction: bool = False,
+    sink: Optional[torch.Tensor] = None,
+    recent: Optional[torch.Tensor] = None,
 ) -> None:
     r"""Rotate, normalise, quantize and bit-pack new K or V vectors into a TurboQuant cache, in place.
 
-    Per rotation block of R = min(D, 256) coordinates: ``y = H_R (s ⊙ x) / sqrt(R)``, ``n = ||y||``,
-    ``code_i`` = nearest Lloyd–Max centroid of ``y_i * sqrt(R) / n`` (ties to the lower index).
+    Per rotation block of R = min(D, 256) coordinates: ``y = H_R (s ⊙ (x - offset)) / sqrt(R)``,
+    ``n = ||y||``, ``code_i`` = nearest Lloyd–Max centroid of ``y_i * sqrt(R) / n`` (ties to the lower
+    index). The stored norm is ``n``, or with ``norm_correction`` ``n * sqrt(R) / ||c[code]||`` so that
+    the decoded block ``c[code] * n_stored / sqrt(R)`` has exactly the norm ``n``.
+
+    The full-precision windows of :func:`flash_attn_vec_tq` are written by the same launch: the
+    rotated vector ``y`` itself (before quantization, cast to the buffer's dtype) goes to
+    ``sink[:, :, p]`` for positions ``p < S`` and to ``recent[:, :, p mod W]`` for every position
+    (when ``T > W`` only the last ``W`` are kept), so both hold exactly what the codes approximate.
 
     Args:
         src (torch.Tensor):
@@ -100,8 +115,20 @@ def hadamard_quantize_kv(
             code width b in (2, 3, 4, 5, 6, 8). Default: ``4``.
         signs (Optional[torch.Tensor]):
             float32 `[D]` of ±1 applied before the rotation; ``None`` means all ones. Default: ``None``.
+        offset (Optional[torch.Tensor]):
+            float32 `[B, Hkv, D]` subtracted from every new vector before the rotation (key centring:
+            attention without soft-capping is unchanged by a per-head shift of the keys). Default: ``None``.
+        norm_correction (bool):
+            store the corrected norm (see above). Default: ``False``.
+        sink (Optional[torch.Tensor]):
+            `[B, Hkv, S, D]` float32/float16/bfloat16, contiguous: full-precision rotated copies of
+            positions ``0 … S-1``, written in place for the new tokens among them. Default: ``None``.
+        recent (Optional[torch.Tensor]):
+            `[B, Hkv, W, D]` float32/float16/bfloat16, contiguous, ``W >= 1``: a ring of the newest
+            ``W`` positions (slot ``p mod W``), full-precision rotated copies, written in place. Default: ``None``.
     """
-    _dispatch("hadamard_quantize_kv", src.device)(src, codes, norms, write_pos, is_sliding, bits, signs)
+    _dispatch("hadamard_quantize_kv", src.device)(src, codes, norms, write_pos, is_sliding, bits, signs, offset,
+                                                  norm_correction, sink, recent)
 
 
 def dequantize_kv(
@@ -144,6 +171,11 @@ def flash_attn_vec_tq(
     kv_start: Optional[torch.Tensor] = None,
     signs: Optional[torch.Tensor] = None,
     lse: Optional[torch.Tensor] = None,
+    v_bits: Optional[int] = None,
+    k_sink: Optional[torch.Tensor] = None,
+    v_sink: Optional[torch.Tensor] = None,
+    k_recent: Optional[torch.Tensor] = None,
+    v_recent: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     r"""Decode attention over a TurboQuant-compressed KV cache, computed in the rotated domain.
 
@@ -153,11 +185,20 @@ def flash_attn_vec_tq(
     when ``softcap > 0``; softmax in float32. Query head h reads KV head ``h // (Hq / Hkv)``.
     A query with no visible position returns zeros.
 
+    Full-precision windows (optional, written by :func:`hadamard_quantize_kv`): which positions are
+    visible is decided as above; a visible position ``j < S`` is read from ``k_sink``/``v_sink``, one with
+    ``j >= kv_len - W`` from the ring ``k_recent``/``v_recent`` (slot ``j mod W``), every other one from
+    the codes. Window entries are in the rotated domain, like the decoded codes, so one softmax
+    covers sinks, codes and the recent window exactly.
+
+    The op cannot know what was written: ``kv_len`` must be the number of tokens written to the
+    cache (and to the recent ring) — a larger value attends over unwritten slots.
+
     Args:
         q (torch.Tensor): queries `[B, Hq, Lq, D]`, float32/float16/bfloat16.
         k_codes, v_codes (torch.Tensor): uint8 `[B, Hkv, C, D*b/8]`.
         k_norms, v_norms (torch.Tensor): float32 `[B, Hkv, C, D/R]`.
-        kv_len (int): number of tokens written so far (>= Lq). ``kv_len > C`` (a wrapped ring
+        kv_len (int): number of tokens written so far (>= Lq); a ``SymInt`` under ``torch.compile``. ``kv_len > C`` (a wrapped ring
             buffer) requires ``0 < sliding_window`` and ``sliding_window + Lq - 1 <= C``.
         scale (float): score scale, usually ``D ** -0.5``.
         bits (int): code width b. Default: ``4``.
@@ -168,13 +209,19 @@ def flash_attn_vec_tq(
         lse (Optional[torch.Tensor]): contiguous float32 `[B, Hq, Lq]`, written in place with the
             natural log of each query's softmax denominator, ``log Σ_j exp(s_j)`` over its visible
             positions (``-inf`` when none is visible), so the output can be merged exactly with
-            attention over other keys (e.g. recent tokens kept in full precision). Default: ``None``.
+            attention over other keys. Default: ``None``.
+        v_bits (Optional[int]): code width of the values; ``None`` means ``bits``. Default: ``None``.
+        k_sink, v_sink (Optional[torch.Tensor]): `[B, Hkv, S, D]` float32/float16/bfloat16, contiguous,
+            ``S <= C``: positions ``0 … S-1`` in full precision, rotated. Both or neither. Default: ``None``.
+        k_recent, v_recent (Optional[torch.Tensor]): `[B, Hkv, W, D]`, contiguous, ``1 <= W <= C``: the
+            newest ``W`` positions, slot ``p mod W``, rotated. Both or neither. Default: ``None``.
 
     Returns:
         `[B, Hq, Lq, D]` in q's dtype.
     """
     return _dispatch("flash_attn_vec_tq", q.device)(
-        q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, bits, sliding_window, softcap, kv_start, signs, lse
+        q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, bits, sliding_window, softcap, kv_start, signs, lse,
+        v_bits, k_sink, v_sink, k_recent, v_recent,
     )
 
 

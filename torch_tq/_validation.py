@@ -100,6 +100,31 @@ def _check_write(op: str, write_pos: int, num_tokens: int, capacity: int, is_sli
         )
 
 
+def _check_full_precision(op: str, name: str, t: torch.Tensor, batch: int, kv_heads: int, head_dim: int,
+                          capacity: int, min_len: int) -> int:
+    """Checks one full-precision window buffer ``[B, Hkv, N, D]``; returns N."""
+    _check_rank(op, name, t, 4, "[B, Hkv, N, D]")
+    _check_float(op, name, t)
+    if (t.shape[0], t.shape[1], t.shape[3]) != (batch, kv_heads, head_dim):
+        _fail(op, f"{name} must have [B, Hkv, *, D] = [{batch}, {kv_heads}, *, {head_dim}], got {_shape(t)}")
+    if t.shape[2] < min_len or t.shape[2] > capacity:
+        _fail(op, f"{name} must hold between {min_len} and C={capacity} positions, got {t.shape[2]}")
+    _check_contiguous(op, name, t)
+    return t.shape[2]
+
+
+def _check_window_pair(op: str, prefix: str, k: Optional[torch.Tensor], v: Optional[torch.Tensor], batch: int,
+                       kv_heads: int, head_dim: int, capacity: int, min_len: int) -> None:
+    if (k is None) != (v is None):
+        _fail(op, f"k_{prefix} and v_{prefix} must be given together, got only {'k' if v is None else 'v'}_{prefix}")
+    if k is None:
+        return
+    _check_full_precision(op, f"k_{prefix}", k, batch, kv_heads, head_dim, capacity, min_len)
+    _check_full_precision(op, f"v_{prefix}", v, batch, kv_heads, head_dim, capacity, min_len)
+    if tuple(v.shape) != tuple(k.shape):
+        _fail(op, f"v_{prefix} shape {_shape(v)} must equal k_{prefix} shape {_shape(k)}")
+
+
 class WriteGeometry(NamedTuple):
     batch: int
     tokens: int
@@ -108,18 +133,30 @@ class WriteGeometry(NamedTuple):
     capacity: int
 
 
-def check_hadamard_quantize_kv(src, codes, norms, write_pos: int, is_sliding: bool, bits: int, signs) -> WriteGeometry:
+def check_hadamard_quantize_kv(src, codes, norms, write_pos: int, is_sliding: bool, bits: int, signs, offset=None,
+                               sink=None, recent=None) -> WriteGeometry:
     op = "hadamard_quantize_kv"
     _check_bits(op, bits)
     _check_rank(op, "src", src, 4, "[B, T, Hkv, D]")
     _check_float(op, "src", src)
     B, T, Hkv, D = src.shape
     _check_head_dim(op, D)
-    _check_same_device(op, {"src": src, "codes": codes, "norms": norms, "signs": signs})
+    _check_same_device(op, {"src": src, "codes": codes, "norms": norms, "signs": signs, "offset": offset,
+                            "sink": sink, "recent": recent})
     cB, cH, C = _check_packed_cache(op, "", codes, norms, D, bits)
     if (cB, cH) != (B, Hkv):
         _fail(op, f"codes must have [B, Hkv] = [{B}, {Hkv}] to match src, got [{cB}, {cH}]")
     _check_signs(op, signs, D)
+    if offset is not None:
+        if tuple(offset.shape) != (B, Hkv, D):
+            _fail(op, f"offset must have shape [B, Hkv, D] = [{B}, {Hkv}, {D}], got {_shape(offset)}")
+        if offset.dtype != torch.float32:
+            _fail(op, f"offset must be float32, got {offset.dtype}")
+        _check_contiguous(op, "offset", offset)
+    if sink is not None:
+        _check_full_precision(op, "sink", sink, B, Hkv, D, C, 0)
+    if recent is not None:
+        _check_full_precision(op, "recent", recent, B, Hkv, D, C, 1)
     _check_write(op, write_pos, T, C, is_sliding)
     return WriteGeometry(B, T, Hkv, D, C)
 
@@ -158,19 +195,23 @@ class AttentionGeometry(NamedTuple):
 
 
 def check_flash_attn_vec_tq(q, k_codes, k_norms, v_codes, v_norms, kv_len: int, scale: float, bits: int,
-                            sliding_window: int, softcap: float, kv_start, signs, lse=None) -> AttentionGeometry:
+                            sliding_window: int, softcap: float, kv_start, signs, lse=None, v_bits=None, k_sink=None,
+                            v_sink=None, k_recent=None, v_recent=None) -> AttentionGeometry:
     op = "flash_attn_vec_tq"
     _check_bits(op, bits)
+    if v_bits is not None and v_bits not in SUPPORTED_BITS:
+        _fail(op, f"v_bits must be one of {SUPPORTED_BITS} (or None = bits), got {v_bits}")
     _check_rank(op, "q", q, 4, "[B, Hq, Lq, D]")
     _check_float(op, "q", q)
     B, Hq, Lq, D = q.shape
     _check_head_dim(op, D)
     _check_same_device(op, {"q": q, "k_codes": k_codes, "k_norms": k_norms, "v_codes": v_codes,
-                            "v_norms": v_norms, "kv_start": kv_start, "signs": signs, "lse": lse})
+                            "v_norms": v_norms, "kv_start": kv_start, "signs": signs, "lse": lse, "k_sink": k_sink,
+                            "v_sink": v_sink, "k_recent": k_recent, "v_recent": v_recent})
     kB, Hkv, C = _check_packed_cache(op, "k_", k_codes, k_norms, D, bits)
-    _check_packed_cache(op, "v_", v_codes, v_norms, D, bits)
-    if tuple(v_codes.shape) != tuple(k_codes.shape):
-        _fail(op, f"v_codes shape {_shape(v_codes)} must equal k_codes shape {_shape(k_codes)}")
+    _check_packed_cache(op, "v_", v_codes, v_norms, D, bits if v_bits is None else v_bits)
+    if tuple(v_codes.shape[:3]) != tuple(k_codes.shape[:3]):
+        _fail(op, f"v_codes shape {_shape(v_codes)} must match k_codes shape {_shape(k_codes)} in [B, Hkv, C]")
     if kB != B:
         _fail(op, f"k_codes batch must be B={B} to match q, got {kB}")
     if Hq % Hkv != 0:
@@ -204,6 +245,8 @@ def check_flash_attn_vec_tq(q, k_codes, k_norms, v_codes, v_norms, kv_len: int, 
         if lse.dtype != torch.float32:
             _fail(op, f"lse must be float32, got {lse.dtype}")
         _check_contiguous(op, "lse", lse)
+    _check_window_pair(op, "sink", k_sink, v_sink, B, Hkv, D, C, 0)
+    _check_window_pair(op, "recent", k_recent, v_recent, B, Hkv, D, C, 1)
     return AttentionGeometry(B, Hq, Hkv, Lq, D, C)
 
 

@@ -56,16 +56,30 @@ def nearest_code(u: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.bucketize(u, decision_boundaries(bits, device=u.device), right=False)
 
 
-def quantize(x: torch.Tensor, bits: int, signs: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encode vectors ``[..., D]`` → (packed codes ``[..., D*b/8]`` uint8, norms ``[..., D/R]`` float32)."""
-    D = x.shape[-1]
+def encode_rotated(y: torch.Tensor, bits: int, norm_correction: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode rotated vectors ``y [..., D]`` → (packed codes ``[..., D*b/8]`` uint8, norms ``[..., D/R]`` float32).
+
+    With ``norm_correction`` the stored norm is ``n * sqrt(R) / ||c[code]||``, so the decoded block
+    ``c[code] * n_stored / sqrt(R)`` has exactly the norm ``n`` of ``y``'s block.
+    """
+    D = y.shape[-1]
     block = rotation_block(D)
-    y = rotate(x, signs).reshape(*x.shape[:-1], D // block, block)
-    norms = torch.linalg.vector_norm(y, dim=-1)  # [..., D/R]
+    blocks = y.reshape(*y.shape[:-1], D // block, block)
+    norms = torch.linalg.vector_norm(blocks, dim=-1)  # [..., D/R]
     # A zero block stores norm 0 and u = 0 (decodes to 0 whatever its codes).
     inv = torch.where(norms > 0, math.sqrt(block) / norms, torch.zeros_like(norms))
-    u = (y * inv.unsqueeze(-1)).reshape(x.shape[:-1] + (D,))
-    return pack_codes(nearest_code(u, bits), bits), norms
+    u = (blocks * inv.unsqueeze(-1)).reshape(y.shape)
+    indices = nearest_code(u, bits)
+    if norm_correction:
+        values = lloyd_max_codebook(bits, device=y.device)[indices].reshape(blocks.shape)
+        decoded_unit = torch.linalg.vector_norm(values, dim=-1)  # ||c[code]|| per block, never 0
+        norms = norms * math.sqrt(block) / decoded_unit
+    return pack_codes(indices, bits), norms
+
+
+def quantize(x: torch.Tensor, bits: int, signs: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode vectors ``[..., D]`` → (packed codes ``[..., D*b/8]`` uint8, norms ``[..., D/R]`` float32)."""
+    return encode_rotated(rotate(x, signs), bits)
 
 
 def dequantize_rotated(codes: torch.Tensor, norms: torch.Tensor, bits: int) -> torch.Tensor:
@@ -78,13 +92,25 @@ def dequantize_rotated(codes: torch.Tensor, norms: torch.Tensor, bits: int) -> t
     return values * scale
 
 
-def hadamard_quantize_kv(src, codes, norms, write_pos: int, is_sliding: bool = False, bits: int = 4, signs=None) -> None:
-    _validation.check_hadamard_quantize_kv(src, codes, norms, write_pos, is_sliding, bits, signs)
-    first, slots = ring_write_slots(src.shape[1], write_pos, codes.shape[2], is_sliding)
-    new_codes, new_norms = quantize(src[:, first:].transpose(1, 2), bits, signs)  # [B, Hkv, T', *]
-    slots = slots.to(codes.device)
-    codes.index_copy_(2, slots, new_codes)
-    norms.index_copy_(2, slots, new_norms)
+def hadamard_quantize_kv(src, codes, norms, write_pos: int, is_sliding: bool = False, bits: int = 4, signs=None,
+                         offset=None, norm_correction: bool = False, sink=None, recent=None) -> None:
+    _validation.check_hadamard_quantize_kv(src, codes, norms, write_pos, is_sliding, bits, signs, offset, sink, recent)
+    T = src.shape[1]
+    x = src.to(torch.float32)
+    if offset is not None:
+        x = x - offset.unsqueeze(1)
+    y = rotate(x.transpose(1, 2), signs)  # [B, Hkv, T, D], rotated domain
+    first, slots = ring_write_slots(T, write_pos, codes.shape[2], is_sliding)
+    new_codes, new_norms = encode_rotated(y[:, :, first:], bits, norm_correction)
+    codes.index_copy_(2, slots.to(codes.device), new_codes)
+    norms.index_copy_(2, slots.to(codes.device), new_norms)
+    if sink is not None:
+        # Positions write_pos … write_pos+n-1 that are below S.
+        n = max(0, min(T, sink.shape[2] - write_pos))
+        sink[:, :, write_pos : write_pos + n] = y[:, :, :n].to(sink.dtype)
+    if recent is not None:
+        first, slots = ring_write_slots(T, write_pos, recent.shape[2], True)
+        recent.index_copy_(2, slots.to(recent.device), y[:, :, first:].to(recent.dtype))
 
 
 def dequantize_kv(codes, norms, start: int, length: int, bits: int = 4, rotated: bool = False, signs=None) -> torch.Tensor:
@@ -95,16 +121,28 @@ def dequantize_kv(codes, norms, start: int, length: int, bits: int = 4, rotated:
 
 
 def flash_attn_vec_tq(q, k_codes, k_norms, v_codes, v_norms, kv_len: int, scale: float, bits: int = 4,
-                      sliding_window: int = 0, softcap: float = 0.0, kv_start=None, signs=None, lse=None) -> torch.Tensor:
+                      sliding_window: int = 0, softcap: float = 0.0, kv_start=None, signs=None, lse=None, v_bits=None,
+                      k_sink=None, v_sink=None, k_recent=None, v_recent=None) -> torch.Tensor:
     geo = _validation.check_flash_attn_vec_tq(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, bits,
-                                              sliding_window, softcap, kv_start, signs, lse)
+                                              sliding_window, softcap, kv_start, signs, lse, v_bits, k_sink, v_sink,
+                                              k_recent, v_recent)
     B, Hq, Hkv, Lq, D, C = geo
     group = Hq // Hkv
     lo, hi = valid_positions(kv_len, C)
     positions = torch.arange(lo, hi, device=q.device)  # [N]
     slots = positions % C
     k = dequantize_rotated(k_codes.index_select(2, slots), k_norms.index_select(2, slots), bits)  # [B, Hkv, N, D]
-    v = dequantize_rotated(v_codes.index_select(2, slots), v_norms.index_select(2, slots), bits)
+    v = dequantize_rotated(v_codes.index_select(2, slots), v_norms.index_select(2, slots), bits if v_bits is None else v_bits)
+    # Positions held in full precision are read from there (rotated, like the decoded codes); sinks win.
+    if k_recent is not None:
+        W = k_recent.shape[2]
+        held = positions >= kv_len - W
+        k[:, :, held] = k_recent[:, :, positions[held] % W].float()
+        v[:, :, held] = v_recent[:, :, positions[held] % W].float()
+    if k_sink is not None:
+        held = positions < k_sink.shape[2]
+        k[:, :, held] = k_sink[:, :, positions[held]].float()
+        v[:, :, held] = v_sink[:, :, positions[held]].float()
 
     # Attention is computed in the rotated domain: q·k = (Rq)·(Rk) for the orthonormal rotation R.
     q_rot = rotate(q, signs).reshape(B, Hkv, group, Lq, D)
