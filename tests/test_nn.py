@@ -193,37 +193,44 @@ def test_merge_attention_equals_attention_over_the_union():
 @pytest.mark.parametrize("recent", [0, 5])
 @pytest.mark.parametrize("sinks", [0, 4])
 @pytest.mark.parametrize("case", ["decode", "multi-query", "kv-start", "window", "fewer-tokens-than-sinks", "long-chunk",
-                                  "long-chunk-window"])
+                                  "long-chunk-window", "sliding-wrapped", "k8v3"])
 def test_full_precision_sinks_and_recent_tokens_attend_exactly(case, sinks, recent):
-    """Sink and recent positions are attended in full precision, the rest from the codes, merged exactly.
+    """Sink and recent positions are attended in full precision, the rest from the codes, in one exact softmax.
 
-    "long-chunk": the last call adds 12 tokens (> 2 * recent), so some of its own queries sit in the codes."""
+    "long-chunk": the last call adds 12 tokens (> recent), so some of its own queries read older neighbours
+    from the codes; "sliding-wrapped": a ring-buffer cache that has wrapped keeps its recent window."""
     B, Hq, Hkv, D = 2, 4, 2, 64
-    N = 3 if case == "fewer-tokens-than-sinks" else 29
-    Lq = {"multi-query": 3, "kv-start": 3, "fewer-tokens-than-sinks": 3, "long-chunk": 12, "long-chunk-window": 12}.get(case, 1)
+    N = 3 if case == "fewer-tokens-than-sinks" else 45 if case == "sliding-wrapped" else 29
+    Lq = {"multi-query": 3, "kv-start": 3, "fewer-tokens-than-sinks": 3, "long-chunk": 12, "long-chunk-window": 12,
+          "sliding-wrapped": 2}.get(case, 1)
     kv_start = torch.tensor([0, 2]) if case == "kv-start" else None
     window = 10 if case in ("window", "long-chunk-window") else 0
-    cache = TurboQuantKVCache(Hkv, D, capacity=32, bits=4, batch_size=B, sink_tokens=sinks, recent_tokens=recent)
+    sliding = 12 if case == "sliding-wrapped" else 0
+    v_bits = 3 if case == "k8v3" else None
+    cache = TurboQuantKVCache(Hkv, D, capacity=32 if not sliding else 16, bits=8 if v_bits else 4, batch_size=B,
+                              sliding_window=sliding, sink_tokens=sinks, recent_tokens=recent, v_bits=v_bits)
     k, v = torch.randn(B, N, Hkv, D) + 1.0, torch.randn(B, N, Hkv, D)
     for lo, hi in ((0, 2), (2, max(2, N - Lq)), (max(2, N - Lq), N)):  # chunks, the queries' own tokens last
         cache.append(k[:, lo:hi], v[:, lo:hi])
-    assert cache.num_recent == (min(N, recent + min(Lq, recent)) if recent else 0)
+    assert cache.num_recent == min(N, recent) and cache.num_sinks == min(N, sinks)
     q = torch.randn(B, Hq, Lq, D)
-    out = cache.attend(q, sliding_window=window, kv_start=kv_start)
+    out = cache.attend(q, sliding_window=window or None, kv_start=kv_start)
     kd, vd = cache.dequantize()
+    lo = N - kd.shape[2]
+    positions = torch.arange(lo, N)
     # dequantize() shows what attend uses: full precision at the sink and recent positions ...
-    full = torch.zeros(N, dtype=torch.bool)
-    full[: min(sinks, N)] = True
-    full[N - cache.num_recent :] = True
-    torch.testing.assert_close(kd[:, :, full], k.transpose(1, 2)[:, :, full])
-    torch.testing.assert_close(vd[:, :, full], v.transpose(1, 2)[:, :, full])
-    # ... codes elsewhere (4-bit error is far above float rounding) ...
-    assert full.all() or (kd[:, :, ~full] - k.transpose(1, 2)[:, :, ~full]).abs().max() > 1e-3
+    full = (positions < sinks) | (positions >= N - recent)
+    ks, vs = k.transpose(1, 2)[:, :, lo:], v.transpose(1, 2)[:, :, lo:]
+    torch.testing.assert_close(kd[:, :, full], ks[:, :, full])
+    torch.testing.assert_close(vd[:, :, full], vs[:, :, full])
+    # ... codes elsewhere (the quantization error is far above float rounding) ...
+    assert full.all() or (kd[:, :, ~full] - ks[:, :, ~full]).abs().max() > 1e-3
     # ... and attend equals attention over exactly those K/V.
-    exact = _attention_over(q, kd, vd, N, window=window, kv_start=kv_start)
+    exact = _attention_over(q, kd, vd, N, window=window or sliding, kv_start=kv_start)
     assert _rel(out, exact) < 1e-5
-    fp_bytes = 2 * B * Hkv * D * 4 * (min(sinks, N) + cache.num_recent)
-    assert cache.nbytes_used == 2 * quantized_nbytes(B, Hkv, cache.quantized_len, D, 4) + fp_bytes
+    held = kd.shape[2]
+    codes = quantized_nbytes(B, Hkv, held, D, cache.bits) + quantized_nbytes(B, Hkv, held, D, cache.v_bits)
+    assert cache.nbytes_used == codes + 2 * B * Hkv * D * 4 * (min(sinks, N) + min(recent, N))
 
 
 def test_recent_tokens_truncate_and_dequantize_range():
@@ -231,29 +238,35 @@ def test_recent_tokens_truncate_and_dequantize_range():
     k, v = torch.randn(1, 20, 1, 64), torch.randn(1, 20, 1, 64)
     for t in range(0, 20, 3):
         cache.append(k[:, t : t + 3], v[:, t : t + 3])
-    assert (cache.seq_len, cache.quantized_len) == (20, 14)
-    kd, _ = cache.dequantize_range(10, 8)  # codes 10..13, then full precision 14..17
-    torch.testing.assert_close(kd[0, 0, 4:], k[0, 14:18, 0])
-    assert (kd[0, 0, :4] - k[0, 10:14, 0]).abs().max() < 0.05  # 8-bit codes
-    cache.truncate(16)
-    assert (cache.seq_len, cache.quantized_len, cache.num_recent) == (16, 14, 2)
+    assert (cache.seq_len, cache.num_recent) == (20, 4)
+    kd, _ = cache.dequantize_range(10, 8)  # codes 10..15, then full precision 16..17
+    torch.testing.assert_close(kd[0, 0, 6:], k[0, 16:18, 0])
+    assert 1e-4 < (kd[0, 0, :6] - k[0, 10:16, 0]).abs().max() < 0.05  # 8-bit codes
+    # Cutting 2 tokens: positions 14, 15 come back into the window, but their ring slots held 18, 19:
+    # they are refilled from the codes, so the cache attends to exactly what dequantize() shows.
+    cache.truncate(18)
+    kd, vd = cache.dequantize()
+    torch.testing.assert_close(kd[0, 0, 16:18], k[0, 16:18, 0])
+    assert 1e-4 < (kd[0, 0, 14:16] - k[0, 14:16, 0]).abs().max() < 0.05
+    q = torch.randn(1, 2, 1, 64)
+    assert _rel(cache.attend(q), _attention_over(q, kd, vd, 18)) < 1e-5
     cache.truncate(9)
-    assert (cache.seq_len, cache.quantized_len, cache.num_recent) == (9, 9, 0)
     cache.append(k[:, 9:12], v[:, 9:12])
+    assert cache.seq_len == 12
     kd, _ = cache.dequantize()
     torch.testing.assert_close(kd[0, 0, 9:12], k[0, 9:12, 0])
-    # A long prefill is quantized at once but for 2 * recent_tokens: the window's memory stays bounded.
+    # One long prefill: every token is quantized, and the windows keep only their fixed sizes.
     cache.reset()
     cache.append(k, v)
-    assert (cache.seq_len, cache.num_recent) == (20, 8)
+    assert (cache.seq_len, cache.num_recent, cache.recent_k.shape[2]) == (20, 4, 4)
 
 
-def test_sink_tokens_rules():
+def test_window_rules():
     with pytest.raises(ValueError, match="sink_tokens must be >= 0"):
         TurboQuantKVCache(2, 64, capacity=8, sink_tokens=-1)
-    with pytest.raises(ValueError, match="sink_tokens needs a global cache"):
-        TurboQuantKVCache(2, 64, capacity=8, sliding_window=4, sink_tokens=2)
     with pytest.raises(ValueError, match="recent_tokens must be >= 0"):
         TurboQuantKVCache(2, 64, capacity=8, recent_tokens=-3)
-    with pytest.raises(ValueError, match="recent_tokens needs a global cache"):
-        TurboQuantKVCache(2, 64, capacity=8, sliding_window=4, recent_tokens=2)
+    with pytest.raises(ValueError, match="recent_tokens=9 exceeds the capacity C=8"):
+        TurboQuantKVCache(2, 64, capacity=8, recent_tokens=9)
+    with pytest.raises(ValueError, match="v_bits must be one of"):
+        TurboQuantKVCache(2, 64, capacity=8, v_bits=7)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _ops
+from .backends.cpu.turboquant import unrotate
 from .layout import (
     SUPPORTED_BITS,
     SUPPORTED_HEAD_DIMS,
@@ -37,42 +38,52 @@ class TurboQuantKVCache(nn.Module):
     sliding cache (DESIGN §5). Every write rotates with the sign vector ``signs`` (default
     :func:`torch_tq.hadamard_signs`), which is part of the storage format; reads pass the same signs.
 
+    A decode step is one ``tq.hadamard_quantize_kv`` launch per tensor (key centring, norm correction
+    and the full-precision window writes happen inside it) and one ``tq.flash_attn_vec_tq`` launch that
+    reads sinks + codes + recent window (DESIGN §8). Every buffer is allocated once, for the capacity;
+    :meth:`append` and :meth:`attend` allocate, concatenate and synchronise nothing (a global cache
+    grows only through :meth:`grow`, which the transformers integration calls when it is full).
+
     Args:
         num_kv_heads (int): Hkv.
         head_dim (int): D, one of (64, 128, 256, 512).
         capacity (int): C, the number of slots. A sliding cache needs ``C >= sliding_window`` (and
             ``C >= sliding_window + Lq - 1`` to attend ``Lq`` queries at once after it has wrapped).
-        bits (int): code width b in (2, 3, 4, 5, 6, 8). Default: ``4``.
+        bits (int): code width of the keys (and of the values unless ``v_bits`` is given), in
+            (2, 3, 4, 5, 6, 8). Default: ``4``.
         batch_size (int): B. Default: ``1``.
         sliding_window (int): 0 for a global cache; ``> 0`` makes the cache a ring buffer whose
             :meth:`attend` defaults to this window. Default: ``0``.
         signs (Optional[torch.Tensor]): float32 ``[D]`` of ±1 applied before the rotation.
             Default: ``None``, meaning :func:`torch_tq.hadamard_signs` ``(D)``.
         device: where the buffers live. Default: ``None`` (the default device).
-        center_keys (bool): store keys minus their mean over the first appended tokens (exact for
-            attention without soft-capping, more accurate after quantization). Default: ``True``.
-        norm_correction (bool): rescale each new token's stored norm so that its decoded vector has
-            the true norm (decodes only the new tokens). Default: ``True``.
-        sink_tokens (int): keep the K/V of the first ``sink_tokens`` positions also in full precision
-            (the dtype of the first appended K/V) and attend to them from there, merging with the
-            compressed positions through the op's log-sum-exp. The first tokens ("attention sinks")
-            take a large share of the attention of every query, so their quantization error weighs
-            on every output. These are absolute positions: in a left-padded batch a padded row's
-            sinks are padding (masked by ``kv_start``), so its own first tokens stay quantized.
-            Global caches only. Default: ``0``.
-        recent_tokens (int): keep the newest tokens in full precision: the newest ``recent_tokens``
-            of earlier calls and up to ``recent_tokens`` of the latest call (so a decode chunk also
-            sees itself in full precision, and at most ``2 * recent_tokens`` tokens are held this
-            way); older ones are quantized as they leave. Global caches only. Default: ``0``.
+        center_keys (bool): store keys minus their mean over the first append (exact for attention
+            without soft-capping, more accurate after quantization). Default: ``True``.
+        norm_correction (bool): store each block's norm so that its decoded vector has the true norm.
+            Default: ``True``.
+        sink_tokens (int): also keep the K/V of the first ``sink_tokens`` positions in full precision
+            and attend to them from there. The first tokens ("attention sinks") take a large share of
+            every query's attention, so their quantization error weighs on every output. These are
+            absolute positions: in a left-padded batch a padded row's sinks are padding (masked by
+            ``kv_start``), so its own first tokens stay quantized. Default: ``0``.
+        recent_tokens (int): also keep the newest ``recent_tokens`` positions in full precision, in a
+            ring (a query's own neighbourhood matters most). Must be ``<= capacity``. Default: ``0``.
+        v_bits (Optional[int]): code width of the values. Default: ``None`` (= ``bits``).
+        dtype (Optional[torch.dtype]): dtype of the full-precision windows. Default: ``None``, the dtype
+            of the first appended K/V.
+
+    Every token is quantized when it is appended; the windows hold full-precision copies in the
+    rotated domain (what the op reads), so tokens never move between stores.
 
     Shapes:
-        - k_codes, v_codes (buffers): uint8 ``[B, Hkv, C, D*b/8]``, a little-endian bitstream per row.
+        - k_codes, v_codes (buffers): uint8 ``[B, Hkv, C, D*b/8]`` (``b`` = bits, ``v_bits``), a
+          little-endian bitstream per row.
         - k_norms, v_norms (buffers): float32 ``[B, Hkv, C, D/R]``.
         - signs (buffer): float32 ``[D]``.
-        - k_mean (buffer): float32 ``[B, 1, Hkv, D]``, the key offset (zeros without ``center_keys``).
-        - sink_k, sink_v (buffers): ``[B, Hkv, sink_tokens, D]``, the first positions in full precision
-          (keys centered like the compressed ones).
-        - recent_k, recent_v (buffers): ``[B, Hkv, num_recent, D]``, the positions not quantized yet.
+        - k_mean (buffer): float32 ``[B, Hkv, D]``, the key offset (zeros without ``center_keys``).
+        - sink_k, sink_v (buffers): ``[B, Hkv, sink_tokens, D]``, positions ``0 … sink_tokens-1``, rotated.
+        - recent_k, recent_v (buffers): ``[B, Hkv, recent_tokens, D]``, position ``p`` in slot
+          ``p mod recent_tokens``, rotated.
         - append: k, v ``[B, T, Hkv, D]`` (float32/float16/bfloat16).
         - attend: q ``[B, Hq, Lq, D]`` -> ``[B, Hq, Lq, D]`` in q's dtype.
         - dequantize: -> k, v float32 ``[B, Hkv, N, D]`` for the N positions still held.
@@ -104,12 +115,16 @@ class TurboQuantKVCache(nn.Module):
         norm_correction: bool = True,
         sink_tokens: int = 0,
         recent_tokens: int = 0,
+        v_bits: Optional[int] = None,
+        dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
+        v_bits = bits if v_bits is None else v_bits
         if head_dim not in SUPPORTED_HEAD_DIMS:
             raise ValueError(f"TurboQuantKVCache: head_dim must be one of {SUPPORTED_HEAD_DIMS}, got {head_dim}")
-        if bits not in SUPPORTED_BITS:
-            raise ValueError(f"TurboQuantKVCache: bits must be one of {SUPPORTED_BITS}, got {bits}")
+        for name, value in (("bits", bits), ("v_bits", v_bits)):
+            if value not in SUPPORTED_BITS:
+                raise ValueError(f"TurboQuantKVCache: {name} must be one of {SUPPORTED_BITS}, got {value}")
         if sliding_window < 0:
             raise ValueError(f"TurboQuantKVCache: sliding_window must be >= 0 (0 = global cache), got {sliding_window}")
         if sliding_window > capacity:
@@ -120,38 +135,40 @@ class TurboQuantKVCache(nn.Module):
         for name, value in (("sink_tokens", sink_tokens), ("recent_tokens", recent_tokens)):
             if value < 0:
                 raise ValueError(f"TurboQuantKVCache: {name} must be >= 0, got {value}")
-            if value > 0 and sliding_window > 0:
-                raise ValueError(f"TurboQuantKVCache: {name} needs a global cache (sliding-window caches quantize every token)")
+            if value > capacity:
+                raise ValueError(f"TurboQuantKVCache: {name}={value} exceeds the capacity C={capacity}")
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.bits = bits
+        self.v_bits = v_bits
         self.sliding_window = sliding_window
-        # Tokens written so far (absolute position of the next token).
+        self.center_keys = center_keys
+        self.norm_correction = norm_correction
+        self.sink_tokens = sink_tokens
+        self.recent_tokens = recent_tokens
+        # Tokens written so far (absolute position of the next token): host bookkeeping, never a tensor read.
         self.seq_len = 0
         k = allocate_quantized_kv(batch_size, num_kv_heads, capacity, head_dim, bits, device=device)
-        v = allocate_quantized_kv(batch_size, num_kv_heads, capacity, head_dim, bits, device=device)
+        v = allocate_quantized_kv(batch_size, num_kv_heads, capacity, head_dim, v_bits, device=device)
         self.register_buffer("k_codes", k.codes)
         self.register_buffer("k_norms", k.norms)
         self.register_buffer("v_codes", v.codes)
         self.register_buffer("v_norms", v.norms)
+        device = k.codes.device
         if signs is None:
             signs = hadamard_signs(head_dim)
         if signs.shape != (head_dim,):
             raise ValueError(f"TurboQuantKVCache: signs must have shape [D] = [{head_dim}], got {list(signs.shape)}")
-        self.register_buffer("signs", signs.to(device=k.codes.device, dtype=torch.float32).contiguous())
-        self.center_keys = center_keys
-        self.norm_correction = norm_correction
-        # Per-(sequence, KV head) key offset subtracted before quantization; set by the first append.
-        self.register_buffer("k_mean", torch.zeros(batch_size, 1, num_kv_heads, head_dim, device=k.codes.device))
+        self.register_buffer("signs", signs.to(device=device, dtype=torch.float32).contiguous())
+        # Per-(sequence, KV head) key offset subtracted inside the quantize op; set by the first append.
+        self.register_buffer("k_mean", torch.zeros(batch_size, num_kv_heads, head_dim, device=device))
         self.has_k_mean = False
-        self.sink_tokens = sink_tokens
-        self.register_buffer("sink_k", torch.zeros(batch_size, num_kv_heads, sink_tokens, head_dim, device=k.codes.device))
+        window = dict(device=device, dtype=dtype or torch.float32)
+        self.register_buffer("sink_k", torch.zeros(batch_size, num_kv_heads, sink_tokens, head_dim, **window))
         self.register_buffer("sink_v", torch.zeros_like(self.sink_k))
-        # Positions [0, quantized_len) are in the codes; [quantized_len, seq_len) only in recent_k/recent_v.
-        self.recent_tokens = recent_tokens
-        self.quantized_len = 0
-        self.register_buffer("recent_k", torch.zeros(batch_size, num_kv_heads, 0, head_dim, device=k.codes.device))
+        self.register_buffer("recent_k", torch.zeros(batch_size, num_kv_heads, recent_tokens, head_dim, **window))
         self.register_buffer("recent_v", torch.zeros_like(self.recent_k))
+        self._window_dtype_fixed = dtype is not None
 
     @property
     def is_sliding(self) -> bool:
@@ -173,42 +190,48 @@ class TurboQuantKVCache(nn.Module):
 
     @property
     def num_sinks(self) -> int:
-        """How many of the first positions are attended in full precision: ``min(sink_tokens, seq_len)``."""
+        """How many of the first positions are held in full precision: ``min(sink_tokens, seq_len)``."""
         return min(self.sink_tokens, self.seq_len)
 
     @property
     def num_recent(self) -> int:
-        """How many of the newest positions are not quantized yet (held in full precision only)."""
-        return self.seq_len - self.quantized_len
+        """How many of the newest positions are held in full precision: ``min(recent_tokens, seq_len)``."""
+        return min(self.recent_tokens, self.seq_len)
 
     @property
     def nbytes(self) -> int:
-        """Bytes allocated for K and V: codes + norms at the current capacity, and the full-precision tokens."""
-        codes = 2 * quantized_nbytes(self.batch_size, self.num_kv_heads, self.capacity, self.head_dim, self.bits)
-        return codes + self._full_precision_nbytes(self.sink_tokens)
+        """Bytes allocated for K and V: codes + norms at the current capacity, and the full-precision windows."""
+        return (self._codes_nbytes(self.capacity)
+                + self._window_nbytes(self.sink_tokens, self.sink_k) + self._window_nbytes(self.recent_tokens, self.recent_k))
 
     @property
     def nbytes_used(self) -> int:
-        """Bytes of K and V for the positions held (codes + norms, and the full-precision tokens), without spare capacity."""
-        lo, hi = valid_positions(self.quantized_len, self.capacity)
-        codes = 2 * quantized_nbytes(self.batch_size, self.num_kv_heads, hi - lo, self.head_dim, self.bits)
-        return codes + self._full_precision_nbytes(self.num_sinks)
+        """Bytes of K and V for the positions held (codes + norms, and the full-precision copies), without spare capacity."""
+        return (self._codes_nbytes(self.num_valid)
+                + self._window_nbytes(self.num_sinks, self.sink_k) + self._window_nbytes(self.num_recent, self.recent_k))
 
-    def _full_precision_nbytes(self, sinks: int) -> int:
-        per_token = 2 * self.batch_size * self.num_kv_heads * self.head_dim
-        return per_token * (sinks * self.sink_k.element_size() + self.num_recent * self.recent_k.element_size())
+    def _codes_nbytes(self, slots: int) -> int:
+        B, Hkv, D = self.batch_size, self.num_kv_heads, self.head_dim
+        return quantized_nbytes(B, Hkv, slots, D, self.bits) + quantized_nbytes(B, Hkv, slots, D, self.v_bits)
+
+    def _window_nbytes(self, tokens: int, buffer: torch.Tensor) -> int:
+        return 2 * self.batch_size * self.num_kv_heads * self.head_dim * tokens * buffer.element_size()
 
     def extra_repr(self) -> str:
         kind = f"sliding_window={self.sliding_window}" if self.is_sliding else "global"
+        bits = f"bits={self.bits}" + (f", v_bits={self.v_bits}" if self.v_bits != self.bits else "")
         extra = "".join(f", {name}={getattr(self, name)}" for name in ("sink_tokens", "recent_tokens") if getattr(self, name))
         return (f"B={self.batch_size}, Hkv={self.num_kv_heads}, D={self.head_dim}, C={self.capacity}, "
-                f"bits={self.bits}, {kind}, seq_len={self.seq_len}{extra}")
+                f"{bits}, {kind}, seq_len={self.seq_len}{extra}")
+
+    def _windows(self, which: str) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(sink, recent) buffers of ``which`` in ("k", "v"), None where the window is off."""
+        sink = getattr(self, f"sink_{which}") if self.sink_tokens else None
+        recent = getattr(self, f"recent_{which}") if self.recent_tokens else None
+        return sink, recent
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        r"""Add ``T`` new tokens (positions ``seq_len … seq_len+T-1``).
-
-        Without ``recent_tokens`` they are quantized into their slots at once. With it they join the
-        full-precision window, and the tokens that leave it are quantized (see ``recent_tokens``).
+        r"""Add ``T`` new tokens (positions ``seq_len … seq_len+T-1``): one quantize launch per tensor.
 
         Args:
             k, v (torch.Tensor): ``[B, T, Hkv, D]``, float32/float16/bfloat16.
@@ -227,63 +250,30 @@ class TurboQuantKVCache(nn.Module):
             )
         if T == 0:
             return
-        if self.center_keys:
+        if self.seq_len == 0:
+            self._start(k)
+        k_sink, k_recent = self._windows("k")
+        v_sink, v_recent = self._windows("v")
+        offset = self.k_mean if self.center_keys else None
+        _ops.hadamard_quantize_kv(k, self.k_codes, self.k_norms, self.seq_len, self.is_sliding, self.bits, self.signs,
+                                  offset, self.norm_correction, k_sink, k_recent)
+        _ops.hadamard_quantize_kv(v, self.v_codes, self.v_norms, self.seq_len, self.is_sliding, self.v_bits, self.signs,
+                                  None, self.norm_correction, v_sink, v_recent)
+        self.seq_len += T
+
+    def _start(self, k: torch.Tensor) -> None:
+        """First append (a prefill): fix the key offset and the windows' dtype. Not part of a decode step."""
+        if self.center_keys and not self.has_k_mean:
             # Softmax is invariant to adding q·mu to every score of a query, so keys may be stored
             # as k - mu for any fixed mu without changing attention; centering on the mean of the
             # first tokens removes the shared component of the keys and leaves the quantizer only
             # the part that differs between tokens (measured: 8-bit SmolLM2 perplexity +0.14% -> +0.005%).
-            if not self.has_k_mean:
-                self.k_mean.copy_(k.float().mean(dim=1, keepdim=True))
-                self.has_k_mean = True
-            k = k - self.k_mean.to(k.dtype)
-        if self.seq_len == 0:
+            self.k_mean.copy_(k.float().mean(dim=1))
+            self.has_k_mean = True
+        if not self._window_dtype_fixed and self.sink_k.dtype != k.dtype:
             # Full precision means the dtype of the model's K/V.
-            self.sink_k, self.sink_v = self.sink_k.to(k.dtype), self.sink_v.to(v.dtype)
-            self.recent_k, self.recent_v = self.recent_k.to(k.dtype), self.recent_v.to(v.dtype)
-        if self.seq_len < self.sink_tokens:
-            n = min(T, self.sink_tokens - self.seq_len)
-            self.sink_k[:, :, self.seq_len : self.seq_len + n] = k[:, :n].transpose(1, 2)
-            self.sink_v[:, :, self.seq_len : self.seq_len + n] = v[:, :n].transpose(1, 2)
-        if self.recent_tokens == 0:
-            self._quantize(k, v, self.seq_len)
-        else:
-            self.recent_k = torch.cat((self.recent_k, k.transpose(1, 2).to(self.recent_k.dtype)), dim=2)
-            self.recent_v = torch.cat((self.recent_v, v.transpose(1, 2).to(self.recent_v.dtype)), dim=2)
-            # Keep the newest recent_tokens of earlier calls and up to recent_tokens of this one, so a
-            # decode chunk attends to itself in full precision while a long prefill is quantized now.
-            leaving = self.num_recent + T - self.recent_tokens - min(T, self.recent_tokens)
-            if leaving > 0:
-                self._quantize(self.recent_k[:, :, :leaving].transpose(1, 2), self.recent_v[:, :, :leaving].transpose(1, 2),
-                               self.quantized_len)
-                self.recent_k, self.recent_v = self.recent_k[:, :, leaving:], self.recent_v[:, :, leaving:]
-        self.seq_len += T
-
-    def _quantize(self, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
-        """Encode ``k``, ``v`` ``[B, T, Hkv, D]`` (keys already centered) at positions ``start …``."""
-        T = k.shape[1]
-        _ops.hadamard_quantize_kv(k.contiguous(), self.k_codes, self.k_norms, start, self.is_sliding, self.bits, self.signs)
-        _ops.hadamard_quantize_kv(v.contiguous(), self.v_codes, self.v_norms, start, self.is_sliding, self.bits, self.signs)
-        if self.norm_correction:
-            self._correct_norms(start, T)
-        self.quantized_len = start + T
-
-    def _correct_norms(self, start: int, num_tokens: int) -> None:
-        """Rescale the stored norms of the tokens just written so each decoded block has the true norm.
-
-        The decoded block ``c[codes] * n / sqrt(R)`` has norm ``n * ||c[codes]|| / sqrt(R)``, not ``n``;
-        storing ``n * n / ||decoded||`` instead makes it exactly ``n`` (the decode formula is unchanged).
-        Only the new tokens are decoded (``[B, Hkv, T, D]``), never the cache.
-        """
-        first = max(0, num_tokens - self.capacity) if self.is_sliding else 0
-        length = num_tokens - first
-        slots = (torch.arange(start + first, start + num_tokens, device=self.k_norms.device) % self.capacity)
-        R = self.head_dim // self.k_norms.shape[-1]
-        for codes, norms in ((self.k_codes, self.k_norms), (self.v_codes, self.v_norms)):
-            y = _ops.dequantize_kv(codes, norms, start + first, length, self.bits, True, self.signs)  # [B, Hkv, T', D]
-            decoded = torch.linalg.vector_norm(y.reshape(*y.shape[:3], -1, R), dim=-1)  # [B, Hkv, T', D/R]
-            n = norms.index_select(2, slots)
-            fixed = torch.where(decoded > 0, n * n / decoded.clamp_min(torch.finfo(torch.float32).tiny), n)
-            norms.index_copy_(2, slots, fixed)
+            for name in ("sink_k", "sink_v", "recent_k", "recent_v"):
+                setattr(self, name, getattr(self, name).to(k.dtype))
 
     def attend(
         self,
@@ -293,10 +283,8 @@ class TurboQuantKVCache(nn.Module):
         sliding_window: Optional[int] = None,
         kv_start: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        r"""Attention of the last ``Lq`` positions over the cache: the fused ``tq.flash_attn_vec_tq`` over the codes.
-
-        With ``sink_tokens``/``recent_tokens``, the positions held in full precision are attended
-        separately and merged exactly with the op's output through its log-sum-exp.
+        r"""Attention of the last ``Lq`` positions over the cache: one ``tq.flash_attn_vec_tq`` launch that reads
+        the sinks, the codes and the recent window (one exact softmax over all of them).
 
         Args:
             q (torch.Tensor): ``[B, Hq, Lq, D]``, the queries of positions ``seq_len - Lq … seq_len - 1``
@@ -317,92 +305,15 @@ class TurboQuantKVCache(nn.Module):
             raise ValueError("TurboQuantKVCache.attend: softcap > 0 needs center_keys=False (tanh soft-capping is not "
                              "shift-invariant, so centered keys would change the scores)")
         window = self.sliding_window if sliding_window is None else sliding_window
-        # A window covering every cached position is full attention; this keeps a global cache smaller
-        # than a model's (large) window valid for the op, which requires sliding_window <= C.
-        if window >= self.seq_len and not self.is_sliding:
+        # A global cache never holds more than C positions, so a window wider than C is full attention
+        # (the op requires sliding_window <= C). Depends on the capacity only: nothing to recompile per step.
+        if not self.is_sliding and window > self.capacity:
             window = 0
-        if self.sink_tokens == 0 and self.recent_tokens == 0:
-            return _ops.flash_attn_vec_tq(q, self.k_codes, self.k_norms, self.v_codes, self.v_norms, self.seq_len,
-                                          scale, self.bits, window, softcap, kv_start, self.signs)
-        parts = [p for p in (self._attend_codes(q, scale, softcap, window, kv_start),
-                             self._attend_full_precision(q, scale, softcap, window, kv_start)) if p is not None]
-        out, lse = parts[0]
-        if len(parts) == 2:
-            out = merge_attention(out, lse, *parts[1])
-        return out.to(q.dtype)
-
-    def _query_positions(self, Lq: int, device) -> torch.Tensor:
-        return torch.arange(self.seq_len - Lq, self.seq_len, device=device)
-
-    def _attend_codes(self, q, scale: float, softcap: float, window: int, kv_start) -> Optional[tuple]:
-        """``tq.flash_attn_vec_tq`` over the quantized positions that are not sinks: (output, lse), or None if there are none."""
-        first = min(self.num_sinks, self.quantized_len)  # sinks are attended in full precision
-        if self.quantized_len == first:
-            return None
-        B, Hq, Lq, D = q.shape
-        start = kv_start
-        if first > 0:
-            start = torch.full((B,), first, dtype=torch.int64, device=q.device)
-            if kv_start is not None:
-                start = torch.maximum(start, kv_start.to(q.device))
-        codes = (self.k_codes, self.k_norms, self.v_codes, self.v_norms, self.quantized_len)
-        out = q.new_zeros(B, Hq, Lq, D)
-        lse = torch.full((B, Hq, Lq), -math.inf, device=q.device)
-
-        def op(queries, sliding_window):  # -> (output, lse) of queries that are the last positions of the codes
-            part_lse = torch.empty(queries.shape[:3], dtype=torch.float32, device=q.device)
-            part = _ops.flash_attn_vec_tq(queries, *codes, scale, self.bits, sliding_window, softcap, start, self.signs,
-                                          part_lse)
-            return part, part_lse
-
-        # Queries whose own position is quantized are the last `inside` positions of the codes: causal as usual.
-        inside = max(0, min(Lq, self.quantized_len - (self.seq_len - Lq)))
-        if inside > 0:
-            out[:, :, :inside], lse[:, :, :inside] = op(q[:, :, :inside], window)
-        if inside == Lq:
-            return out, lse
-        # Every quantized position is older than the other queries, so all of them are causally visible:
-        # one call with those queries as single-query heads (head h*L + i still maps to KV head
-        # h // (Hq / Hkv)). A window differs per query, then each query is its own call.
-        later = q[:, :, inside:]
-        L = Lq - inside
-        if window == 0:
-            part, part_lse = op(later.reshape(B, Hq * L, 1, D), 0)
-            out[:, :, inside:], lse[:, :, inside:] = part.reshape(B, Hq, L, D), part_lse.reshape(B, Hq, L)
-            return out, lse
-        for i, pos in enumerate(self._query_positions(Lq, "cpu").tolist()[inside:], start=inside):
-            # Query i sees positions > pos - window; as a query at position quantized_len - 1 that is
-            # a window of window - (pos - quantized_len + 1).
-            w = window - (pos - self.quantized_len + 1)
-            if w > 0:
-                out[:, :, i : i + 1], lse[:, :, i : i + 1] = op(q[:, :, i : i + 1], w)
-        return out, lse
-
-    def _attend_full_precision(self, q, scale: float, softcap: float, window: int, kv_start) -> Optional[tuple]:
-        """Attention over the sink and recent positions (float32): (output, lse), or None if there are none."""
-        sinks = min(self.num_sinks, self.quantized_len)  # sinks still in the recent window are counted there
-        k = torch.cat((self.sink_k[:, :, :sinks], self.recent_k), dim=2).float()
-        if k.shape[2] == 0:
-            return None
-        v = torch.cat((self.sink_v[:, :, :sinks], self.recent_v), dim=2).float()
-        j = torch.cat((torch.arange(sinks), torch.arange(self.quantized_len, self.seq_len))).to(q.device)
-        B, Hq, Lq, D = q.shape
-        Hkv = self.num_kv_heads
-        scores = scale * torch.einsum("bhgld,bhnd->bhgln", q.float().reshape(B, Hkv, Hq // Hkv, Lq, D), k)
-        if softcap > 0:
-            scores = softcap * torch.tanh(scores / softcap)
-        pos = self._query_positions(Lq, q.device)[:, None]
-        allowed = j[None, :] <= pos  # [Lq, N]
-        if window > 0:
-            allowed = allowed & (j[None, :] > pos - window)
-        allowed = allowed.expand(B, Lq, j.numel())
-        if kv_start is not None:
-            allowed = allowed & (j[None, None, :] >= kv_start.to(q.device)[:, None, None])
-        scores = scores.masked_fill(~allowed[:, None, None], -math.inf)
-        lse = torch.logsumexp(scores, dim=-1)  # -inf for a query that sees none of these positions
-        probs = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0)
-        out = torch.einsum("bhgln,bhnd->bhgld", probs, v)
-        return out.reshape(B, Hq, Lq, D), lse.reshape(B, Hq, Lq)
+        k_sink, k_recent = self._windows("k")
+        v_sink, v_recent = self._windows("v")
+        return _ops.flash_attn_vec_tq(q, self.k_codes, self.k_norms, self.v_codes, self.v_norms, self.seq_len, scale,
+                                      self.bits, window, softcap, kv_start, self.signs, None, self.v_bits, k_sink,
+                                      v_sink, k_recent, v_recent)
 
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The K/V :meth:`attend` uses for the positions still held: ``(k, v)``, float32 ``[B, Hkv, N, D]``
@@ -417,41 +328,50 @@ class TurboQuantKVCache(nn.Module):
         if start < lo or start + length > hi:
             raise ValueError(f"TurboQuantKVCache.dequantize_range: positions [{start}, {start + length}) are not all held; "
                              f"the cache holds [{lo}, {hi})")
-        stop = start + length
-        coded = max(0, min(stop, self.quantized_len) - start)
-        k = _ops.dequantize_kv(self.k_codes, self.k_norms, start, coded, self.bits, False, self.signs)
-        v = _ops.dequantize_kv(self.v_codes, self.v_norms, start, coded, self.bits, False, self.signs)
-        sinks = min(self.num_sinks, self.quantized_len)
-        if start < sinks:
-            n = min(sinks, stop) - start
-            k[:, :, :n], v[:, :, :n] = self.sink_k[:, :, start : start + n], self.sink_v[:, :, start : start + n]
-        if stop > self.quantized_len:
-            first = max(start, self.quantized_len) - self.quantized_len
-            k = torch.cat((k, self.recent_k[:, :, first : stop - self.quantized_len].float()), dim=2)
-            v = torch.cat((v, self.recent_v[:, :, first : stop - self.quantized_len].float()), dim=2)
+        positions = torch.arange(start, start + length, device=self.k_codes.device)
+        out = []
+        for which, bits in (("k", self.bits), ("v", self.v_bits)):
+            codes, norms = getattr(self, f"{which}_codes"), getattr(self, f"{which}_norms")
+            y = _ops.dequantize_kv(codes, norms, start, length, bits, True, self.signs)  # rotated domain
+            sink, recent = self._windows(which)
+            # Same source rule as the op: sinks first, then the recent ring, else the codes.
+            if recent is not None:
+                held = positions >= self.seq_len - self.recent_tokens
+                y[:, :, held] = recent[:, :, positions[held] % self.recent_tokens].float()
+            if sink is not None:
+                held = positions < self.sink_tokens
+                y[:, :, held] = sink[:, :, positions[held]].float()
+            out.append(unrotate(y, self.signs))
+        k, v = out
         if self.has_k_mean:
-            k = k + self.k_mean.transpose(1, 2)
+            k = k + self.k_mean.unsqueeze(2)
         return k, v
 
     def truncate(self, seq_len: int) -> None:
-        """Forget the positions from ``seq_len`` on (global caches; the codes of forgotten slots are rewritten later)."""
+        """Forget the positions from ``seq_len`` on (global caches; the codes of forgotten slots are rewritten later).
+
+        Ring slots of positions the recent window holds again after the cut were overwritten by the
+        forgotten tokens: they are refilled from the codes (those positions are then read as quantized).
+        """
         seq_len = max(0, min(seq_len, self.seq_len))
-        if seq_len >= self.quantized_len:
-            keep = seq_len - self.quantized_len
-            self.recent_k, self.recent_v = self.recent_k[:, :, :keep], self.recent_v[:, :, :keep]
-        else:
-            self.quantized_len = seq_len
-            self.recent_k, self.recent_v = self.recent_k[:, :, :0], self.recent_v[:, :, :0]
+        W = self.recent_tokens
+        lost_lo, lost_hi = max(0, seq_len - W), max(0, min(self.seq_len, seq_len + W) - W)
+        if W and lost_hi > lost_lo:
+            length = lost_hi - lost_lo
+            slots = torch.arange(lost_lo, lost_hi, device=self.k_codes.device) % W
+            for which, bits in (("k", self.bits), ("v", self.v_bits)):
+                codes, norms = getattr(self, f"{which}_codes"), getattr(self, f"{which}_norms")
+                y = _ops.dequantize_kv(codes, norms, lost_lo, length, bits, True, self.signs)
+                ring = getattr(self, f"recent_{which}")
+                ring.index_copy_(2, slots, y.to(ring.dtype))
         self.seq_len = seq_len
 
     def reset(self) -> None:
         """Forget every token (the buffers are zeroed and kept)."""
         self.seq_len = 0
-        self.quantized_len = 0
         self.has_k_mean = False
-        for t in (self.k_codes, self.k_norms, self.v_codes, self.v_norms, self.k_mean, self.sink_k, self.sink_v):
-            t.zero_()
-        self.recent_k, self.recent_v = self.recent_k[:, :, :0], self.recent_v[:, :, :0]
+        for name in ("k_codes", "k_norms", "v_codes", "v_norms", "k_mean", "sink_k", "sink_v", "recent_k", "recent_v"):
+            getattr(self, name).zero_()
 
     def grow(self, capacity: int) -> None:
         """Reallocate a global cache to ``capacity`` slots, keeping its tokens (copies packed bytes only)."""
@@ -462,7 +382,7 @@ class TurboQuantKVCache(nn.Module):
         for name in ("k_codes", "k_norms", "v_codes", "v_norms"):
             old = getattr(self, name)
             new = old.new_zeros(old.shape[0], old.shape[1], capacity, old.shape[3])
-            new[:, :, : self.quantized_len] = old[:, :, : self.quantized_len]
+            new[:, :, : self.seq_len] = old[:, :, : self.seq_len]
             setattr(self, name, new)
 
     _BATCH_BUFFERS = ("k_codes", "k_norms", "v_codes", "v_norms", "k_mean", "sink_k", "sink_v", "recent_k", "recent_v")
@@ -551,7 +471,8 @@ class TurboQuantAttention(nn.Module):
     * Prefill (the cache is empty): attends over the full-precision K/V of the new tokens (SDPA), then
       quantizes them into the cache.
     * Decode (the cache holds tokens): quantizes the new tokens into the cache, then calls the fused
-      ``tq.flash_attn_vec_tq`` over the compressed cache (the new tokens included) — no dequantized copy.
+      ``tq.flash_attn_vec_tq`` over the compressed cache (the new tokens included) — no dequantized copy:
+      three launches per step.
 
     Projections and rotary embeddings stay with the caller: this module takes the per-head q, k, v.
 
@@ -567,8 +488,9 @@ class TurboQuantAttention(nn.Module):
         scale (Optional[float]): score scale. Default: ``D ** -0.5``.
         signs (Optional[torch.Tensor]): rotation signs. Default: :func:`torch_tq.hadamard_signs` ``(D)``.
         device: where the cache lives. Default: ``None``.
-        sink_tokens, recent_tokens (int): positions also kept in full precision (global attention
-            only; see :class:`TurboQuantKVCache`). Default: ``0``.
+        sink_tokens, recent_tokens (int): positions also kept in full precision (see
+            :class:`TurboQuantKVCache`). Default: ``0``.
+        v_bits (Optional[int]): code width of the values. Default: ``None`` (= ``bits``).
 
     Shapes:
         - q: ``[B, T, Hq, D]``; k, v: ``[B, T, Hkv, D]`` (the new tokens, positions ``cache.seq_len …``).
@@ -597,6 +519,7 @@ class TurboQuantAttention(nn.Module):
         device: torch.device | str | None = None,
         sink_tokens: int = 0,
         recent_tokens: int = 0,
+        v_bits: Optional[int] = None,
     ):
         super().__init__()
         if num_heads % num_kv_heads != 0:
@@ -608,7 +531,8 @@ class TurboQuantAttention(nn.Module):
         self.scale = head_dim ** -0.5 if scale is None else scale
         self.sliding_window = sliding_window
         self.cache = TurboQuantKVCache(num_kv_heads, head_dim, capacity, bits, batch_size, sliding_window, signs, device,
-                                       center_keys=softcap == 0, sink_tokens=sink_tokens, recent_tokens=recent_tokens)
+                                       center_keys=softcap == 0, sink_tokens=sink_tokens, recent_tokens=recent_tokens,
+                                       v_bits=v_bits)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: Optional[torch.Tensor] = None) -> torch.Tensor:
         if q.dim() != 4 or q.shape[2] != self.num_heads or q.shape[3] != self.head_dim:

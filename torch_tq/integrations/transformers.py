@@ -25,12 +25,14 @@ How it fits together:
   step; a warning says so).
 
 Accuracy: each layer stores keys minus their mean over the prefill (exact for attention: softmax
-ignores a per-query constant; disabled for soft-capped models) and rescales each new token's norm so
-its decoded vector has the true norm. Global layers also keep their first ``sink_tokens`` (4) and
-newest ``recent_tokens`` (32) tokens in full precision; the fused op returns its softmax
-log-sum-exp and the two parts are merged exactly. Measured with ``torch-tq eval`` on SmolLM2-135M
-(3,550 tokens, prefill 128, chunks of 32; 2026-11-23): perplexity +0.21% at 4 bits (+4.46% with
-every token quantized), +1.56% at 3 bits, -0.02% at 8 bits over the float32 cache.
+ignores a per-query constant; disabled for soft-capped models) and each block's norm corrected so
+its decoded vector has the true norm — both inside the quantize op. Every layer also keeps its first
+``sink_tokens`` (4) and newest ``recent_tokens`` (32) tokens in full precision; the fused op reads
+them in the same softmax as the codes. Keys and values may use different widths (``v_bits``).
+
+A decode step of one layer is three launches: one ``tq.hadamard_quantize_kv`` per tensor (which also
+writes the full-precision windows) and one ``tq.flash_attn_vec_tq``; nothing is allocated,
+concatenated or synchronised (DESIGN §8).
 
 Capacity: a global layer allocates ``max_cache_len`` slots when given, else 256, and grows
 geometrically (reallocating packed bytes only) when full. A sliding layer is a ring buffer of
@@ -102,6 +104,7 @@ class TurboQuantLayer(CacheLayerMixin):
             the dequantized cache (False, for other attention implementations). Default: ``True``.
         sink_tokens, recent_tokens (int): first and newest positions also kept in full precision
             (see :class:`torch_tq.nn.TurboQuantKVCache`). Default: ``0``.
+        v_bits (Optional[int]): code width of the values. Default: ``None`` (= ``bits``).
     """
 
     is_compileable = False
@@ -109,14 +112,17 @@ class TurboQuantLayer(CacheLayerMixin):
     is_croppable = True
 
     def __init__(self, bits: int = 4, max_cache_len: Optional[int] = None, signs: Optional[torch.Tensor] = None,
-                 fused: bool = True, center_keys: bool = True, sink_tokens: int = 0, recent_tokens: int = 0, **kwargs):
+                 fused: bool = True, center_keys: bool = True, sink_tokens: int = 0, recent_tokens: int = 0,
+                 v_bits: Optional[int] = None, **kwargs):
         super().__init__()
         self.center_keys = center_keys
         self.sink_tokens = sink_tokens
         self.recent_tokens = recent_tokens
-        if bits not in SUPPORTED_BITS:
-            raise ValueError(f"TurboQuantCache: bits must be one of {SUPPORTED_BITS}, got {bits}")
+        for name, value in (("bits", bits), ("v_bits", bits if v_bits is None else v_bits)):
+            if value not in SUPPORTED_BITS:
+                raise ValueError(f"TurboQuantCache: {name} must be one of {SUPPORTED_BITS}, got {value}")
         self.bits = bits
+        self.v_bits = v_bits
         self.max_cache_len = max_cache_len
         self.signs = signs
         self.fused = fused
@@ -136,10 +142,14 @@ class TurboQuantLayer(CacheLayerMixin):
         if D not in SUPPORTED_HEAD_DIMS:
             raise ValueError(f"TurboQuantCache: head_dim must be one of {SUPPORTED_HEAD_DIMS}, got {D}")
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.kv = TurboQuantKVCache(Hkv, D, self._initial_capacity(T), self.bits, B,
+        capacity = self._initial_capacity(T)
+        # The windows never hold more positions than the codes (a small max_cache_len or ring).
+        self.kv = TurboQuantKVCache(Hkv, D, capacity, self.bits, B,
                                     sliding_window=getattr(self, "sliding_window", 0) if self.is_sliding else 0,
                                     signs=self.signs, device=self.device, center_keys=self.center_keys,
-                                    sink_tokens=self.sink_tokens, recent_tokens=self.recent_tokens)
+                                    sink_tokens=min(self.sink_tokens, capacity),
+                                    recent_tokens=min(self.recent_tokens, capacity),
+                                    v_bits=self.v_bits, dtype=self.dtype)
         self.is_initialized = True
 
     def _reserve(self, num_tokens: int) -> None:
@@ -244,8 +254,10 @@ class TurboQuantSlidingLayer(TurboQuantLayer):
     is_croppable = False
 
     def __init__(self, sliding_window: int, bits: int = 4, decode_chunk: int = 64, signs: Optional[torch.Tensor] = None,
-                 fused: bool = True, center_keys: bool = True, **kwargs):
-        super().__init__(bits=bits, signs=signs, fused=fused, center_keys=center_keys)
+                 fused: bool = True, center_keys: bool = True, sink_tokens: int = 0, recent_tokens: int = 0,
+                 v_bits: Optional[int] = None, **kwargs):
+        super().__init__(bits=bits, signs=signs, fused=fused, center_keys=center_keys, sink_tokens=sink_tokens,
+                         recent_tokens=recent_tokens, v_bits=v_bits)
         if sliding_window < 1:
             raise ValueError(f"TurboQuantCache: sliding_window must be >= 1, got {sliding_window}")
         self.sliding_window = sliding_window
@@ -302,7 +314,8 @@ class TurboQuantCache(Cache):
 
     Args:
         config (PretrainedConfig): the model config (its text/decoder config is used).
-        bits (int): code width b in (2, 3, 4, 5, 6, 8). Default: ``4``.
+        bits (int): code width b of the keys (and of the values unless ``v_bits`` is given), in
+            (2, 3, 4, 5, 6, 8). Default: ``4``.
         max_cache_len (Optional[int]): initial capacity of global layers, in tokens; they grow when
             full. Default: ``None`` (256).
         decode_chunk (int): the most tokens one forward call may add to a sliding layer after its ring
@@ -310,10 +323,11 @@ class TurboQuantCache(Cache):
         signs (Optional[torch.Tensor]): float32 ``[D]`` rotation signs. Default: :func:`torch_tq.hadamard_signs`.
         attn_implementation (Optional[str]): overrides ``config._attn_implementation`` to pick the fused
             (``"tq"``) or the dequantizing path. Default: ``None``.
-        sink_tokens (int): the first positions of each global layer, kept in full precision as well
+        sink_tokens (int): the first positions of each layer, kept in full precision as well
             (attention sinks). Default: ``4``.
-        recent_tokens (int): the newest positions of each global layer, kept in full precision until
-            they are older than ``recent_tokens`` tokens. Default: ``32``.
+        recent_tokens (int): the newest positions of each layer, kept in full precision as well (a
+            ring). Default: ``32``.
+        v_bits (Optional[int]): code width of the values. Default: ``None`` (= ``bits``).
 
     Examples::
 
@@ -332,9 +346,11 @@ class TurboQuantCache(Cache):
         attn_implementation: Optional[str] = None,
         sink_tokens: int = DEFAULT_SINK_TOKENS,
         recent_tokens: int = DEFAULT_RECENT_TOKENS,
+        v_bits: Optional[int] = None,
     ):
-        if bits not in SUPPORTED_BITS:
-            raise ValueError(f"TurboQuantCache: bits must be one of {SUPPORTED_BITS}, got {bits}")
+        for name, value in (("bits", bits), ("v_bits", bits if v_bits is None else v_bits)):
+            if value not in SUPPORTED_BITS:
+                raise ValueError(f"TurboQuantCache: {name} must be one of {SUPPORTED_BITS}, got {value}")
         for name, value in (("sink_tokens", sink_tokens), ("recent_tokens", recent_tokens)):
             if value < 0:
                 raise ValueError(f"TurboQuantCache: {name} must be >= 0, got {value}")
@@ -358,6 +374,7 @@ class TurboQuantCache(Cache):
                 stacklevel=2,
             )
         self.bits = bits
+        self.v_bits = bits if v_bits is None else v_bits
         self.fused = fused
         # Key centering is exact only without logit soft-capping (see TurboQuantKVCache).
         center = not getattr(text_config, "attn_logit_softcapping", None)
@@ -365,10 +382,12 @@ class TurboQuantCache(Cache):
         for kind in layer_types:
             if kind == "sliding_attention":
                 layers.append(TurboQuantSlidingLayer(text_config.sliding_window, bits=bits, decode_chunk=decode_chunk,
-                                                     signs=signs, fused=fused, center_keys=center))
+                                                     signs=signs, fused=fused, center_keys=center, v_bits=v_bits,
+                                                     sink_tokens=sink_tokens, recent_tokens=recent_tokens))
             else:
                 layers.append(TurboQuantLayer(bits=bits, max_cache_len=max_cache_len, signs=signs, fused=fused,
-                                              center_keys=center, sink_tokens=sink_tokens, recent_tokens=recent_tokens))
+                                              center_keys=center, sink_tokens=sink_tokens, recent_tokens=recent_tokens,
+                                              v_bits=v_bits))
         super().__init__(layers=layers)
 
     @property
