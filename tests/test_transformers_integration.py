@@ -9,6 +9,7 @@ transformers = pytest.importorskip("transformers")
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
+import torch_tq  # noqa: E402
 import torch_tq.integrations.transformers as tqhf  # noqa: E402
 
 V = 256
@@ -273,10 +274,11 @@ def test_cache_api_semantics():
     with torch.no_grad():
         model(torch.randint(1, V, (2, 10)), past_key_values=cache)  # grows past max_cache_len
     assert cache.get_seq_length() == 25 and layer.kv.capacity >= 25
-    # Layers x K/V x B x Hkv x D x float32 bytes x positions: the 25 tokens are all still in the
-    # full-precision window (32 newest), plus the 4 sink tokens; no codes are held yet.
-    assert layer.kv.quantized_len == 0
-    assert cache.nbytes_used == 2 * 2 * 2 * 2 * 64 * 4 * (25 + 4)
+    # Every token is in the codes; the 4 sinks and the newest 20 (the default 32, capped at
+    # max_cache_len=20) also in full precision: layers x (codes + K/V x B x Hkv x D x float32 x tokens).
+    assert layer.kv.recent_k.shape[2] == 20
+    codes = 2 * torch_tq.quantized_nbytes(2, 2, 25, 64, 4)
+    assert cache.nbytes_used == 2 * (codes + 2 * 2 * 2 * 64 * 4 * (4 + 20))
     cache.crop(-5)
     assert cache.get_seq_length() == 20
     with pytest.raises(ValueError, match="negative"):
