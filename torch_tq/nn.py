@@ -230,36 +230,44 @@ class TurboQuantKVCache(nn.Module):
         recent = getattr(self, f"recent_{which}") if self.recent_tokens else None
         return sink, recent
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+    def append(self, k: torch.Tensor, v: torch.Tensor, position: Optional[int] = None) -> None:
         r"""Add ``T`` new tokens (positions ``seq_len … seq_len+T-1``): one quantize launch per tensor.
 
         Args:
             k, v (torch.Tensor): ``[B, T, Hkv, D]``, float32/float16/bfloat16.
+            position (Optional[int]): ``seq_len``, passed by a caller that keeps the count itself (see
+                "torch.compile" below). Default: ``None`` (read ``seq_len``).
 
         Raises ``ValueError`` when a global cache would overflow its capacity (see :meth:`grow`).
+
+        torch.compile: Dynamo treats integer attributes of an ``nn.Module`` as constants, so a compiled
+        step that reads ``seq_len`` recompiles at every token. A caller that holds the count on a plain
+        object (as the transformers integration does) passes it as ``position``/``kv_len`` and the
+        cache only writes ``seq_len``; the count is then a ``SymInt`` and the step compiles once.
         """
         if k.shape != v.shape:
             raise ValueError(f"TurboQuantKVCache.append: k and v must have the same shape, got {list(k.shape)} and {list(v.shape)}")
         if k.dim() != 4:
             raise ValueError(f"TurboQuantKVCache.append: k must be [B, T, Hkv, D], got shape {list(k.shape)}")
         T = k.shape[1]
-        if not self.is_sliding and self.seq_len + T > self.capacity:
+        pos = self.seq_len if position is None else position
+        if not self.is_sliding and pos + T > self.capacity:
             raise ValueError(
-                f"TurboQuantKVCache.append: {T} new tokens after {self.seq_len} overflow the global cache capacity "
+                f"TurboQuantKVCache.append: {T} new tokens after {pos} overflow the global cache capacity "
                 f"C={self.capacity}; call grow() first or allocate a larger capacity"
             )
         if T == 0:
             return
-        if self.seq_len == 0:
+        if pos == 0:
             self._start(k)
         k_sink, k_recent = self._windows("k")
         v_sink, v_recent = self._windows("v")
         offset = self.k_mean if self.center_keys else None
-        _ops.hadamard_quantize_kv(k, self.k_codes, self.k_norms, self.seq_len, self.is_sliding, self.bits, self.signs,
+        _ops.hadamard_quantize_kv(k, self.k_codes, self.k_norms, pos, self.is_sliding, self.bits, self.signs,
                                   offset, self.norm_correction, k_sink, k_recent)
-        _ops.hadamard_quantize_kv(v, self.v_codes, self.v_norms, self.seq_len, self.is_sliding, self.v_bits, self.signs,
+        _ops.hadamard_quantize_kv(v, self.v_codes, self.v_norms, pos, self.is_sliding, self.v_bits, self.signs,
                                   None, self.norm_correction, v_sink, v_recent)
-        self.seq_len += T
+        self.seq_len = pos + T
 
     def _start(self, k: torch.Tensor) -> None:
         """First append (a prefill): fix the key offset and the windows' dtype. Not part of a decode step."""
@@ -282,6 +290,7 @@ class TurboQuantKVCache(nn.Module):
         softcap: float = 0.0,
         sliding_window: Optional[int] = None,
         kv_start: Optional[torch.Tensor] = None,
+        kv_len: Optional[int] = None,
     ) -> torch.Tensor:
         r"""Attention of the last ``Lq`` positions over the cache: one ``tq.flash_attn_vec_tq`` launch that reads
         the sinks, the codes and the recent window (one exact softmax over all of them).
@@ -294,6 +303,8 @@ class TurboQuantKVCache(nn.Module):
             sliding_window (Optional[int]): 0 for full attention. Default: the cache's own ``sliding_window``.
             kv_start (Optional[torch.Tensor]): int64 ``[B]``, first valid position per sequence (left
                 padding). Default: ``None``.
+            kv_len (Optional[int]): ``seq_len``, passed by a caller that keeps the count itself (see
+                :meth:`append`). Default: ``None`` (read ``seq_len``).
 
         Returns:
             ``[B, Hq, Lq, D]`` in q's dtype.
@@ -311,7 +322,8 @@ class TurboQuantKVCache(nn.Module):
             window = 0
         k_sink, k_recent = self._windows("k")
         v_sink, v_recent = self._windows("v")
-        return _ops.flash_attn_vec_tq(q, self.k_codes, self.k_norms, self.v_codes, self.v_norms, self.seq_len, scale,
+        kv_len = self.seq_len if kv_len is None else kv_len
+        return _ops.flash_attn_vec_tq(q, self.k_codes, self.k_norms, self.v_codes, self.v_norms, kv_len, scale,
                                       self.bits, window, softcap, kv_start, self.signs, None, self.v_bits, k_sink,
                                       v_sink, k_recent, v_recent)
 

@@ -41,9 +41,13 @@ geometrically (reallocating packed bytes only) when full. A sliding layer is a r
 
 Supported: greedy and sampled ``generate``, batched left-padded inputs, beam search
 (``reorder_cache`` permutes packed rows exactly), ``num_return_sequences``, ``crop`` of global layers,
-``early_initialization``. Not supported (clear errors): ``torch.compile`` of the decode step
-(``is_compileable = False``), chunked-attention and linear-attention layer types, ``crop`` of a
-sliding layer after it has wrapped, head dims other than (64, 128, 256, 512), training (dropout).
+``early_initialization``, ``torch.compile(fullgraph=True)`` of the attention modules for decode steps
+(the prefill allocates the cache and runs eagerly; each layer's token count lives on its cache layer,
+a plain object, so it becomes a ``SymInt`` and the step compiles once: ``tests/test_compile.py``).
+Not supported (clear errors): transformers' own compiled/CUDA-graph generation (``is_compileable =
+False``: lengths are host integers, not device tensors, yet), chunked-attention and linear-attention
+layer types, ``crop`` of a sliding layer after it has wrapped, head dims other than (64, 128, 256,
+512), training (dropout).
 """
 
 from __future__ import annotations
@@ -127,6 +131,9 @@ class TurboQuantLayer(CacheLayerMixin):
         self.signs = signs
         self.fused = fused
         self.kv: Optional[TurboQuantKVCache] = None
+        # Tokens written, held here rather than on the nn.Module (whose integer attributes torch.compile
+        # treats as constants): the count reaches the ops as a SymInt and a compiled step compiles once.
+        self.seq_len = 0
         # Tokens held before the latest update, and the mask offset transformers used for that call.
         self.past_len = 0
         self.mask_kv_offset = 0
@@ -153,7 +160,7 @@ class TurboQuantLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def _reserve(self, num_tokens: int) -> None:
-        needed = self.kv.seq_len + num_tokens
+        needed = self.seq_len + num_tokens
         if needed > self.kv.capacity:
             grown = max(needed, 2 * self.kv.capacity)
             self.kv.grow(-(-grown // _GROWTH_STEP) * _GROWTH_STEP)
@@ -169,20 +176,21 @@ class TurboQuantLayer(CacheLayerMixin):
         if key_states.shape[0] != self.kv.batch_size:
             raise ValueError(f"TurboQuantCache: batch size changed from {self.kv.batch_size} to {key_states.shape[0]}")
         T = key_states.shape[-2]
-        self.past_len = self.kv.seq_len
+        self.past_len = self.seq_len
         self.mask_kv_offset = self.get_mask_sizes(T)[1]
         if not self.is_sliding:
             self._reserve(T)
-        self.kv.append(key_states.transpose(1, 2), value_states.transpose(1, 2))
+        self.kv.append(key_states.transpose(1, 2), value_states.transpose(1, 2), position=self.seq_len)
+        self.seq_len += T
         if self.fused or self.past_len == 0:
             key_states._tq_layer = self
             return key_states, value_states
         # Other attention implementations need the K/V tensors: a dequantized, full-size copy.
-        k, v = self.kv.dequantize_range(self.mask_kv_offset, self.kv.seq_len - self.mask_kv_offset)
+        k, v = self.kv.dequantize_range(self.mask_kv_offset, self.seq_len - self.mask_kv_offset)
         return k.to(self.dtype), v.to(self.dtype)
 
     def get_seq_length(self) -> int:
-        return self.kv.seq_len if self.kv is not None else 0
+        return self.seq_len
 
     def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -210,6 +218,7 @@ class TurboQuantLayer(CacheLayerMixin):
     def reset(self) -> None:
         if self.kv is not None:
             self.kv.reset()
+        self.seq_len = 0
         self.past_len = 0
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -230,7 +239,8 @@ class TurboQuantLayer(CacheLayerMixin):
             raise ValueError(f"TurboQuantCache.crop: pass a negative number of tokens to remove, got {tokens_to_remove}")
         if tokens_to_remove == 0 or self.kv is None:
             return
-        self.kv.truncate(self.kv.seq_len + tokens_to_remove)
+        self.kv.truncate(self.seq_len + tokens_to_remove)
+        self.seq_len = self.kv.seq_len
 
     def offload(self) -> None:
         raise NotImplementedError("TurboQuantCache does not support offloading (the compressed cache is already small)")
@@ -285,7 +295,7 @@ class TurboQuantSlidingLayer(TurboQuantLayer):
         return self.sliding_window
 
     def crop(self, tokens_to_remove: int) -> None:
-        if self.kv is not None and self.kv.seq_len > self.kv.capacity and tokens_to_remove != 0:
+        if self.kv is not None and self.seq_len > self.kv.capacity and tokens_to_remove != 0:
             raise RuntimeError(
                 "TurboQuantCache.crop: a sliding layer that has wrapped its ring buffer cannot be cropped "
                 "(the overwritten tokens are gone)"
@@ -487,7 +497,8 @@ def turboquant_attention_forward(
     kv = layer.kv
     window = kv.sliding_window if kv.is_sliding else (sliding_window or 0)
     kv_start = _kv_start_from_mask(attention_mask, layer.mask_kv_offset, query.shape[0])
-    out = kv.attend(query, scale=scaling, softcap=float(softcap or 0.0), sliding_window=window, kv_start=kv_start)
+    out = kv.attend(query, scale=scaling, softcap=float(softcap or 0.0), sliding_window=window, kv_start=kv_start,
+                    kv_len=layer.seq_len)
     return out.transpose(1, 2), None
 
 
