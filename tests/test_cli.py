@@ -121,3 +121,14 @@ def test_window_options_must_be_non_negative(capsys):
     with pytest.raises(SystemExit):
         cli.main(["eval", "--recent-tokens", "-2"])
     assert "--recent-tokens: must be >= 0, got -2" in capsys.readouterr().err
+
+
+def test_demo_separate_value_bits(tiny_model_dir, capsys):
+    rc = cli.main(["demo", "--model-dir", tiny_model_dir, "--max-new-tokens", "4", "--prompt", "Hello there, keeper.",
+                   "--bits", "8", "--v-bits", "4", "--sink-tokens", "0", "--recent-tokens", "0"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "--- TurboQuant K8/V4 cache (every token quantized)" in text
+    ratio = float(text.split("KV-cache compression: ")[1].split("x")[0])
+    # float32 K/V (2 x 4 bytes x 64) vs 8-bit keys + 4-bit values, one float32 norm per vector each.
+    assert ratio == pytest.approx(512 / (68 + 36), abs=0.01)

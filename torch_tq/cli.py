@@ -165,17 +165,23 @@ def _make_cache(model, bits: Optional[int], max_cache_len: Optional[int] = None,
 
     if bits is None:
         return DynamicCache(config=model.config)
-    windows = {name: getattr(args, name) for name in ("sink_tokens", "recent_tokens") if getattr(args, name, None) is not None}
-    return TurboQuantCache(model.config, bits=bits, max_cache_len=max_cache_len, **windows)
+    options = {name: getattr(args, name) for name in ("sink_tokens", "recent_tokens", "v_bits")
+               if getattr(args, name, None) is not None}
+    return TurboQuantCache(model.config, bits=bits, max_cache_len=max_cache_len, **options)
+
+
+def _bits_label(bits: int, v_bits: Optional[int]) -> str:
+    """``4-bit``, or ``K4/V3`` when the values have their own width."""
+    return f"{bits}-bit" if v_bits in (None, bits) else f"K{bits}/V{v_bits}"
 
 
 def _describe_windows(cache) -> str:
     """How a TurboQuantCache keeps tokens in full precision, for the printed reports."""
-    layer = next((layer for layer in cache.layers if not layer.is_sliding), None)
-    if layer is None or not (layer.sink_tokens or layer.recent_tokens):
+    layer = cache.layers[0]
+    if not (layer.sink_tokens or layer.recent_tokens):
         return "every token quantized"
-    return (f"first {layer.sink_tokens} and newest {layer.recent_tokens} tokens of each global layer also kept in "
-            f"full precision (counted in the KV bytes)")
+    return (f"first {layer.sink_tokens} and newest {layer.recent_tokens} tokens of each layer also kept in "
+            f"full precision, counted in the KV bytes")
 
 
 @torch.no_grad()
@@ -228,7 +234,7 @@ def cmd_demo(args) -> int:
     full_cache = _make_cache(model, None)
     full_out, full_s = _generate(model, inputs, full_cache, args.max_new_tokens, "full-precision cache", args.seed, args.sample)
     tq_cache = _make_cache(model, args.bits, max_cache_len=total, args=args)
-    tq_out, tq_s = _generate(model, inputs, tq_cache, args.max_new_tokens, f"TurboQuant {args.bits}-bit cache", args.seed, args.sample)
+    tq_out, tq_s = _generate(model, inputs, tq_cache, args.max_new_tokens, f"TurboQuant {_bits_label(args.bits, args.v_bits)} cache", args.seed, args.sample)
 
     full_new = full_out[0, prompt_len:]
     tq_new = tq_out[0, prompt_len:]
@@ -254,7 +260,7 @@ def cmd_demo(args) -> int:
     print(f"--- full-precision cache ({dtype_name}) ---")
     print(tokenizer.decode(full_new, skip_special_tokens=True).strip())
     print()
-    print(f"--- TurboQuant {args.bits}-bit cache ({_describe_windows(tq_cache)}) ---")
+    print(f"--- TurboQuant {_bits_label(args.bits, args.v_bits)} cache ({_describe_windows(tq_cache)}) ---")
     print(tokenizer.decode(tq_new, skip_special_tokens=True).strip())
     print()
     same = 0
@@ -265,7 +271,7 @@ def cmd_demo(args) -> int:
     rows = [
         ("cache", "tokens/s", "KV bytes", "tokens held"),
         (f"full ({dtype_name})", f"{len(full_new) / full_s:.1f}", f"{full_bytes:,}", f"{full_out.shape[1] - 1}"),
-        (f"TurboQuant {args.bits}-bit", f"{len(tq_new) / tq_s:.1f}", f"{tq_bytes:,}", f"{tq_out.shape[1] - 1}"),
+        (f"TurboQuant {_bits_label(args.bits, args.v_bits)}", f"{len(tq_new) / tq_s:.1f}", f"{tq_bytes:,}", f"{tq_out.shape[1] - 1}"),
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
@@ -447,6 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompt", default=DEFAULT_PROMPT, help="the user message (default: %(default)r)")
     demo.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
     demo.add_argument("--bits", type=int, default=4, choices=DEFAULT_EVAL_BITS, help="TurboQuant bits (default: 4)")
+    demo.add_argument("--v-bits", type=int, default=None, choices=DEFAULT_EVAL_BITS,
+                      help="TurboQuant bits of the values (default: --bits)")
     demo.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     demo.add_argument("--seed", type=int, default=0, help="random seed for --sample (default: 0)")
     demo.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
