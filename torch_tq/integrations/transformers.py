@@ -5,7 +5,14 @@ Usage (five lines)::
     import torch_tq.integrations.transformers as tqhf          # registers attn_implementation="tq"
     model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="tq")
     cache = tqhf.TurboQuantCache(model.config, bits=4)
-    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+    out = model.generate(**inputs, **tqhf.cache_kwargs(cache), max_new_tokens=64)
+
+``attn_implementation="tq"`` exists for transformers once torch_tq is imported, in any order: this
+module registers it on import, and ``import torch_tq`` registers it as soon as transformers' model
+code is imported (without importing transformers itself). A process that never imports torch_tq
+gets transformers' generic "not supported" list for ``"tq"``. :func:`cache_kwargs` passes the cache
+as ``cache=`` (transformers 5.x) or ``past_key_values=`` (older), whichever the installed version
+takes, so no deprecation warning is printed.
 
 How it fits together:
 
@@ -340,7 +347,7 @@ class TurboQuantCache(Cache):
 
         >>> import torch_tq.integrations.transformers as tqhf
         >>> model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="tq")
-        >>> out = model.generate(**inputs, past_key_values=tqhf.TurboQuantCache(model.config), max_new_tokens=32)
+        >>> out = model.generate(**inputs, **tqhf.cache_kwargs(tqhf.TurboQuantCache(model.config)), max_new_tokens=32)
     """
 
     def __init__(
