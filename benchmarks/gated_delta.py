@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 
@@ -25,6 +26,7 @@ from _timing import cpu_name, median_ms
 
 import torch_tq  # noqa: F401  (defines torch.ops.tq)
 from torch_tq import _gated_delta_ops as gdr
+from torch_tq.integrations.gated_delta import fla_available, fla_or_torch_fallback
 
 
 def rel_rms(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -57,6 +59,15 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the "falling back to PyTorch" notice, once per call site
+    # These timings are on CPU tensors: transformers' pure-PyTorch functions even where transformers
+    # bound the names to FLA's kernels (FLA imports without a GPU, but its kernels cannot run there).
+    device = torch.device("cpu")
+    chunk_ref = fla_or_torch_fallback(qwen.torch_chunk_gated_delta_rule, device)
+    recurrent_ref = fla_or_torch_fallback(qwen.torch_recurrent_gated_delta_rule, device)
+    fla_note = ("; FLA is installed but left out: its kernels need CUDA tensors"
+                if importlib.util.find_spec("fla") is not None and not fla_available(device) else "")
+    reference = ("transformers torch_chunk_gated_delta_rule / torch_recurrent_gated_delta_rule (Qwen3-Next, "
+                 f"pure PyTorch{fla_note})")
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
     B, H, HV, K, V = 1, 16, 32, 128, 128
@@ -66,7 +77,7 @@ def main() -> None:
 
     q, k, v, g, beta = inputs(B, args.T, H, HV, K, V, dtype)
     kw = dict(output_final_state=True, use_qk_l2norm_in_kernel=True)
-    ref_fn = lambda: qwen.torch_chunk_gated_delta_rule(q, k, v, g, beta, **kw)  # noqa: E731
+    ref_fn = lambda: chunk_ref(q, k, v, g, beta, **kw)  # noqa: E731
     tq_fn = lambda: gdr.chunk_gated_delta_rule(q, k, v, g, beta, **kw)  # noqa: E731
     (o_ref, s_ref), (o_tq, s_tq) = ref_fn(), tq_fn()
     err = max(rel_rms(o_ref, o_tq), rel_rms(s_ref, s_tq))
@@ -76,7 +87,7 @@ def main() -> None:
 
     q1, k1, v1, g1, beta1 = inputs(B, 1, H, HV, K, V, dtype)
     state = s_ref.clone()
-    ref_fn = lambda: qwen.torch_recurrent_gated_delta_rule(q1, k1, v1, g1, beta1, initial_state=state, **kw)  # noqa: E731
+    ref_fn = lambda: recurrent_ref(q1, k1, v1, g1, beta1, initial_state=state, **kw)  # noqa: E731
     tq_fn = lambda: gdr.fused_recurrent_gated_delta_rule(q1, k1, v1, g1, beta1, initial_state=state, **kw)  # noqa: E731
     (o_ref, s_ref), (o_tq, s_tq) = ref_fn(), tq_fn()
     err = max(rel_rms(o_ref, o_tq), rel_rms(s_ref, s_tq))
@@ -88,10 +99,10 @@ def main() -> None:
                    cpu=cpu_name(), cores=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
                    load_avg=" ".join(f"{x:.2f}" for x in os.getloadavg()))
     if args.json:
-        print(json.dumps(dict(machine=machine, rows=rows), indent=2))
+        print(json.dumps(dict(machine=machine, reference=reference, rows=rows), indent=2))
         return
     print(" | ".join(f"{k} {v}" for k, v in machine.items()))
-    print("reference: transformers torch_chunk_gated_delta_rule / torch_recurrent_gated_delta_rule (Qwen3-Next)")
+    print(f"reference: {reference}")
     header = f"{'op':<34}{'B':>3}{'T':>6}{'H':>4}{'HV':>4}{'K':>5}{'V':>5}  {'dtype':<9}{'ref ms':>10}{'tq ms':>10}{'speedup':>9}{'rel err':>10}"
     print(header)
     print("-" * len(header))

@@ -59,11 +59,15 @@ BAD_INPUTS = [
     ("quantize-norms-dtype", "hadamard_quantize_kv", lambda: _with(quantize_args(), norms=torch.zeros(1, 2, 8, 1, dtype=torch.float16)),
      "tq.hadamard_quantize_kv: norms must be float32, got torch.float16"),
     ("quantize-codes-row-bytes", "hadamard_quantize_kv", lambda: _with(quantize_args(bits=3), codes=torch.zeros(1, 2, 8, 32, dtype=torch.uint8)),
-     "tq.hadamard_quantize_kv: codes last dim must be D*bits/8 = 24 for head_dim=64, bits=3, got 32"),
+     "tq.hadamard_quantize_kv: codes last dim 32 does not fit src's head_dim=64 at bits=3 (needs D*bits/8 = 24); "
+     "it is a cache of head_dim=64 at bits=4"),
     ("quantize-norms-blocks", "hadamard_quantize_kv", lambda: _with(quantize_args(D=512), norms=torch.zeros(1, 2, 8, 1)),
      "tq.hadamard_quantize_kv: norms last dim must be D/R = 2 for head_dim=512, got 1"),
     ("quantize-heads-mismatch", "hadamard_quantize_kv", lambda: _with(quantize_args(), src=torch.randn(1, 3, 3, 64)),
      "tq.hadamard_quantize_kv: codes must have [B, Hkv] = [1, 3] to match src, got [1, 2]"),
+    ("quantize-src-transposed", "hadamard_quantize_kv", lambda: _with(quantize_args(Hkv=2, C=16), src=torch.randn(1, 2, 5, 64)),
+     "tq.hadamard_quantize_kv: src must be [B, T, Hkv, D] with [B, Hkv] = [1, 2] like codes, got shape [1, 2, 5, 64]; "
+     "did you pass [B, Hkv, T, D]?"),
     ("quantize-global-overflow", "hadamard_quantize_kv", lambda: quantize_args(T=3, C=8, write_pos=6),
      "tq.hadamard_quantize_kv: write of T=3 tokens at write_pos=6 overflows the global cache capacity C=8 "
      "(needs write_pos + T <= C; use is_sliding=True for a ring buffer)"),
@@ -132,11 +136,25 @@ BAD_INPUTS = [
     ("attn-kv-start-dtype", "flash_attn_vec_tq", lambda: _with(attention_args(), kv_start=torch.zeros(1, dtype=torch.int32)),
      "tq.flash_attn_vec_tq: kv_start must be int64, got torch.int32"),
     ("attn-bits-codes-mismatch", "flash_attn_vec_tq", lambda: _with(attention_args(bits=4), bits=2),
-     "tq.flash_attn_vec_tq: k_codes last dim must be D*bits/8 = 16 for head_dim=64, bits=2, got 32"),
+     "tq.flash_attn_vec_tq: k_codes last dim 32 does not fit q's head_dim=64 at bits=2 (needs D*bits/8 = 16); "
+     "it is a cache of head_dim=128 at bits=2 or head_dim=64 at bits=4"),
+    ("attn-q-head-dim-vs-cache", "flash_attn_vec_tq", lambda: _with(attention_args(D=128), q=torch.randn(1, 4, 1, 64)),
+     "tq.flash_attn_vec_tq: k_codes last dim 64 does not fit q's head_dim=64 at bits=4 (needs D*bits/8 = 32); "
+     "it is a cache of head_dim=128 at bits=4 or head_dim=64 at bits=8"),
+    ("attn-codes-no-supported-reading", "flash_attn_vec_tq",
+     lambda: _with(attention_args(), k_codes=torch.zeros(1, 2, 8, 33, dtype=torch.uint8)),
+     "tq.flash_attn_vec_tq: k_codes last dim 33 does not fit q's head_dim=64 at bits=4 (needs D*bits/8 = 32)"),
+    *[(f"attn-scale-{name}", "flash_attn_vec_tq", lambda value=value: _with(attention_args(), scale=value),
+       f"tq.flash_attn_vec_tq: scale must be a finite number > 0, got {text}")
+      for name, value, text in [("nan", float("nan"), "nan"), ("inf", float("inf"), "inf"), ("zero", 0.0, "0.0"),
+                                ("negative", -0.125, "-0.125")]],
     ("attn-softcap", "flash_attn_vec_tq", lambda: attention_args(softcap=-1.0),
      "tq.flash_attn_vec_tq: softcap must be >= 0 (0 = off), got -1.0"),
     ("copy-cache-shape", "kv_cache_copy", lambda: _with(copy_args(), cache=torch.zeros(1, 2, 8, 128)),
      "tq.kv_cache_copy: cache must have [B, Hkv, *, D] = [1, 2, *, 64] to match src, got [1, 2, 8, 128]"),
+    ("copy-src-transposed", "kv_cache_copy", lambda: _with(copy_args(), src=torch.randn(1, 2, 3, 64)),
+     "tq.kv_cache_copy: src must be [B, T, Hkv, D] with [B, Hkv] = [1, 2] like cache, got shape [1, 2, 3, 64]; "
+     "did you pass [B, Hkv, T, D]?"),
     ("copy-cache-dtype", "kv_cache_copy", lambda: _with(copy_args(), cache=torch.zeros(1, 2, 8, 64, dtype=torch.int32)),
      "tq.kv_cache_copy: cache must be float32, float16 or bfloat16, got torch.int32"),
     ("copy-global-overflow", "kv_cache_copy", lambda: copy_args(T=5, C=8, write_pos=4),

@@ -82,8 +82,8 @@ def test_demo_tiny_model(tiny_model_dir, capsys):
                    "--bits", "8", "--sink-tokens", "0", "--recent-tokens", "0"])
     assert rc == 0
     text = capsys.readouterr().out
-    for needle in ("--- full-precision cache", "--- TurboQuant 8-bit cache (every token quantized)", "tokens/s",
-                   "KV-cache compression:",
+    for needle in ("--- full-precision cache", "--- TurboQuant 8-bit cache: every token quantized ---", "tokens/s",
+                   "KV bytes held", "KV bytes allocated", "KV-cache compression:",
                    "top-1 next-token agreement"):
         assert needle in text
     ratio = float(text.split("KV-cache compression: ")[1].split("x")[0])
@@ -128,7 +128,62 @@ def test_demo_separate_value_bits(tiny_model_dir, capsys):
                    "--bits", "8", "--v-bits", "4", "--sink-tokens", "0", "--recent-tokens", "0"])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "--- TurboQuant K8/V4 cache (every token quantized)" in text
+    assert "--- TurboQuant K8/V4 cache: every token quantized ---" in text
     ratio = float(text.split("KV-cache compression: ")[1].split("x")[0])
     # float32 K/V (2 x 4 bytes x 64) vs 8-bit keys + 4-bit values, one float32 norm per vector each.
     assert ratio == pytest.approx(512 / (68 + 36), abs=0.01)
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    """``python -m torch_tq`` from this checkout, as a user runs it."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "torch_tq", *args], capture_output=True, text=True, timeout=300, env=env)
+
+
+def _one_line_error(out: subprocess.CompletedProcess) -> str:
+    """The last stderr line (argparse prints its usage line first); no traceback anywhere."""
+    assert "Traceback" not in out.stderr and "Traceback" not in out.stdout
+    return out.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["demo", "--device", "tpu"],
+     "torch-tq demo: error: argument --device: expected cpu, cuda or mps (optionally with an index, e.g. cuda:1), got 'tpu'"),
+    (["eval", "--device", "tpu"],
+     "torch-tq eval: error: argument --device: expected cpu, cuda or mps (optionally with an index, e.g. cuda:1), got 'tpu'"),
+    (["demo", "--max-new-tokens", "-1"], "torch-tq demo: error: argument --max-new-tokens: must be >= 1, got -1"),
+    (["demo", "--max-new-tokens", "0"], "torch-tq demo: error: argument --max-new-tokens: must be >= 1, got 0"),
+])
+def test_bad_arguments_are_one_line_before_loading(args, message):
+    out = _run_cli(*args)
+    assert out.returncode == 2
+    assert _one_line_error(out) == message
+
+
+@pytest.mark.parametrize("command", ["demo", "eval"])
+def test_missing_model_dir_is_one_line(command, tmp_path):
+    missing = str(tmp_path / "nonexistent")
+    out = _run_cli(command, "--model-dir", missing)
+    assert out.returncode == 2
+    assert _one_line_error(out) == f"torch-tq: --model-dir {missing!r} is not a directory"
+
+
+def test_model_dir_without_checkpoint_is_one_line(tmp_path, capsys):
+    assert cli.main(["demo", "--model-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (f"torch-tq: no config.json in {tmp_path}: --model-dir must hold a "
+                                               "transformers checkpoint (or pass --gguf-file)")
+
+
+def test_device_without_torch_tq_backend_is_one_line(capsys):
+    assert cli.main(["demo", "--device", "meta"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("torch-tq: the TurboQuant ops cannot run on 'meta': ") and "\n" not in err
+
+
+def test_demo_emits_no_deprecation_warning(tiny_model_dir, capsys):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        assert cli.main(["demo", "--model-dir", tiny_model_dir, "--max-new-tokens", "2", "--prompt", "Hi"]) == 0

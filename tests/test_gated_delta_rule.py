@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import torch_tq
 from torch_tq import _gated_delta_ops as gdr
 from torch_tq.backends.cpu import gated_delta_rule as cpu_gdr
+from torch_tq.integrations.gated_delta import fla_or_torch_fallback
 from _gated_delta_bad_inputs import BAD_INPUTS, rule_args
 from _utils import assert_close
 
@@ -188,9 +189,11 @@ def _float64_copy(fn):
 
 
 def _transformers_refs():
+    """transformers' two functions as they run on CPU tensors (its pure-PyTorch code even where it bound FLA)."""
     mod = pytest.importorskip("transformers.models.qwen3_next.modeling_qwen3_next",
                               reason="transformers with Qwen3-Next (>= 4.56) is not installed")
-    return mod.torch_chunk_gated_delta_rule, mod.torch_recurrent_gated_delta_rule
+    return tuple(fla_or_torch_fallback(f, "cpu") for f in (mod.torch_chunk_gated_delta_rule,
+                                                           mod.torch_recurrent_gated_delta_rule))
 
 
 @pytest.mark.parametrize("case", CASES[:4], ids=CASE_IDS[:4])

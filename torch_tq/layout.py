@@ -103,8 +103,11 @@ def hadamard_signs(head_dim: int, seed: int = DEFAULT_SIGN_SEED, device=None) ->
     """The fixed pseudo-random ±1 float32 sign vector ``s`` of length D applied before the rotation.
 
     Without it the plain Hadamard transform does not decorrelate structured real K/V well
-    (DESIGN §5); the modules and the transformers cache always pass it.
+    (DESIGN §5); the modules and the transformers cache always pass it. Raises ``ValueError`` for a
+    head_dim the ops do not support, so the mistake shows here and not at the first op call.
     """
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"tq.hadamard_signs: head_dim must be one of {SUPPORTED_HEAD_DIMS}, got {head_dim}")
     gen = torch.Generator().manual_seed(seed + head_dim)
     bits = torch.randint(0, 2, (head_dim,), generator=gen)
     return (1.0 - 2.0 * bits.to(torch.float32)).to(device)

@@ -229,10 +229,7 @@ class Checker {
     if (!rank((prefix + "norms").c_str(), norms, 4, "[B, Hkv, C, D/R]")) return false;
     if (codes.dtype != "uint8") return fail(prefix + "codes must be uint8, got torch." + codes.dtype);
     if (norms.dtype != "float32") return fail(prefix + "norms must be float32, got torch." + norms.dtype);
-    const int64_t expected_bytes = head_dim * bits / 8;
-    if (codes.sizes[3] != expected_bytes)
-      return fail(prefix + "codes last dim must be D*bits/8 = " + str(expected_bytes) + " for head_dim=" + str(head_dim) +
-                  ", bits=" + str(bits) + ", got " + str(codes.sizes[3]));
+    if (codes.sizes[3] != head_dim * bits / 8) return fail(row_bytes_message(prefix, codes.sizes[3], head_dim, bits));
     const int64_t expected_blocks = head_dim / std::min<int64_t>(head_dim, kMaxRotationBlock);
     if (norms.sizes[3] != expected_blocks)
       return fail(prefix + "norms last dim must be D/R = " + str(expected_blocks) + " for head_dim=" + str(head_dim) +
@@ -248,6 +245,28 @@ class Checker {
     *B = codes.sizes[0];
     *Hkv = codes.sizes[1];
     *C = codes.sizes[2];
+    return true;
+  }
+
+  // _row_bytes_message: names the (head_dim, bits) the codes were made for when one of the two differs.
+  std::string row_bytes_message(const std::string& prefix, int64_t got, int64_t head_dim, int64_t bits) const {
+    const std::string source = op_ == "flash_attn_vec_tq" ? "q" : "src";
+    std::string message = prefix + "codes last dim " + str(got) + " does not fit " + source + "'s head_dim=" +
+                          str(head_dim) + " at bits=" + str(bits) + " (needs D*bits/8 = " + str(head_dim * bits / 8) + ")";
+    std::vector<std::string> readings;
+    if (got * 8 % bits == 0 && one_of(got * 8 / bits, kSupportedHeadDims))
+      readings.push_back("head_dim=" + str(got * 8 / bits) + " at bits=" + str(bits));
+    if (got * 8 % head_dim == 0 && one_of(got * 8 / head_dim, kSupportedBits))
+      readings.push_back("head_dim=" + str(head_dim) + " at bits=" + str(got * 8 / head_dim));
+    for (size_t i = 0; i < readings.size(); ++i) message += (i == 0 ? "; it is a cache of " : " or ") + readings[i];
+    return message;
+  }
+
+  // _fail_if_src_transposed: src given as [B, Hkv, T, D] (the cache's own layout) reads as the wrong heads.
+  bool src_not_transposed(const TensorDesc& src, const char* cache_name, int64_t cache_batch, int64_t cache_heads) {
+    if (src.sizes[0] == cache_batch && src.sizes[1] == cache_heads)
+      return fail("src must be [B, T, Hkv, D] with [B, Hkv] = [" + str(cache_batch) + ", " + str(cache_heads) +
+                  "] like " + cache_name + ", got shape " + shape_str(src.sizes) + "; did you pass [B, Hkv, T, D]?");
     return true;
   }
 

@@ -96,6 +96,10 @@ inline FlashAttnVecTqPlan plan_flash_attn_vec_tq(const TensorDesc& q, const Tens
         return;
       }
     }
+    if (!(std::isfinite(scale) && scale > 0)) {
+      check.fail("scale must be a finite number > 0, got " + py_float_repr(scale));
+      return;
+    }
     if (softcap < 0) {
       check.fail("softcap must be >= 0 (0 = off), got " + py_float_repr(softcap));
       return;

@@ -30,6 +30,7 @@ inline HadamardQuantizeKvPlan plan_hadamard_quantize_kv(const TensorDesc& src, c
     int64_t cB = 0, cH = 0, C = 0;
     if (!check.packed_cache("", codes, norms, D, bits, &cB, &cH, &C)) return;
     if (cB != B || cH != Hkv) {
+      if (!check.src_not_transposed(src, "codes", cB, cH)) return;
       check.fail("codes must have [B, Hkv] = [" + str(B) + ", " + str(Hkv) + "] to match src, got [" + str(cB) + ", " +
                  str(cH) + "]");
       return;

@@ -21,6 +21,7 @@ inline KvCacheCopyPlan plan_kv_cache_copy(const TensorDesc& src, const TensorDes
     const int64_t B = src.sizes[0], T = src.sizes[1], Hkv = src.sizes[2], D = src.sizes[3];
     const int64_t C = cache.sizes[2];
     if (cache.sizes[0] != B || cache.sizes[1] != Hkv || cache.sizes[3] != D) {
+      if (cache.sizes[3] == D && !check.src_not_transposed(src, "cache", cache.sizes[0], cache.sizes[1])) return;
       check.fail("cache must have [B, Hkv, *, D] = [" + str(B) + ", " + str(Hkv) + ", *, " + str(D) +
                  "] to match src, got " + shape_str(cache.sizes));
       return;

@@ -8,11 +8,18 @@ the model's modeling module, once per module, by dispatchers that call torch_tq'
 ``chunk_gated_delta_rule`` / ``fused_recurrent_gated_delta_rule`` while a switched layer is running
 and the original function otherwise, so other models in the process keep their own path. A
 switched layer's ``forward`` marks the running layer in a thread-local counter.
+
+FLA (``flash-linear-attention``) imports on machines without a GPU but its Triton kernels run on
+CUDA tensors only, while transformers (5.x) binds those two names to FLA's kernels whenever FLA
+imports. :func:`fla_available` says where FLA can run; :func:`fla_or_torch_fallback` gives the
+function to compare with on a device (the benchmarks and tests use both).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
+import inspect
 import sys
 import threading
 import types
@@ -100,3 +107,26 @@ def use_tq_gated_delta(model: torch.nn.Module) -> int:
         layer.forward = types.MethodType(tq_forward, layer)
         layer._tq_gated_delta = True
     return switched
+
+
+def fla_available(device) -> bool:
+    """Whether FLA's Triton kernels can run on tensors of ``device``: a CUDA device that torch can
+    use, and FLA's gated-delta ops import."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    try:
+        importlib.import_module("fla.ops.gated_delta_rule")
+    except Exception:  # noqa: BLE001 - ImportError, or Triton failing inside FLA's package import
+        return False
+    return True
+
+
+def fla_or_torch_fallback(function, device):
+    """transformers' gated-delta ``function`` (e.g. ``torch_chunk_gated_delta_rule``) as it can run on ``device``.
+
+    Returned as bound when :func:`fla_available` (it may then be FLA's kernel), else transformers'
+    pure-PyTorch function underneath the decorator that swaps in FLA (the function itself on
+    transformers versions without that decorator).
+    """
+    return function if fla_available(device) else inspect.unwrap(function)

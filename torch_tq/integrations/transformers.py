@@ -5,7 +5,14 @@ Usage (five lines)::
     import torch_tq.integrations.transformers as tqhf          # registers attn_implementation="tq"
     model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="tq")
     cache = tqhf.TurboQuantCache(model.config, bits=4)
-    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+    out = model.generate(**inputs, **tqhf.cache_kwargs(cache), max_new_tokens=64)
+
+``attn_implementation="tq"`` exists for transformers once torch_tq is imported, in any order: this
+module registers it on import, and ``import torch_tq`` registers it as soon as transformers' model
+code is imported (without importing transformers itself). A process that never imports torch_tq
+gets transformers' generic "not supported" list for ``"tq"``. :func:`cache_kwargs` passes the cache
+as ``cache=`` (transformers 5.x) or ``past_key_values=`` (older), whichever the installed version
+takes, so no deprecation warning is printed.
 
 How it fits together:
 
@@ -52,6 +59,7 @@ layer types, ``crop`` of a sliding layer after it has wrapped, head dims other t
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from typing import Any, Optional
@@ -61,6 +69,7 @@ import torch
 try:
     import transformers
     from transformers.cache_utils import Cache, CacheLayerMixin
+    from transformers.generation import GenerationMixin
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     from transformers.modeling_utils import AttentionInterface
@@ -77,6 +86,7 @@ from .gated_delta import use_tq_gated_delta
 __all__ = [
     "ATTN_IMPLEMENTATION",
     "TurboQuantCache",
+    "cache_kwargs",
     "TurboQuantLayer",
     "use_tq_gated_delta",
     "TurboQuantSlidingLayer",
@@ -88,8 +98,26 @@ ATTN_IMPLEMENTATION = "tq"
 # module docstring). Sliding-window layers quantize every token.
 DEFAULT_SINK_TOKENS = 4
 DEFAULT_RECENT_TOKENS = 32
+# transformers 5.x renamed generate's and the models' `past_key_values` argument to `cache` (the old
+# name still works there but warns); generate hands its cache to prepare_inputs_for_generation, so
+# that method's signature says which name the installed version expects.
+_CACHE_ARGUMENT = ("cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+                   else "past_key_values")
 # Initial slots of a global layer without max_cache_len; growth rounds up to a multiple of this.
 _GROWTH_STEP = 256
+
+
+def cache_kwargs(cache) -> dict:
+    r"""The keyword argument that passes ``cache`` to ``model.generate(...)`` or to a model's forward.
+
+    ``{"cache": cache}`` with a transformers that has renamed ``past_key_values`` to ``cache``
+    (5.x, where the old name gives a deprecation warning), ``{"past_key_values": cache}`` before.
+
+    Examples::
+
+        >>> out = model.generate(**inputs, **tqhf.cache_kwargs(tqhf.TurboQuantCache(model.config)), max_new_tokens=32)
+    """
+    return {_CACHE_ARGUMENT: cache}
 
 
 class TurboQuantLayer(CacheLayerMixin):
@@ -343,7 +371,7 @@ class TurboQuantCache(Cache):
 
         >>> import torch_tq.integrations.transformers as tqhf
         >>> model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="tq")
-        >>> out = model.generate(**inputs, past_key_values=tqhf.TurboQuantCache(model.config), max_new_tokens=32)
+        >>> out = model.generate(**inputs, **tqhf.cache_kwargs(tqhf.TurboQuantCache(model.config)), max_new_tokens=32)
     """
 
     def __init__(
