@@ -113,7 +113,8 @@ BAD_INPUTS = [
     ("attn-v-bits", "flash_attn_vec_tq", lambda: _with(attention_args(), v_bits=7),
      "tq.flash_attn_vec_tq: v_bits must be one of (2, 3, 4, 5, 6, 8) (or None = bits), got 7"),
     ("attn-v-bits-codes-mismatch", "flash_attn_vec_tq", lambda: _with(attention_args(bits=4), v_bits=2),
-     "tq.flash_attn_vec_tq: v_codes last dim must be D*bits/8 = 16 for head_dim=64, bits=2, got 32"),
+     "tq.flash_attn_vec_tq: v_codes last dim 32 does not fit q's head_dim=64 at bits=2 (needs D*bits/8 = 16); "
+     "it is a cache of head_dim=128 at bits=2 or head_dim=64 at bits=4"),
     ("attn-sink-pair", "flash_attn_vec_tq", lambda: _with(attention_args(), k_sink=torch.randn(1, 2, 4, 64)),
      "tq.flash_attn_vec_tq: k_sink and v_sink must be given together, got only k_sink"),
     ("attn-recent-shape", "flash_attn_vec_tq",
