@@ -4,9 +4,9 @@
 ABI of ``mps_ops/sim_bindings.cpp`` built here with the system C++ compiler) and returns its launches
 or its error text. ``run(op, **kwargs)`` then executes the launches in the simulator, binding
 buffers exactly as ``mps_ops/torch_tq_mps.mm`` does (inputs in schema order, src/q made contiguous,
-outputs and scratch allocated by the host, the codebook from ``torch_tq.codebooks``, a 16-byte zero
-buffer for absent optionals; the codebook of the binding's index: 0 ``codebook_bits``, 1
-``second_codebook_bits``), and returns what the op returns. Outputs and scratch start as NaN so
+outputs and scratch allocated by the host, the codebooks from ``torch_tq.codebooks`` (binding index 0:
+``codebook_bits``, 1: ``second_codebook_bits``), a 16-byte zero buffer for absent optionals), and
+returns what the op returns. Outputs and scratch start as NaN so
 unwritten elements show.
 """
 
