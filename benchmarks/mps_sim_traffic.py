@@ -1,6 +1,7 @@
 """Device-memory traffic of torch_tq's Metal kernels as counted by the MSL simulator, next to each op's minimum.
 
-    python benchmarks/mps_sim_traffic.py [--kv-len 4096] [--quant-tokens 256] [--chunk-T 256] [--json]
+    python benchmarks/mps_sim_traffic.py [--kv-len 4096] [--bits 4] [--v-bits B] [--windows S W]
+                                         [--quant-tokens 256] [--chunk-T 256] [--json]
 
 Default sizes (all printed with the table): decode attention B=1, Hq=32, Hkv=8, D=128, 4 bits,
 kv_len 4096, float16 q; hadamard_quantize_kv of 256 tokens x 8 heads, D=128, float16; one recurrent
@@ -30,8 +31,13 @@ once, in the dtypes the plan binds (float32 gates/beta/state, codes as packed by
                                      + signs (D float32) + q read + o written (B Hq D, q's dtype each)
                                      -- the formula of tests/mps_sim/test_mps_attention.py plus the
                                      512-byte sign vector, which that test leaves out
+  ... with --windows S W              the S sink and W recent positions come from full-precision windows
+                                     (q's dtype, B Hkv S|W D each for K and V, read once) instead of the
+                                     codes: the minimum counts codes and norms of the other positions only
   hadamard_quantize_kv               src read (B T Hkv D, its dtype) + signs (D float32)
                                      + codes written (B Hkv T D bits/8) + norms written (float32, B Hkv T D/R)
+  ... with --windows                 + offset read (float32 B Hkv D) + sink (4) and recent (32) windows
+                                     written once (src's dtype), norm correction on
   fused_recurrent_gated_delta_rule   state read + final state written (float32, B HV K V each)
   (decode, T=1)                      + q, k (B T H K each) + v (B T HV V) + o written (B T HV V), dtype el
                                      + g, beta (float32, B T HV each)
@@ -69,7 +75,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# The simulator harness lives with the tests; its compile cache defaults like the tests' (_plans.py).
+# This checkout's torch_tq (not an installed one: the CPU references must match these plans and kernels);
+# the simulator harness lives with the tests; its compile cache defaults like the tests' (_plans.py).
+sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "mps_sim"))
 os.environ.setdefault("TQ_SIM_CACHE", str(Path(tempfile.gettempdir()) / "torch_tq_sim_cache"))
 
@@ -150,48 +158,73 @@ def row(op: str, sizes: str, stats: list, size: dict, namer, check: str, seconds
 
 # ---- the ops -------------------------------------------------------------------------------------
 
-def attention_decode(kv_len: int, dtype: torch.dtype, bits: int) -> dict:
-    """tests/mps_sim/test_mps_attention.py::test_flash_attn_vec_tq_decode_bytes_moved at any kv_len."""
+def attention_decode(kv_len: int, dtype: torch.dtype, bits: int, v_bits: int | None = None, sinks: int = 0,
+                     recent: int = 0) -> dict:
+    """tests/mps_sim/test_mps_attention.py::test_flash_attn_vec_tq_decode_bytes_moved at any kv_len; optionally
+    with value codes of their own width and full-precision sink/recent windows (in q's dtype), whose positions
+    are read from the windows instead of the codes (the minimum counts each position from its source once)."""
     B, Hq, Hkv, D = 1, 32, 8, 128
     C = kv_len
+    v_bits = bits if v_bits is None else v_bits
     k_codes = torch.randint(0, 256, (B, Hkv, C, D * bits // 8), dtype=torch.uint8)
-    v_codes = torch.randint(0, 256, (B, Hkv, C, D * bits // 8), dtype=torch.uint8)
+    v_codes = torch.randint(0, 256, (B, Hkv, C, D * v_bits // 8), dtype=torch.uint8)
     k_norms = torch.rand(B, Hkv, C, 1) * 10 + 1
     v_norms = torch.rand(B, Hkv, C, 1) * 10 + 1
     q = torch.randn(B, Hq, 1, D, dtype=dtype)
     signs = torch_tq.hadamard_signs(D)
+    windows = dict(k_sink=None, v_sink=None, k_recent=None, v_recent=None)
+    if sinks:
+        windows.update(k_sink=torch.randn(B, Hkv, sinks, D, dtype=dtype), v_sink=torch.randn(B, Hkv, sinks, D, dtype=dtype))
+    if recent:
+        windows.update(k_recent=torch.randn(B, Hkv, recent, D, dtype=dtype),
+                       v_recent=torch.randn(B, Hkv, recent, D, dtype=dtype))
     stats = []
     t0 = time.perf_counter()
     out = _plans.run("flash_attn_vec_tq", q=q, k_codes=k_codes, k_norms=k_norms, v_codes=v_codes, v_norms=v_norms,
-                     kv_len=kv_len, scale=D**-0.5, bits=bits, signs=signs, stats=stats)
+                     kv_len=kv_len, scale=D**-0.5, bits=bits, signs=signs, v_bits=v_bits, **windows, stats=stats)
     seconds = time.perf_counter() - t0
-    ref = torch.ops.tq.flash_attn_vec_tq(q, k_codes, k_norms, v_codes, v_norms, kv_len, D**-0.5, bits, signs=signs)
+    ref = torch.ops.tq.flash_attn_vec_tq(q, k_codes, k_norms, v_codes, v_norms, kv_len, D**-0.5, bits, signs=signs,
+                                         v_bits=v_bits, **windows)
     nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
-    size = dict(q=nbytes(q), k_codes=nbytes(k_codes), k_norms=nbytes(k_norms), v_codes=nbytes(v_codes),
-                v_norms=nbytes(v_norms), signs=nbytes(signs), o=nbytes(q))
+    coded = kv_len - min(kv_len, sinks + recent)  # positions read from the codes
+    size = dict(q=nbytes(q), k_codes=nbytes(k_codes) * coded // C, k_norms=nbytes(k_norms) * coded // C,
+                v_codes=nbytes(v_codes) * coded // C, v_norms=nbytes(v_norms) * coded // C, signs=nbytes(signs),
+                **{name: nbytes(t) for name, t in windows.items() if t is not None}, o=nbytes(q))
     test_minimum = sum(size.values()) - size["signs"]  # the test's formula (no sign vector)
-    return row("flash_attn_vec_tq decode", f"B{B} Hq{Hq} Hkv{Hkv} D{D} b{bits} kv{kv_len} {str(dtype)[6:]}",
+    extra = (f" v{v_bits}" if v_bits != bits else "") + (f" S{sinks}" if sinks else "") + (f" W{recent}" if recent else "")
+    return row("flash_attn_vec_tq decode", f"B{B} Hq{Hq} Hkv{Hkv} D{D} b{bits}{extra} kv{kv_len} {str(dtype)[6:]}",
                stats, size, op_namer("flash_attn_vec_tq", scratch=("partial_o", "partial_max_sum")),
                f"rel err {rel_rms(ref.float(), out.float()):.1e}", seconds,
                ratio_test_formula=_plans.device_bytes(stats) / test_minimum)
 
 
-def quantize(T: int, dtype: torch.dtype, bits: int) -> dict:
+def quantize(T: int, dtype: torch.dtype, bits: int, decode_path: bool = False) -> dict:
+    """hadamard_quantize_kv of T tokens; with ``decode_path`` also the key offset, the norm correction and
+    full-precision sink (4) and recent (32) windows in src's dtype (written once: part of the minimum)."""
     B, Hkv, D = 1, 8, 128
     signs = torch_tq.hadamard_signs(D)
     src = (torch.randn(B, T, Hkv, D) * 2).to(dtype)
     codes, norms = torch_tq.allocate_quantized_kv(B, Hkv, T, D, bits)
     ref_codes, ref_norms = codes.clone(), norms.clone()
-    torch.ops.tq.hadamard_quantize_kv(src, ref_codes, ref_norms, 0, False, bits, signs)
+    options = dict(offset=None, norm_correction=False, sink=None, recent=None)
+    if decode_path:
+        options = dict(offset=torch.randn(B, Hkv, D), norm_correction=True,
+                       sink=torch.zeros(B, Hkv, min(4, T), D, dtype=dtype),
+                       recent=torch.zeros(B, Hkv, min(32, T), D, dtype=dtype))
+    ref_options = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in options.items()}
+    torch.ops.tq.hadamard_quantize_kv(src, ref_codes, ref_norms, 0, False, bits, signs, **ref_options)
     stats = []
     t0 = time.perf_counter()
     _plans.run("hadamard_quantize_kv", src=src, codes=codes, norms=norms, write_pos=0, is_sliding=False, bits=bits,
-               signs=signs, stats=stats)
+               signs=signs, **options, stats=stats)
     seconds = time.perf_counter() - t0
     differ = (unpack_codes(codes, bits) != unpack_codes(ref_codes, bits)).double().mean().item()
     size = dict(src=src.numel() * src.element_size(), codes=codes.numel(), norms=4 * norms.numel(),
                 signs=4 * signs.numel())
-    return row("hadamard_quantize_kv", f"B{B} T{T} Hkv{Hkv} D{D} b{bits} {str(dtype)[6:]}", stats, size,
+    if decode_path:
+        size.update({name: t.numel() * t.element_size() for name, t in options.items() if isinstance(t, torch.Tensor)})
+    return row("hadamard_quantize_kv", f"B{B} T{T} Hkv{Hkv} D{D} b{bits} {str(dtype)[6:]}"
+               + (" offset+nc+S4+W32" if decode_path else ""), stats, size,
                op_namer("hadamard_quantize_kv"),
                f"codes differ {100 * differ:.3f}%, norms rel err {rel_rms(ref_norms, norms):.1e}", seconds)
 
@@ -295,6 +328,10 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"],
                         help="q of the attention and src of the quantizer")
+    parser.add_argument("--v-bits", type=int, default=None, help="the values' code width (default: --bits)")
+    parser.add_argument("--windows", type=int, nargs=2, default=[0, 0], metavar=("S", "W"),
+                        help="also run decode attention with S sink and W recent full-precision positions "
+                             "(and the quantizer with offset, norm correction and windows)")
     parser.add_argument("--quant-tokens", type=int, default=256, help="tokens hadamard_quantize_kv writes (Hkv=8)")
     parser.add_argument("--gdr-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                         help="q/k/v/o of the gated-delta ops (g, beta, states are float32)")
@@ -309,8 +346,13 @@ def main() -> None:
     dtype, gdr_dtype = getattr(torch, args.dtype), getattr(torch, args.gdr_dtype)
 
     start = time.perf_counter()
-    rows = [attention_decode(args.kv_len, dtype, args.bits), quantize(args.quant_tokens, dtype, args.bits),
-            recurrent_decode(*args.recurrent_heads, args.K, args.V, gdr_dtype)]
+    rows = [attention_decode(args.kv_len, dtype, args.bits, args.v_bits)]
+    if any(args.windows):
+        rows.append(attention_decode(args.kv_len, dtype, args.bits, args.v_bits, *args.windows))
+    rows.append(quantize(args.quant_tokens, dtype, args.bits))
+    if any(args.windows):
+        rows.append(quantize(args.quant_tokens, dtype, args.bits, decode_path=True))
+    rows.append(recurrent_decode(*args.recurrent_heads, args.K, args.V, gdr_dtype))
     chunk_row, stages, scratch = chunk(args.chunk_T, *args.chunk_heads, args.K, args.V, gdr_dtype)
     rows.append(chunk_row)
     wall = time.perf_counter() - start

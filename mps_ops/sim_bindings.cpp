@@ -54,6 +54,7 @@ typedef struct {
   int32_t num_scratch;
   uint64_t scratch_bytes[8];
   int32_t codebook_bits;
+  int32_t second_codebook_bits;
   int32_t num_outputs;
   int32_t output_dims[4];
   int64_t output_sizes[4][8];
@@ -110,6 +111,7 @@ void copy_plan(const tq_plan::Plan& plan, tq_plan_result* out) {
   out->num_scratch = static_cast<int32_t>(std::min<size_t>(plan.scratch_bytes.size(), 8));
   for (int i = 0; i < out->num_scratch; ++i) out->scratch_bytes[i] = plan.scratch_bytes[i];
   out->codebook_bits = plan.codebook_bits;
+  out->second_codebook_bits = plan.second_codebook_bits;
   out->num_outputs = static_cast<int32_t>(std::min<size_t>(plan.outputs.size(), 4));
   for (int i = 0; i < out->num_outputs; ++i) {
     const auto& spec = plan.outputs[i];
@@ -133,9 +135,11 @@ void tq_plan_kv_cache_copy(const tq_tensor_desc* src, const tq_tensor_desc* cach
 
 void tq_plan_hadamard_quantize_kv(const tq_tensor_desc* src, const tq_tensor_desc* codes, const tq_tensor_desc* norms,
                                   int64_t write_pos, int32_t is_sliding, int64_t bits, const tq_tensor_desc* signs,
-                                  tq_plan_result* out) {
+                                  const tq_tensor_desc* offset, int32_t norm_correction, const tq_tensor_desc* sink,
+                                  const tq_tensor_desc* recent, tq_plan_result* out) {
   const auto plan = tq_plan::plan_hadamard_quantize_kv(to_desc(src), to_desc(codes), to_desc(norms), write_pos,
-                                                       is_sliding != 0, bits, to_desc(signs));
+                                                       is_sliding != 0, bits, to_desc(signs), to_desc(offset),
+                                                       norm_correction != 0, to_desc(sink), to_desc(recent));
   copy_plan(plan, out);
 }
 
@@ -150,10 +154,14 @@ void tq_plan_flash_attn_vec_tq(const tq_tensor_desc* q, const tq_tensor_desc* k_
                                const tq_tensor_desc* v_codes, const tq_tensor_desc* v_norms, int64_t kv_len,
                                double scale, int64_t bits, int64_t sliding_window, double softcap,
                                const tq_tensor_desc* kv_start, const tq_tensor_desc* signs, const tq_tensor_desc* lse,
-                               tq_plan_result* out) {
-  const auto plan = tq_plan::plan_flash_attn_vec_tq(to_desc(q), to_desc(k_codes), to_desc(k_norms), to_desc(v_codes),
-                                                    to_desc(v_norms), kv_len, scale, bits, sliding_window, softcap,
-                                                    to_desc(kv_start), to_desc(signs), to_desc(lse));
+                               int32_t has_v_bits, int64_t v_bits, const tq_tensor_desc* k_sink,
+                               const tq_tensor_desc* v_sink, const tq_tensor_desc* k_recent,
+                               const tq_tensor_desc* v_recent, tq_plan_result* out) {
+  const auto plan = tq_plan::plan_flash_attn_vec_tq(
+      to_desc(q), to_desc(k_codes), to_desc(k_norms), to_desc(v_codes), to_desc(v_norms), kv_len, scale, bits,
+      sliding_window, softcap, to_desc(kv_start), to_desc(signs), to_desc(lse),
+      has_v_bits ? std::optional<int64_t>(v_bits) : std::nullopt, to_desc(k_sink), to_desc(v_sink), to_desc(k_recent),
+      to_desc(v_recent));
   copy_plan(plan, out);
 }
 

@@ -173,7 +173,11 @@ void encode(const tq_plan::Plan& plan, const std::vector<at::Tensor>& inputs, co
   for (uint64_t bytes : plan.scratch_bytes) {
     scratch.push_back(at::empty({static_cast<int64_t>(bytes / 4)}, inputs.at(0).options().dtype(at::kFloat)));
   }
-  const std::vector<float> table = plan.codebook_bits > 0 ? codebook(plan.codebook_bits) : std::vector<float>();
+  // {Arg::Codebook, i}: i = 0 the table of plan.codebook_bits, i = 1 that of plan.second_codebook_bits.
+  // (std::array, not a C array: the encoding block below captures it by copy.)
+  const std::array<std::vector<float>, 2> tables = {
+      plan.codebook_bits > 0 ? codebook(plan.codebook_bits) : std::vector<float>(),
+      plan.second_codebook_bits > 0 ? codebook(plan.second_codebook_bits) : std::vector<float>()};
   std::vector<id<MTLComputePipelineState>> pipelines;
   for (const auto& launch : plan.launches) {
     id<MTLComputePipelineState> pso = pipeline(launch.kernel);
@@ -198,7 +202,11 @@ void encode(const tq_plan::Plan& plan, const std::vector<at::Tensor>& inputs, co
             case Arg::Output: set_tensor(enc, outputs.at(b.index), n); break;
             case Arg::Scratch: set_tensor(enc, scratch.at(b.index), n); break;
             case Arg::Params: [enc setBytes:launch.params.data() length:launch.params.size() atIndex:n]; break;
-            case Arg::Codebook: [enc setBytes:table.data() length:table.size() * sizeof(float) atIndex:n]; break;
+            case Arg::Codebook: {
+              const std::vector<float>& table = tables.at(b.index);
+              [enc setBytes:table.data() length:table.size() * sizeof(float) atIndex:n];
+              break;
+            }
             case Arg::Dummy: [enc setBytes:kDummy length:sizeof kDummy atIndex:n]; break;
           }
         }
@@ -248,10 +256,15 @@ at::Tensor as_int32(const std::optional<at::Tensor>& t) { return t.has_value() ?
 // ---- ops (schemas in torch_tq/_ops.py) ---------------------------------------------------
 
 void hadamard_quantize_kv_mps(const at::Tensor& src, const at::Tensor& codes, const at::Tensor& norms,
-                              int64_t write_pos, bool is_sliding, int64_t bits, const std::optional<at::Tensor>& signs) {
+                              int64_t write_pos, bool is_sliding, int64_t bits, const std::optional<at::Tensor>& signs,
+                              const std::optional<at::Tensor>& offset, bool norm_correction,
+                              const std::optional<at::Tensor>& sink, const std::optional<at::Tensor>& recent) {
   const auto plan = tq_plan::plan_hadamard_quantize_kv(describe(src), describe(codes), describe(norms), write_pos,
-                                                       is_sliding, bits, describe(signs));
-  run(plan, {src.contiguous(), codes, norms, or_undefined(signs)}, src.device());
+                                                       is_sliding, bits, describe(signs), describe(offset),
+                                                       norm_correction, describe(sink), describe(recent));
+  run(plan, {src.contiguous(), codes, norms, or_undefined(signs), or_undefined(offset), or_undefined(sink),
+             or_undefined(recent)},
+      src.device());
 }
 
 at::Tensor dequantize_kv_mps(const at::Tensor& codes, const at::Tensor& norms, int64_t start, int64_t length,
@@ -265,14 +278,18 @@ at::Tensor flash_attn_vec_tq_mps(const at::Tensor& q, const at::Tensor& k_codes,
                                  const at::Tensor& v_codes, const at::Tensor& v_norms, int64_t kv_len, double scale,
                                  int64_t bits, int64_t sliding_window, double softcap,
                                  const std::optional<at::Tensor>& kv_start, const std::optional<at::Tensor>& signs,
-                                 const std::optional<at::Tensor>& lse) {
+                                 const std::optional<at::Tensor>& lse, std::optional<int64_t> v_bits,
+                                 const std::optional<at::Tensor>& k_sink, const std::optional<at::Tensor>& v_sink,
+                                 const std::optional<at::Tensor>& k_recent, const std::optional<at::Tensor>& v_recent) {
   const auto plan = tq_plan::plan_flash_attn_vec_tq(describe(q), describe(k_codes), describe(k_norms),
                                                     describe(v_codes), describe(v_norms), kv_len, scale, bits,
                                                     sliding_window, softcap, describe(kv_start), describe(signs),
-                                                    describe(lse));
+                                                    describe(lse), v_bits, describe(k_sink), describe(v_sink),
+                                                    describe(k_recent), describe(v_recent));
   return run(plan,
-             {q.contiguous(), k_codes, k_norms, v_codes, v_norms,
-              contiguous_or_undefined(kv_start), or_undefined(signs), or_undefined(lse)},
+             {q.contiguous(), k_codes, k_norms, v_codes, v_norms, contiguous_or_undefined(kv_start), or_undefined(signs),
+              or_undefined(lse), or_undefined(k_sink), or_undefined(v_sink), or_undefined(k_recent),
+              or_undefined(v_recent)},
              q.device())
       .at(0);
 }

@@ -7,6 +7,10 @@
 //      group (RowLayout<D>::LANES lanes, 8 or 16 coordinates each), so a simdgroup works on
 //      256 / D keys at once; K and V codes are dequantized inline through the codebook in
 //      threadgroup memory, every packed byte is read once, norms are read once per 32 keys;
+//      the keys use the template width BITS, the values their own width p.v_bits (a uniform
+//      switch over the unrolled unpackers); positions held by the full-precision windows (sinks
+//      j < S, recent ring j >= kv_len - W) are read from those buffers instead (rotated vectors,
+//      float32/float16/bfloat16 by a runtime dtype code), so one softmax covers all of them;
 //   3. online softmax in float32 per (lane group, row); lane groups merge by shuffles,
 //      simdgroups through threadgroup memory; the split writes its unnormalised output and
 //      (max, sum) to the partial buffers.
@@ -36,6 +40,11 @@ template <typename T, int D, int BITS>
     device float* partial_o [[buffer(8)]],
     device float* partial_ml [[buffer(9)]],
     constant FlashAttnVecTqParams& p [[buffer(10)]],
+    device const float* v_codebook [[buffer(11)]],
+    device const uchar* k_sink [[buffer(12)]],
+    device const uchar* v_sink [[buffer(13)]],
+    device const uchar* k_recent [[buffer(14)]],
+    device const uchar* v_recent [[buffer(15)]],
     uint3 tgid [[threadgroup_position_in_grid]],
     uint tid [[thread_index_in_threadgroup]],
     uint sg [[simdgroup_index_in_threadgroup]],
@@ -48,10 +57,12 @@ template <typename T, int D, int BITS>
   constexpr int NT = 32 * NSG;
   constexpr int LEVELS = 1 << BITS;
   constexpr uint ROW_BYTES = D * BITS / 8;
+  const uint v_row_bytes = D * p.v_bits / 8;
   // 32 keys per simdgroup tile: one norm per lane, handed to the key's lane group by shuffle.
   constexpr int KEY_TILE = 32;
 
   threadgroup float tg_codebook[LEVELS];
+  threadgroup float tg_v_codebook[1 << 8];  // the values' centroids (2^v_bits of them)
   threadgroup float tg_q[ROWS * D];
   threadgroup float tg_o[NSG * ROWS * D];
   threadgroup float tg_m[NSG * ROWS];
@@ -69,6 +80,9 @@ template <typename T, int D, int BITS>
 
   for (uint c = tid; c < uint(LEVELS); c += NT) {
     tg_codebook[c] = codebook[c];
+  }
+  for (uint c = tid; c < (1u << p.v_bits); c += NT) {
+    tg_v_codebook[c] = v_codebook[c];
   }
   if (tid == 0) {
     int begin = split_begin;
@@ -143,7 +157,8 @@ template <typename T, int D, int BITS>
       kn[nb] = 0.0f;
       vn[nb] = 0.0f;
     }
-    if (pos_lane < split_end) {
+    // Norms of the positions read from the codes only (window positions need none).
+    if (pos_lane < split_end && pos_lane >= p.sink_len && pos_lane < p.recent_lo) {
       const ulong cache_row = head_row + attn_slot(p, pos_lane);
       for (int nb = 0; nb < NB; ++nb) {
         kn[nb] = k_norms[cache_row * NB + nb];
@@ -168,23 +183,38 @@ template <typename T, int D, int BITS>
       k_scale *= p.inv_sqrt_r;
       v_scale *= p.inv_sqrt_r;
 
-      uint kc[VPL];
-      uint vc[VPL];
-      if (in_range) {
-        const ulong cache_row = head_row + attn_slot(p, pos);
-        tq::load_codes<BITS, VPL>(k_codes + cache_row * ROW_BYTES, d0, kc);
-        tq::load_codes<BITS, VPL>(v_codes + cache_row * ROW_BYTES, d0, vc);
-      } else {
-        for (int i = 0; i < VPL; ++i) {
-          kc[i] = 0;
-          vc[i] = 0;
-        }
-      }
+      // The key's source: sinks win over the ring, the ring over the codes (the reference's order).
       float kval[VPL];
       float vval[VPL];
-      for (int i = 0; i < VPL; ++i) {
-        kval[i] = tg_codebook[kc[i]];
-        vval[i] = tg_codebook[vc[i]] * v_scale;
+      if (in_range && pos >= p.sink_len && pos < p.recent_lo) {
+        const ulong cache_row = head_row + attn_slot(p, pos);
+        uint kc[VPL];
+        uint vc[VPL];
+        tq::load_codes<BITS, VPL>(k_codes + cache_row * ROW_BYTES, d0, kc);
+        tq::load_codes_bits<VPL>(v_codes + cache_row * v_row_bytes, d0, p.v_bits, vc);
+        for (int i = 0; i < VPL; ++i) {
+          kval[i] = tg_codebook[kc[i]];
+          vval[i] = tg_v_codebook[vc[i]] * v_scale;
+        }
+      } else if (in_range) {
+        // Full precision, already rotated: the score needs no norm scale.
+        const bool from_sink = pos < p.sink_len;
+        ulong index;
+        if (from_sink) {
+          index = (ulong(bh) * uint(p.sink_len) + uint(pos)) * D + d0;
+        } else {
+          uint slot = p.recent_lo_slot + uint(pos - p.recent_lo);  // < 2W: wraps at most once
+          slot = slot >= p.recent_len ? slot - p.recent_len : slot;
+          index = (ulong(bh) * p.recent_len + slot) * D + d0;
+        }
+        tq::load_window<VPL>(from_sink ? k_sink : k_recent, from_sink ? p.k_sink_dtype : p.k_recent_dtype, index, kval);
+        tq::load_window<VPL>(from_sink ? v_sink : v_recent, from_sink ? p.v_sink_dtype : p.v_recent_dtype, index, vval);
+        k_scale = 1.0f;
+      } else {
+        for (int i = 0; i < VPL; ++i) {
+          kval[i] = 0.0f;
+          vval[i] = 0.0f;
+        }
       }
 
       for (int r = 0; r < ROWS; ++r) {

@@ -67,21 +67,47 @@ struct KvCacheCopyParams {
   tq_uint first_slot;    // slot of token `first`: (write_pos + first) mod C
 };
 
-// tq.hadamard_quantize_kv: rotate, normalise, quantize and pack Tw vectors per (b, h).
+// dtype codes of the full-precision window buffers (sink/recent), read and written through
+// tq::load_window / tq::store_window: a runtime parameter, not a template one, so that the window
+// dtype does not multiply the instantiations (it costs one uniform branch per access).
+TQ_CONSTEXPR tq_uint TQ_WINDOW_FLOAT32 = 0;
+TQ_CONSTEXPR tq_uint TQ_WINDOW_FLOAT16 = 1;
+TQ_CONSTEXPR tq_uint TQ_WINDOW_BFLOAT16 = 2;
+
+// tq.hadamard_quantize_kv: rotate, normalise, quantize and pack new vectors per (b, h); optionally
+// centre them first (offset), store corrected norms and write the rotated vectors to the
+// full-precision sink / recent windows, all in one launch.
 // Buffers: 0 src [B, T, Hkv, D] (contiguous), 1 codes [B, Hkv, C, D*b/8] uint8,
 // 2 norms [B, Hkv, C, D/R] float32, 3 signs [D] float32 (dummy when has_signs = 0),
-// 4 codebook float32 [2^b centroids, 2^b - 1 decision boundaries], 5 params.
+// 4 codebook float32 [2^b centroids, 2^b - 1 decision boundaries], 5 params,
+// 6 offset [B, Hkv, D] float32 (dummy when has_offset = 0), 7 sink [B, Hkv, S, D] (dummy when
+// sink_tokens = 0), 8 recent [B, Hkv, W, D] (dummy when recent_len = 0).
+// Tokens processed per batch (tokens_written of them): the `head` tokens 0 .. head_tokens-1 (sink
+// tokens that a ring write of T > C drops from the codes; 0 otherwise), then tokens first .. T-1.
+// A token t writes the codes when t >= first, the sink when t < sink_tokens, the ring when
+// t >= recent_first.
 struct HadamardQuantizeKvParams {
-  tq_uint num_rows;      // B * Tw * Hkv vectors
+  tq_uint num_rows;      // B * tokens_written * Hkv vectors
   tq_uint tokens;        // T
-  tq_uint tokens_written;  // Tw
-  tq_uint first;         // first src token kept
+  tq_uint tokens_written;  // head_tokens + T - first
+  tq_uint first;         // first src token kept by the codes
   tq_uint kv_heads;      // Hkv
   tq_uint capacity;      // C
   tq_uint first_slot;    // (write_pos + first) mod C
   tq_uint has_signs;     // 1 when buffer 3 holds the [D] sign vector
   float inv_sqrt_r;      // float32(1 / sqrt(R)), as the CPU reference rounds it
   float sqrt_r;          // float32(sqrt(R))
+  tq_uint has_offset;    // 1: subtract buffer 6 before rotating
+  tq_uint norm_correction;  // 1: store n * sqrt(R) / ||c[code]|| per block
+  tq_uint head_tokens;   // tokens 0 .. head_tokens-1 processed before `first` (sink writes only)
+  tq_uint sink_tokens;   // tokens 0 .. sink_tokens-1 go to sink slot write_pos + t (0 = no sink write)
+  tq_uint sink_len;      // S
+  tq_uint sink_pos;      // write_pos (< S when sink_tokens > 0)
+  tq_uint sink_dtype;    // TQ_WINDOW_*
+  tq_uint recent_len;    // W (0 = no recent ring)
+  tq_uint recent_first;  // first token written to the ring: max(0, T - W)
+  tq_uint recent_first_slot;  // (write_pos + recent_first) mod W
+  tq_uint recent_dtype;  // TQ_WINDOW_*
 };
 
 // tq.dequantize_kv: decode `length` positions starting at `start` (slot p mod C).
@@ -102,12 +128,16 @@ struct DequantizeKvParams {
 // Main: grid (num_splits, Hkv * row_tiles, B), TQ_ATTN_SIMDGROUPS simdgroups.
 //   Buffers: 0 q [B, Hq, Lq, D] (contiguous), 1 k_codes, 2 k_norms, 3 v_codes, 4 v_norms,
 //   5 kv_start [B] int64 (dummy when has_kv_start = 0), 6 signs (dummy when has_signs = 0),
-//   7 codebook, 8 partial_o [B*Hq*Lq, num_splits, D] float32 (scratch 0),
-//   9 partial_ml [B*Hq*Lq, num_splits, 2] float32 (scratch 1), 10 params.
+//   7 codebook of the keys' bits, 8 partial_o [B*Hq*Lq, num_splits, D] float32 (scratch 0),
+//   9 partial_ml [B*Hq*Lq, num_splits, 2] float32 (scratch 1), 10 params,
+//   11 codebook of the values' bits (v_bits), 12 k_sink, 13 v_sink [B, Hkv, S, D] (dummies when
+//   sink_len = 0), 14 k_recent, 15 v_recent [B, Hkv, W, D] (dummies when recent_len = 0).
 // Reduce: grid (ceil(B*Hq*Lq / rows per threadgroup)), TQ_REDUCE_SIMDGROUPS simdgroups.
 //   Buffers: 0 partial_o, 1 partial_ml, 2 signs (dummy), 3 out [B, Hq, Lq, D] in q's dtype, 4 params.
 // A row is one (b, query head, query); row index (b * Hkv + kvh) * rows + g * Lq + i equals the
 // flat row of q and out because query head = kvh * group + g.
+// A visible position j is read from the sink when j < sink_len, else from the recent ring (slot
+// j mod W) when j >= recent_lo, else from the codes (slot j mod C).
 struct FlashAttnVecTqParams {
   tq_uint batch;         // B
   tq_uint q_heads;       // Hq
@@ -130,6 +160,15 @@ struct FlashAttnVecTqParams {
   float inv_sqrt_r;
   tq_uint key_lo_slot;   // key_lo mod C; the scanned range is shorter than C, so slots wrap at most once
   tq_uint has_lse;       // the reduce kernel writes each row's log-sum-exp to buffer(5)
+  tq_uint v_bits;        // the values' code width (the keys' is a template parameter)
+  tq_int sink_len;       // S (0 = no sink buffers)
+  tq_int recent_lo;      // first position held by the recent ring: max(0, kv_len - W); kv_len when W = 0
+  tq_uint recent_len;    // W (0 = no recent buffers)
+  tq_uint recent_lo_slot;  // recent_lo mod W (0 when W = 0); ring positions wrap at most once from there
+  tq_uint k_sink_dtype;  // TQ_WINDOW_* of buffers 12 .. 15
+  tq_uint v_sink_dtype;
+  tq_uint k_recent_dtype;
+  tq_uint v_recent_dtype;
 };
 
 // ---- gated delta rule ------------------------------------------------------------------------

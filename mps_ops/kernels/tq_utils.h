@@ -118,6 +118,76 @@ inline void store_codes(device uchar* row, uint d0, thread const uint (&codes)[V
   }
 }
 
+// load_codes with the code width as a runtime value (uniform over the dispatch, so the switch is
+// a uniform branch and each case is the unrolled unpacker of its width): lets one kernel read a
+// second code width (flash_attn_vec_tq's values) without an instantiation per (bits, v_bits) pair.
+template <int VPL>
+inline void load_codes_bits(device const uchar* row, uint d0, uint bits, thread uint (&codes)[VPL]) {
+  switch (bits) {
+    case 2: load_codes<2, VPL>(row, d0, codes); break;
+    case 3: load_codes<3, VPL>(row, d0, codes); break;
+    case 4: load_codes<4, VPL>(row, d0, codes); break;
+    case 5: load_codes<5, VPL>(row, d0, codes); break;
+    case 6: load_codes<6, VPL>(row, d0, codes); break;
+    default: load_codes<8, VPL>(row, d0, codes); break;
+  }
+}
+
+// Full-precision window buffers (float32, float16 or bfloat16, TQ_WINDOW_* in params.h) are bound
+// as bytes and converted here, so their dtype is a runtime parameter. bfloat16 goes through its
+// bits (exact both ways; round to nearest even like torch), which needs no MSL 3.1 `bfloat`.
+inline float bfloat_bits_to_float(ushort bits) { return as_type<float>(uint(bits) << 16); }
+
+inline ushort float_to_bfloat_bits(float f) {
+  const uint u = as_type<uint>(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) {
+    return ushort(0x7fc0);  // NaN, as torch converts it
+  }
+  return ushort((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// VPL consecutive elements starting at element `index` of a window buffer, as float.
+template <int VPL>
+inline void load_window(device const uchar* buf, uint dtype, ulong index, thread float (&out)[VPL]) {
+  if (dtype == TQ_WINDOW_FLOAT32) {
+    device const float* x = reinterpret_cast<device const float*>(buf) + index;
+    for (int i = 0; i < VPL; ++i) {
+      out[i] = x[i];
+    }
+  } else if (dtype == TQ_WINDOW_FLOAT16) {
+    device const half* x = reinterpret_cast<device const half*>(buf) + index;
+    for (int i = 0; i < VPL; ++i) {
+      out[i] = float(x[i]);
+    }
+  } else {
+    device const ushort* x = reinterpret_cast<device const ushort*>(buf) + index;
+    for (int i = 0; i < VPL; ++i) {
+      out[i] = bfloat_bits_to_float(x[i]);
+    }
+  }
+}
+
+// Stores VPL floats at element `index` of a window buffer, rounded to its dtype.
+template <int VPL>
+inline void store_window(device uchar* buf, uint dtype, ulong index, thread const float (&v)[VPL]) {
+  if (dtype == TQ_WINDOW_FLOAT32) {
+    device float* x = reinterpret_cast<device float*>(buf) + index;
+    for (int i = 0; i < VPL; ++i) {
+      x[i] = v[i];
+    }
+  } else if (dtype == TQ_WINDOW_FLOAT16) {
+    device half* x = reinterpret_cast<device half*>(buf) + index;
+    for (int i = 0; i < VPL; ++i) {
+      x[i] = half(v[i]);
+    }
+  } else {
+    device ushort* x = reinterpret_cast<device ushort*>(buf) + index;
+    for (int i = 0; i < VPL; ++i) {
+      x[i] = float_to_bfloat_bits(v[i]);
+    }
+  }
+}
+
 // The rotation signs (+1 everywhere when the op got none) into threadgroup memory, read once per
 // threadgroup rather than once per vector; every thread of the threadgroup must call it.
 template <int D, uint THREADS, typename Signs>

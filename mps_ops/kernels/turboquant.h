@@ -1,4 +1,6 @@
 // TurboQuant encode (hadamard_quantize_kv) and decode (dequantize_kv) kernels, DESIGN.md §5.
+// The encoder also centres (offset), corrects the stored norms and writes the full-precision
+// sink / recent windows of the same tokens in its one launch (DESIGN.md §8).
 //
 // One dispatch covers every vector of the call. A vector is held by a group of
 // RowLayout<D>::LANES lanes, each owning VPL consecutive coordinates (= VPL * b / 8 whole bytes
@@ -17,6 +19,9 @@ template <typename T, int D, int BITS>
     device const float* signs [[buffer(3)]],
     device const float* codebook [[buffer(4)]],
     constant HadamardQuantizeKvParams& p [[buffer(5)]],
+    device const float* offset [[buffer(6)]],
+    device uchar* sink [[buffer(7)]],
+    device uchar* recent [[buffer(8)]],
     uint3 tgid [[threadgroup_position_in_grid]],
     uint tid [[thread_index_in_threadgroup]],
     uint sg [[simdgroup_index_in_threadgroup]],
@@ -29,23 +34,28 @@ template <typename T, int D, int BITS>
   if (simd_row0 >= p.num_rows) {
     return;  // the whole simdgroup is past the end
   }
-  // Vector row = (b * Tw + t) * Hkv + h over the written tokens t.
+  // Vector row = (b * tokens_written + i) * Hkv + h over the processed tokens i: the head tokens
+  // 0 .. head_tokens-1, then first .. T-1 (see HadamardQuantizeKvParams).
   const uint row = simd_row0 + lane / L::LANES;
   const bool active = row < p.num_rows;
   const uint d0 = (lane % L::LANES) * L::VPL;
 
   const uint h = row % p.kv_heads;
   const uint bt = row / p.kv_heads;
-  const uint t = bt % p.tokens_written;
+  const uint i_tok = bt % p.tokens_written;
   const uint b = bt / p.tokens_written;
-  const ulong src_row = (ulong(b) * p.tokens + p.first + t) * p.kv_heads + h;
-  const uint slot = (p.first_slot + t) % p.capacity;
-  const ulong cache_row = (ulong(b) * p.kv_heads + h) * p.capacity + slot;
+  const uint t = i_tok < p.head_tokens ? i_tok : p.first + (i_tok - p.head_tokens);
+  const ulong bh = ulong(b) * p.kv_heads + h;
+  const ulong src_row = (ulong(b) * p.tokens + t) * p.kv_heads + h;
 
   float y[L::VPL];
   for (int i = 0; i < L::VPL; ++i) {
+    float x = active ? float(src[src_row * D + d0 + i]) : 0.0f;
+    if (p.has_offset != 0 && active) {
+      x -= offset[bh * D + d0 + i];  // key centring, in float32 before the rotation like the reference
+    }
     // x * s with s = +-1 (1 without signs) is exact, as in the reference.
-    y[i] = (active ? float(src[src_row * D + d0 + i]) : 0.0f) * tg_signs[d0 + i];
+    y[i] = x * tg_signs[d0 + i];
   }
   tq::fwht<L::VPL, L::R>(y, lane);
 
@@ -63,10 +73,35 @@ template <typename T, int D, int BITS>
   for (int i = 0; i < L::VPL; ++i) {
     code[i] = tq::nearest_code<BITS>(y[i] * inv_norm, boundaries);
   }
+  float stored_norm = norm;
+  if (p.norm_correction != 0) {
+    // n * sqrt(R) / ||c[code]|| of the block: the decoded block then has norm n (never 0: no
+    // centroid is 0).
+    float c_sq = 0.0f;
+    for (int i = 0; i < L::VPL; ++i) {
+      const float c = codebook[code[i]];
+      c_sq += c * c;
+    }
+    const float unit = precise::sqrt(tq::group_sum<L::BLOCK_LANES>(c_sq));
+    stored_norm = precise::divide(norm * p.sqrt_r, unit);
+  }
   if (active) {
-    tq::store_codes<BITS, L::VPL>(codes + cache_row * ROW_BYTES, d0, code);
-    if (d0 % L::R == 0) {
-      norms[cache_row * L::NB + d0 / L::R] = norm;
+    if (t >= p.first) {
+      const uint slot = (p.first_slot + (t - p.first)) % p.capacity;
+      const ulong cache_row = bh * p.capacity + slot;
+      tq::store_codes<BITS, L::VPL>(codes + cache_row * ROW_BYTES, d0, code);
+      if (d0 % L::R == 0) {
+        norms[cache_row * L::NB + d0 / L::R] = stored_norm;
+      }
+    }
+    // The full-precision windows get the rotated vector itself, cast to their dtype.
+    if (t < p.sink_tokens) {
+      tq::store_window<L::VPL>(sink, p.sink_dtype, (bh * p.sink_len + p.sink_pos + t) * D + d0, y);
+    }
+    if (p.recent_len != 0 && t >= p.recent_first) {
+      uint slot = p.recent_first_slot + (t - p.recent_first);  // < 2W: wraps at most once
+      slot = slot >= p.recent_len ? slot - p.recent_len : slot;
+      tq::store_window<L::VPL>(recent, p.recent_dtype, (bh * p.recent_len + slot) * D + d0, y);
     }
   }
 }

@@ -40,7 +40,8 @@ enum class Arg : int32_t {
   Output = 1,    // the op's freshly allocated output `index`
   Scratch = 2,   // scratch buffer `index` of Plan::scratch_bytes, allocated by the host
   Params = 3,    // Launch::params via setBytes
-  Codebook = 4,  // float32 [2^b centroids, 2^b - 1 boundaries] of Plan::codebook_bits, via setBytes
+  Codebook = 4,  // float32 [2^b centroids, 2^b - 1 boundaries] via setBytes: index 0 of
+                 // Plan::codebook_bits, index 1 of Plan::second_codebook_bits
   Dummy = 5,     // any valid buffer; the kernel never reads it (absent optional tensor)
 };
 
@@ -73,6 +74,7 @@ struct Plan {
   // converts (on device) before binding, so a kernel is instantiated for one dtype per argument.
   std::vector<std::string> input_dtypes;
   int32_t codebook_bits = 0;             // 0 = no codebook binding
+  int32_t second_codebook_bits = 0;      // 0 = none; else {Arg::Codebook, 1} binds this width's table
   bool ok() const { return error.empty(); }
   // A failed plan carries only its error.
   void finish(const std::string& check_error) {
@@ -287,6 +289,35 @@ class Checker {
     return true;
   }
 
+  // _check_full_precision: one full-precision window buffer [B, Hkv, N, D] with min_len <= N <= C.
+  bool full_precision(const std::string& name, const TensorDesc& t, int64_t batch, int64_t kv_heads, int64_t head_dim,
+                      int64_t capacity, int64_t min_len) {
+    if (!rank(name.c_str(), t, 4, "[B, Hkv, N, D]")) return false;
+    if (!floating(name.c_str(), t)) return false;
+    if (t.sizes[0] != batch || t.sizes[1] != kv_heads || t.sizes[3] != head_dim)
+      return fail(name + " must have [B, Hkv, *, D] = [" + str(batch) + ", " + str(kv_heads) + ", *, " +
+                  str(head_dim) + "], got " + shape_str(t.sizes));
+    if (t.sizes[2] < min_len || t.sizes[2] > capacity)
+      return fail(name + " must hold between " + str(min_len) + " and C=" + str(capacity) + " positions, got " +
+                  str(t.sizes[2]));
+    return contiguous(name, t);
+  }
+
+  // _check_window_pair: k_<prefix> and v_<prefix>, both or neither, same shape.
+  bool window_pair(const std::string& prefix, const TensorDesc& k, const TensorDesc& v, int64_t batch,
+                   int64_t kv_heads, int64_t head_dim, int64_t capacity, int64_t min_len) {
+    if (k.defined != v.defined)
+      return fail("k_" + prefix + " and v_" + prefix + " must be given together, got only " + (v.defined ? "v_" : "k_") +
+                  prefix);
+    if (!k.defined) return true;
+    if (!full_precision("k_" + prefix, k, batch, kv_heads, head_dim, capacity, min_len)) return false;
+    if (!full_precision("v_" + prefix, v, batch, kv_heads, head_dim, capacity, min_len)) return false;
+    if (v.sizes != k.sizes)
+      return fail("v_" + prefix + " shape " + shape_str(v.sizes) + " must equal k_" + prefix + " shape " +
+                  shape_str(k.sizes));
+    return true;
+  }
+
   // Platform limits of the Metal kernels (32-bit indexing of grids and positions).
   bool fits_u32(const char* what, uint64_t value) {
     if (value > 0xffffffffull)
@@ -319,6 +350,13 @@ inline void ring_write(int64_t tokens, int64_t write_pos, int64_t capacity, bool
                        int64_t* first_slot) {
   *first = is_sliding ? std::max<int64_t>(0, tokens - capacity) : 0;
   *first_slot = (write_pos + *first) % capacity;
+}
+
+// TQ_WINDOW_* code of a full-precision window buffer's dtype (validated float32/float16/bfloat16).
+inline tq_uint window_dtype(const TensorDesc& t) {
+  if (t.dtype == "float16") return TQ_WINDOW_FLOAT16;
+  if (t.dtype == "bfloat16") return TQ_WINDOW_BFLOAT16;
+  return TQ_WINDOW_FLOAT32;
 }
 
 // Final Apple-limit checks of a launch (DESIGN §3); an internal error if a plan violates them.

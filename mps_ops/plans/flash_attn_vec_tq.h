@@ -1,10 +1,17 @@
 // Launch plan of tq.flash_attn_vec_tq(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, bits,
-// sliding_window, softcap, kv_start, signs): a split-KV main kernel and a reduce kernel.
+// sliding_window, softcap, kv_start, signs, lse, v_bits, k_sink, v_sink, k_recent, v_recent): a
+// split-KV main kernel and a reduce kernel.
 // Inputs (Arg::Input index): 0 q [B, Hq, Lq, D] (the host passes it contiguous), 1 k_codes,
 // 2 k_norms, 3 v_codes, 4 v_norms, 5 kv_start (optional), 6 signs (optional), 7 lse (optional,
-// float32 [B, Hq, Lq], written in place by the reduce kernel).
+// float32 [B, Hq, Lq], written in place by the reduce kernel), 8 k_sink, 9 v_sink (optional,
+// [B, Hkv, S, D]), 10 k_recent, 11 v_recent (optional, [B, Hkv, W, D]); window buffers in any of
+// float32/float16/bfloat16 (a runtime dtype code each, not an instantiation).
+// Kernels: flash_attn_vec_tq_<q dtype>_d<D>_b<key bits> (the values' width is a runtime
+// parameter) and flash_attn_vec_tq_reduce_<q dtype>_d<D>.
 // Output 0: [B, Hq, Lq, D] in q's dtype. Scratch 0: partial outputs, scratch 1: partial (max, sum).
 #pragma once
+
+#include <optional>
 
 #include "common.h"
 
@@ -22,9 +29,11 @@ constexpr int64_t kAttnMaxKvLen = int64_t(1) << 30;
 
 struct FlashAttnVecTqPlan : Plan {};
 
+// The main kernel's static threadgroup arrays: the keys' codebook (2^bits), the values' codebook
+// (sized for 8 bits), the rotated q tile, the simdgroups' partial outputs and (max, sum), the key begin.
 inline uint32_t attn_threadgroup_memory(int64_t head_dim, int64_t bits) {
   const uint64_t rows = TQ_ATTN_TILE_ROWS(head_dim);
-  const uint64_t floats = (uint64_t(1) << bits) + rows * head_dim + TQ_ATTN_SIMDGROUPS * rows * head_dim +
+  const uint64_t floats = (uint64_t(1) << bits) + 256 + rows * head_dim + TQ_ATTN_SIMDGROUPS * rows * head_dim +
                           2 * TQ_ATTN_SIMDGROUPS * rows + 1;
   return static_cast<uint32_t>(floats * 4);
 }
@@ -33,11 +42,21 @@ inline FlashAttnVecTqPlan plan_flash_attn_vec_tq(const TensorDesc& q, const Tens
                                                  const TensorDesc& k_norms, const TensorDesc& v_codes,
                                                  const TensorDesc& v_norms, int64_t kv_len, double scale, int64_t bits,
                                                  int64_t sliding_window, double softcap, const TensorDesc& kv_start,
-                                                 const TensorDesc& signs, const TensorDesc& lse = TensorDesc()) {
+                                                 const TensorDesc& signs, const TensorDesc& lse = TensorDesc(),
+                                                 std::optional<int64_t> v_bits_arg = std::nullopt,
+                                                 const TensorDesc& k_sink = TensorDesc(),
+                                                 const TensorDesc& v_sink = TensorDesc(),
+                                                 const TensorDesc& k_recent = TensorDesc(),
+                                                 const TensorDesc& v_recent = TensorDesc()) {
   FlashAttnVecTqPlan plan;
   Checker check("flash_attn_vec_tq");
   [&] {
     if (!check.bits(bits)) return;
+    if (v_bits_arg.has_value() && !one_of(*v_bits_arg, kSupportedBits)) {
+      check.fail("v_bits must be one of " + tuple_of(kSupportedBits, 6) + " (or None = bits), got " + str(*v_bits_arg));
+      return;
+    }
+    const int64_t v_bits = v_bits_arg.value_or(bits);
     if (!check.rank("q", q, 4, "[B, Hq, Lq, D]")) return;
     if (!check.floating("q", q)) return;
     const int64_t B = q.sizes[0], Hq = q.sizes[1], Lq = q.sizes[2], D = q.sizes[3];
@@ -49,13 +68,18 @@ inline FlashAttnVecTqPlan plan_flash_attn_vec_tq(const TensorDesc& q, const Tens
                             {"v_norms", &v_norms},
                             {"kv_start", &kv_start},
                             {"signs", &signs},
-                            {"lse", &lse}}))
+                            {"lse", &lse},
+                            {"k_sink", &k_sink},
+                            {"v_sink", &v_sink},
+                            {"k_recent", &k_recent},
+                            {"v_recent", &v_recent}}))
       return;
     int64_t kB = 0, Hkv = 0, C = 0, vB = 0, vH = 0, vC = 0;
     if (!check.packed_cache("k_", k_codes, k_norms, D, bits, &kB, &Hkv, &C)) return;
-    if (!check.packed_cache("v_", v_codes, v_norms, D, bits, &vB, &vH, &vC)) return;
-    if (v_codes.sizes != k_codes.sizes) {
-      check.fail("v_codes shape " + shape_str(v_codes.sizes) + " must equal k_codes shape " + shape_str(k_codes.sizes));
+    if (!check.packed_cache("v_", v_codes, v_norms, D, v_bits, &vB, &vH, &vC)) return;
+    if (vB != kB || vH != Hkv || vC != C) {
+      check.fail("v_codes shape " + shape_str(v_codes.sizes) + " must match k_codes shape " + shape_str(k_codes.sizes) +
+                 " in [B, Hkv, C]");
       return;
     }
     if (kB != B) {
@@ -127,6 +151,8 @@ inline FlashAttnVecTqPlan plan_flash_attn_vec_tq(const TensorDesc& q, const Tens
       }
       if (!check.contiguous("lse", lse)) return;
     }
+    if (!check.window_pair("sink", k_sink, v_sink, B, Hkv, D, C, 0)) return;
+    if (!check.window_pair("recent", k_recent, v_recent, B, Hkv, D, C, 1)) return;
 
     plan.outputs = {{q.sizes, q.dtype}};
     const uint64_t total_rows = static_cast<uint64_t>(B) * Hq * Lq;
@@ -178,10 +204,25 @@ inline FlashAttnVecTqPlan plan_flash_attn_vec_tq(const TensorDesc& q, const Tens
     p.softcap = static_cast<float>(softcap);
     p.inv_sqrt_r = static_cast<float>(1.0 / std::sqrt(static_cast<double>(rotation_block(D))));
     p.has_lse = lse.defined ? 1 : 0;
+    p.v_bits = static_cast<tq_uint>(v_bits);
+    // Window geometry: sinks are positions 0 .. S-1; the ring holds kv_len-W .. kv_len-1 (all of
+    // 0 .. kv_len-1 while kv_len < W); without a ring no position reaches recent_lo = kv_len.
+    const int64_t S = k_sink.defined ? k_sink.sizes[2] : 0;
+    const int64_t W = k_recent.defined ? k_recent.sizes[2] : 0;
+    const int64_t recent_lo = W > 0 ? std::max<int64_t>(0, kv_len - W) : kv_len;
+    p.sink_len = static_cast<tq_int>(S);
+    p.recent_lo = static_cast<tq_int>(recent_lo);
+    p.recent_len = static_cast<tq_uint>(W);
+    p.recent_lo_slot = static_cast<tq_uint>(W > 0 ? recent_lo % W : 0);
+    p.k_sink_dtype = k_sink.defined ? window_dtype(k_sink) : TQ_WINDOW_FLOAT32;
+    p.v_sink_dtype = v_sink.defined ? window_dtype(v_sink) : TQ_WINDOW_FLOAT32;
+    p.k_recent_dtype = k_recent.defined ? window_dtype(k_recent) : TQ_WINDOW_FLOAT32;
+    p.v_recent_dtype = v_recent.defined ? window_dtype(v_recent) : TQ_WINDOW_FLOAT32;
     const std::vector<uint8_t> bytes = params_bytes(p);
 
     plan.scratch_bytes = {total_rows * splits * D * 4, total_rows * splits * 2 * 4};
     plan.codebook_bits = static_cast<int32_t>(bits);
+    plan.second_codebook_bits = static_cast<int32_t>(v_bits);
 
     Launch main;
     main.kernel = "flash_attn_vec_tq_" + q.dtype + "_d" + str(D) + "_b" + str(bits);
@@ -198,7 +239,12 @@ inline FlashAttnVecTqPlan plan_flash_attn_vec_tq(const TensorDesc& q, const Tens
                      {Arg::Codebook, 0},
                      {Arg::Scratch, 0},
                      {Arg::Scratch, 1},
-                     {Arg::Params, 0}};
+                     {Arg::Params, 0},
+                     {Arg::Codebook, 1},
+                     {k_sink.defined ? Arg::Input : Arg::Dummy, 8},
+                     {v_sink.defined ? Arg::Input : Arg::Dummy, 9},
+                     {k_recent.defined ? Arg::Input : Arg::Dummy, 10},
+                     {v_recent.defined ? Arg::Input : Arg::Dummy, 11}};
     main.params = bytes;
     if (!check_launch(check, main)) return;
 

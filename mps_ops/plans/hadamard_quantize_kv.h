@@ -1,6 +1,8 @@
-// Launch plan of tq.hadamard_quantize_kv(src, codes, norms, write_pos, is_sliding, bits, signs).
+// Launch plan of tq.hadamard_quantize_kv(src, codes, norms, write_pos, is_sliding, bits, signs, offset,
+// norm_correction, sink, recent): one launch writes the codes, the norms and the windows.
 // Inputs (Arg::Input index): 0 src [B, T, Hkv, D] (the host passes it contiguous), 1 codes,
-// 2 norms, 3 signs (optional).
+// 2 norms, 3 signs (optional), 4 offset (optional, float32 [B, Hkv, D]), 5 sink (optional,
+// [B, Hkv, S, D], written in place), 6 recent (optional, [B, Hkv, W, D], written in place).
 #pragma once
 
 #include "common.h"
@@ -17,7 +19,11 @@ inline uint32_t quant_rows_per_threadgroup(int64_t head_dim) {
 
 inline HadamardQuantizeKvPlan plan_hadamard_quantize_kv(const TensorDesc& src, const TensorDesc& codes,
                                                         const TensorDesc& norms, int64_t write_pos, bool is_sliding,
-                                                        int64_t bits, const TensorDesc& signs) {
+                                                        int64_t bits, const TensorDesc& signs,
+                                                        const TensorDesc& offset = TensorDesc(),
+                                                        bool norm_correction = false,
+                                                        const TensorDesc& sink = TensorDesc(),
+                                                        const TensorDesc& recent = TensorDesc()) {
   HadamardQuantizeKvPlan plan;
   Checker check("hadamard_quantize_kv");
   [&] {
@@ -26,7 +32,14 @@ inline HadamardQuantizeKvPlan plan_hadamard_quantize_kv(const TensorDesc& src, c
     if (!check.floating("src", src)) return;
     const int64_t B = src.sizes[0], T = src.sizes[1], Hkv = src.sizes[2], D = src.sizes[3];
     if (!check.head_dim(D)) return;
-    if (!check.same_device({{"src", &src}, {"codes", &codes}, {"norms", &norms}, {"signs", &signs}})) return;
+    if (!check.same_device({{"src", &src},
+                            {"codes", &codes},
+                            {"norms", &norms},
+                            {"signs", &signs},
+                            {"offset", &offset},
+                            {"sink", &sink},
+                            {"recent", &recent}}))
+      return;
     int64_t cB = 0, cH = 0, C = 0;
     if (!check.packed_cache("", codes, norms, D, bits, &cB, &cH, &C)) return;
     if (cB != B || cH != Hkv) {
@@ -36,11 +49,34 @@ inline HadamardQuantizeKvPlan plan_hadamard_quantize_kv(const TensorDesc& src, c
       return;
     }
     if (!check.signs(signs, D)) return;
+    if (offset.defined) {
+      if (offset.sizes != std::vector<int64_t>{B, Hkv, D}) {
+        check.fail("offset must have shape [B, Hkv, D] = [" + str(B) + ", " + str(Hkv) + ", " + str(D) + "], got " +
+                   shape_str(offset.sizes));
+        return;
+      }
+      if (offset.dtype != "float32") {
+        check.fail("offset must be float32, got torch." + offset.dtype);
+        return;
+      }
+      if (!check.contiguous("offset", offset)) return;
+    }
+    if (sink.defined && !check.full_precision("sink", sink, B, Hkv, D, C, 0)) return;
+    if (recent.defined && !check.full_precision("recent", recent, B, Hkv, D, C, 1)) return;
     if (!check.write(write_pos, T, C, is_sliding)) return;
 
+    // Codes: tokens first .. T-1 (a ring write of T > C keeps the last C). Sink: the tokens at
+    // positions below S, which such a write may have dropped from the codes (the `head` tokens).
+    // Ring of the recent window: the last min(T, W) tokens, never before `first` (W <= C).
     int64_t first = 0, first_slot = 0;
     ring_write(T, write_pos, C, is_sliding, &first, &first_slot);
-    const uint64_t written = static_cast<uint64_t>(T - first);
+    const int64_t S = sink.defined ? sink.sizes[2] : 0;
+    const int64_t sink_tokens = std::max<int64_t>(0, std::min<int64_t>(T, S - write_pos));
+    const int64_t head = std::min<int64_t>(sink_tokens, first);
+    const int64_t W = recent.defined ? recent.sizes[2] : 0;
+    int64_t recent_first = 0, recent_first_slot = 0;
+    if (W > 0) ring_write(T, write_pos, W, true, &recent_first, &recent_first_slot);
+    const uint64_t written = static_cast<uint64_t>(head + T - first);
     const uint64_t rows = static_cast<uint64_t>(B) * written * Hkv;
     if (rows == 0) return;
     if (!check.fits_u32("src rows", static_cast<uint64_t>(B) * T * Hkv)) return;
@@ -58,14 +94,32 @@ inline HadamardQuantizeKvPlan plan_hadamard_quantize_kv(const TensorDesc& src, c
     p.has_signs = signs.defined ? 1 : 0;
     p.inv_sqrt_r = static_cast<float>(1.0 / std::sqrt(static_cast<double>(R)));
     p.sqrt_r = static_cast<float>(std::sqrt(static_cast<double>(R)));
+    p.has_offset = offset.defined ? 1 : 0;
+    p.norm_correction = norm_correction ? 1 : 0;
+    p.head_tokens = static_cast<tq_uint>(head);
+    p.sink_tokens = static_cast<tq_uint>(sink_tokens);
+    p.sink_len = static_cast<tq_uint>(S);
+    p.sink_pos = static_cast<tq_uint>(sink_tokens > 0 ? write_pos : 0);
+    p.sink_dtype = sink.defined ? window_dtype(sink) : TQ_WINDOW_FLOAT32;
+    p.recent_len = static_cast<tq_uint>(W);
+    p.recent_first = static_cast<tq_uint>(recent_first);
+    p.recent_first_slot = static_cast<tq_uint>(recent_first_slot);
+    p.recent_dtype = recent.defined ? window_dtype(recent) : TQ_WINDOW_FLOAT32;
 
     Launch l;
     l.kernel = "hadamard_quantize_kv_" + src.dtype + "_d" + str(D) + "_b" + str(bits);
     l.grid = {ceil_div(rows, quant_rows_per_threadgroup(D)), 1, 1};
     l.threads = {TQ_QUANT_SIMDGROUPS * kSimdWidth, 1, 1};
     l.threadgroup_memory = static_cast<uint32_t>(D * 4);  // the sign vector
-    l.bindings = {{Arg::Input, 0},    {Arg::Input, 1},       {Arg::Input, 2},
-                  {signs.defined ? Arg::Input : Arg::Dummy, 3}, {Arg::Codebook, 0}, {Arg::Params, 0}};
+    l.bindings = {{Arg::Input, 0},
+                  {Arg::Input, 1},
+                  {Arg::Input, 2},
+                  {signs.defined ? Arg::Input : Arg::Dummy, 3},
+                  {Arg::Codebook, 0},
+                  {Arg::Params, 0},
+                  {offset.defined ? Arg::Input : Arg::Dummy, 4},
+                  {sink_tokens > 0 ? Arg::Input : Arg::Dummy, 5},
+                  {W > 0 ? Arg::Input : Arg::Dummy, 6}};
     l.params = params_bytes(p);
     if (!check_launch(check, l)) return;
     plan.codebook_bits = static_cast<int32_t>(bits);

@@ -84,7 +84,9 @@ void encode(const tq_plan::Plan& plan, const std::vector<at::Tensor>& inputs, co
           TORCH_CHECK(!launch.params.empty(), "tq_host_check: ", where(), " binds empty params");
           break;
         case Arg::Codebook:
-          TORCH_CHECK(plan.codebook_bits > 0, "tq_host_check: ", where(), " binds the codebook of a plan without one");
+          TORCH_CHECK(b.index == 0 || b.index == 1, "tq_host_check: ", where(), " binds codebook ", b.index, " of 2");
+          TORCH_CHECK((b.index == 0 ? plan.codebook_bits : plan.second_codebook_bits) > 0, "tq_host_check: ", where(),
+                      " binds the codebook of a plan without one");
           break;
         case Arg::Dummy:
           break;

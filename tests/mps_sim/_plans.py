@@ -4,8 +4,9 @@
 ABI of ``mps_ops/sim_bindings.cpp`` built here with the system C++ compiler) and returns its launches
 or its error text. ``run(op, **kwargs)`` then executes the launches in the simulator, binding
 buffers exactly as ``mps_ops/torch_tq_mps.mm`` does (inputs in schema order, src/q made contiguous,
-outputs and scratch allocated by the host, the codebook from ``torch_tq.codebooks``, a 16-byte zero
-buffer for absent optionals), and returns what the op returns. Outputs and scratch start as NaN so
+outputs and scratch allocated by the host, the codebooks from ``torch_tq.codebooks`` (binding index 0:
+``codebook_bits``, 1: ``second_codebook_bits``), a 16-byte zero buffer for absent optionals), and
+returns what the op returns. Outputs and scratch start as NaN so
 unwritten elements show.
 """
 
@@ -50,13 +51,15 @@ KERNEL_SOURCES = {
 # Schema order of each op's arguments and which of them are tensors (Arg::Input indices).
 OP_ARGS = {
     "kv_cache_copy": ("src", "cache", "write_pos", "is_sliding"),
-    "hadamard_quantize_kv": ("src", "codes", "norms", "write_pos", "is_sliding", "bits", "signs"),
+    "hadamard_quantize_kv": ("src", "codes", "norms", "write_pos", "is_sliding", "bits", "signs", "offset",
+                             "norm_correction", "sink", "recent"),
     "dequantize_kv": ("codes", "norms", "start", "length", "bits", "rotated", "signs"),
     "recompute_w_u": ("k", "v", "beta", "A", "g", "cu_seqlens"),
     "chunk_fwd_h": ("k", "w", "u", "g", "initial_state", "cu_seqlens"),
     "chunk_fwd_o": ("q", "k", "v", "h", "g", "scale", "cu_seqlens"),
     "flash_attn_vec_tq": ("q", "k_codes", "k_norms", "v_codes", "v_norms", "kv_len", "scale", "bits",
-                          "sliding_window", "softcap", "kv_start", "signs", "lse"),
+                          "sliding_window", "softcap", "kv_start", "signs", "lse", "v_bits", "k_sink", "v_sink",
+                          "k_recent", "v_recent"),
     "fused_recurrent_gated_delta_rule": ("q", "k", "v", "g", "beta", "scale", "initial_state", "output_final_state",
                                          "use_qk_l2norm_in_kernel", "cu_seqlens"),
     "chunk_gated_delta_rule": ("q", "k", "v", "g", "beta", "scale", "initial_state", "output_final_state",
@@ -68,12 +71,14 @@ OP_ARGS = {
 }
 OP_DEFAULTS = {
     "kv_cache_copy": dict(is_sliding=False),
-    "hadamard_quantize_kv": dict(is_sliding=False, bits=4, signs=None),
+    "hadamard_quantize_kv": dict(is_sliding=False, bits=4, signs=None, offset=None, norm_correction=False, sink=None,
+                                 recent=None),
     "dequantize_kv": dict(bits=4, rotated=False, signs=None),
     "recompute_w_u": dict(cu_seqlens=None),
     "chunk_fwd_h": dict(initial_state=None, cu_seqlens=None),
     "chunk_fwd_o": dict(scale=None, cu_seqlens=None),
-    "flash_attn_vec_tq": dict(bits=4, sliding_window=0, softcap=0.0, kv_start=None, signs=None, lse=None),
+    "flash_attn_vec_tq": dict(bits=4, sliding_window=0, softcap=0.0, kv_start=None, signs=None, lse=None, v_bits=None,
+                              k_sink=None, v_sink=None, k_recent=None, v_recent=None),
     "fused_recurrent_gated_delta_rule": dict(scale=None, initial_state=None, output_final_state=False,
                                              use_qk_l2norm_in_kernel=False, cu_seqlens=None),
     "chunk_gated_delta_rule": dict(scale=None, initial_state=None, output_final_state=False,
@@ -85,12 +90,13 @@ OP_DEFAULTS = {
 }
 OP_TENSORS = {
     "kv_cache_copy": ("src", "cache"),
-    "hadamard_quantize_kv": ("src", "codes", "norms", "signs"),
+    "hadamard_quantize_kv": ("src", "codes", "norms", "signs", "offset", "sink", "recent"),
     "dequantize_kv": ("codes", "norms", "signs"),
     "recompute_w_u": ("k", "v", "beta", "A", "g", "cu_seqlens"),
     "chunk_fwd_h": ("k", "w", "u", "g", "initial_state", "cu_seqlens"),
     "chunk_fwd_o": ("q", "k", "v", "h", "g", "cu_seqlens"),
-    "flash_attn_vec_tq": ("q", "k_codes", "k_norms", "v_codes", "v_norms", "kv_start", "signs", "lse"),
+    "flash_attn_vec_tq": ("q", "k_codes", "k_norms", "v_codes", "v_norms", "kv_start", "signs", "lse", "k_sink",
+                          "v_sink", "k_recent", "v_recent"),
     "fused_recurrent_gated_delta_rule": ("q", "k", "v", "g", "beta", "initial_state", "cu_seqlens"),
     "chunk_gated_delta_rule": ("q", "k", "v", "g", "beta", "initial_state", "cu_seqlens"),
     "chunk_local_cumsum": ("g", "cu_seqlens"),
@@ -139,6 +145,7 @@ class PlanC(ctypes.Structure):
         ("num_scratch", ctypes.c_int32),
         ("scratch_bytes", ctypes.c_uint64 * 8),
         ("codebook_bits", ctypes.c_int32),
+        ("second_codebook_bits", ctypes.c_int32),
         ("num_outputs", ctypes.c_int32),
         ("output_dims", ctypes.c_int32 * 4),
         ("output_sizes", (ctypes.c_int64 * 8) * 4),
@@ -173,10 +180,10 @@ def _library() -> ctypes.CDLL:
     out = ctypes.POINTER(PlanC)
     i64, i32, f64 = ctypes.c_int64, ctypes.c_int32, ctypes.c_double
     dll.tq_plan_kv_cache_copy.argtypes = [desc, desc, i64, i32, out]
-    dll.tq_plan_hadamard_quantize_kv.argtypes = [desc, desc, desc, i64, i32, i64, desc, out]
+    dll.tq_plan_hadamard_quantize_kv.argtypes = [desc, desc, desc, i64, i32, i64, desc, desc, i32, desc, desc, out]
     dll.tq_plan_dequantize_kv.argtypes = [desc, desc, i64, i64, i64, i32, desc, out]
     dll.tq_plan_flash_attn_vec_tq.argtypes = [desc, desc, desc, desc, desc, i64, f64, i64, i64, f64, desc, desc, desc,
-                                              out]
+                                              i32, i64, desc, desc, desc, desc, out]
     i64p = ctypes.POINTER(ctypes.c_int64)
     dll.tq_plan_fused_recurrent_gated_delta_rule.argtypes = [desc, desc, desc, desc, desc, i32, f64, desc, i32, i32,
                                                              desc, i64p, i32, out]
@@ -229,15 +236,18 @@ def plan(op: str, **kwargs) -> dict:
     if op == "kv_cache_copy":
         dll.tq_plan_kv_cache_copy(D("src"), D("cache"), a["write_pos"], int(a["is_sliding"]), ctypes.byref(out))
     elif op == "hadamard_quantize_kv":
-        dll.tq_plan_hadamard_quantize_kv(D("src"), D("codes"), D("norms"), a["write_pos"], int(a["is_sliding"]),
-                                         a["bits"], D("signs"), ctypes.byref(out))
+        dll.tq_plan_hadamard_quantize_kv(D("src"), D("codes"), D("norms"), int(a["write_pos"]), int(a["is_sliding"]),
+                                         a["bits"], D("signs"), D("offset"), int(a["norm_correction"]), D("sink"),
+                                         D("recent"), ctypes.byref(out))
     elif op == "dequantize_kv":
         dll.tq_plan_dequantize_kv(D("codes"), D("norms"), a["start"], a["length"], a["bits"], int(a["rotated"]),
                                   D("signs"), ctypes.byref(out))
     elif op == "flash_attn_vec_tq":
-        dll.tq_plan_flash_attn_vec_tq(D("q"), D("k_codes"), D("k_norms"), D("v_codes"), D("v_norms"), a["kv_len"],
+        dll.tq_plan_flash_attn_vec_tq(D("q"), D("k_codes"), D("k_norms"), D("v_codes"), D("v_norms"), int(a["kv_len"]),
                                       float(a["scale"]), a["bits"], a["sliding_window"], float(a["softcap"]),
-                                      D("kv_start"), D("signs"), D("lse"), ctypes.byref(out))
+                                      D("kv_start"), D("signs"), D("lse"), int(a["v_bits"] is not None),
+                                      a["v_bits"] if a["v_bits"] is not None else 0, D("k_sink"), D("v_sink"),
+                                      D("k_recent"), D("v_recent"), ctypes.byref(out))
     elif op == "fused_recurrent_gated_delta_rule":
         cu_values, num_cu_values = values(a["cu_seqlens"])
         dll.tq_plan_fused_recurrent_gated_delta_rule(
@@ -295,6 +305,7 @@ def plan(op: str, **kwargs) -> dict:
         launches=launches,
         scratch_bytes=[out.scratch_bytes[i] for i in range(out.num_scratch)],
         codebook_bits=out.codebook_bits,
+        second_codebook_bits=out.second_codebook_bits,
         outputs=[(list(out.output_sizes[i][: out.output_dims[i]]), getattr(torch, out.output_dtypes[i].value.decode()))
                  for i in range(out.num_outputs)],
         input_dtypes=[out.input_dtypes[i].value.decode() for i in range(out.num_input_dtypes)],
@@ -355,7 +366,7 @@ def run(op: str, *, stats: list | None = None, **kwargs):
     outputs = [torch.full(sizes, float("nan"), dtype=dtype) if dtype.is_floating_point
                else torch.full(sizes, -1, dtype=dtype) for sizes, dtype in p["outputs"]]
     scratch = [torch.full((n // 4,), float("nan"), dtype=torch.float32) for n in p["scratch_bytes"]]
-    codebook = codebook_tensor(p["codebook_bits"]) if p["codebook_bits"] else None
+    codebooks = [codebook_tensor(b) if b else None for b in (p["codebook_bits"], p["second_codebook_bits"])]
     dummy = torch.zeros(4, dtype=torch.float32)
     for launch in p["launches"]:
         buffers = []
@@ -369,7 +380,7 @@ def run(op: str, *, stats: list | None = None, **kwargs):
             elif kind == ARG_PARAMS:
                 buffers.append(launch["params"])
             elif kind == ARG_CODEBOOK:
-                buffers.append(codebook)
+                buffers.append(codebooks[index])
             elif kind == ARG_DUMMY:
                 buffers.append(dummy)
             else:

@@ -105,7 +105,7 @@ def _entry(B, T, H, HV, K, V, dtype, l2, initial_state=True, cu_seqlens=None, sc
 
 
 # Tensors written in place: bound as the caller's own storage, never a converted copy.
-IN_PLACE = {"codes", "norms", "cache", "lse"}
+IN_PLACE = {"codes", "norms", "cache", "lse", "sink", "recent"}
 
 
 def check_bound_inputs(op, args, plan, bound):
@@ -141,6 +141,12 @@ VALID = [
     ("quantize-strided-src-no-signs", "hadamard_quantize_kv",
      lambda: dict(quantize_args(), src=torch.randn(1, 2, 3, 64).transpose(1, 2), signs=None)),
     ("quantize-empty", "hadamard_quantize_kv", lambda: quantize_args(T=0)),
+    ("quantize-offset-correction-windows", "hadamard_quantize_kv",
+     lambda: dict(quantize_args(T=3, C=8, write_pos=2), offset=torch.randn(1, 2, 64), norm_correction=True,
+                  sink=torch.zeros(1, 2, 4, 64, dtype=BF16), recent=torch.zeros(1, 2, 5, 64, dtype=F16))),
+    ("quantize-ring-sink-past-s-no-signs", "hadamard_quantize_kv",
+     lambda: dict(quantize_args(T=10, C=8, write_pos=6, is_sliding=True), signs=None,
+                  sink=torch.zeros(1, 2, 4, 64), recent=torch.zeros(1, 2, 8, 64))),
     ("dequantize", "dequantize_kv", dequantize_args),
     ("dequantize-rotated-d512-b2", "dequantize_kv", lambda: dict(dequantize_args(D=512, bits=2, start=3), rotated=True)),
     ("dequantize-empty", "dequantize_kv", lambda: dequantize_args(length=0)),
@@ -153,6 +159,13 @@ VALID = [
                   q=torch.randn(1, 4, 1, 128, dtype=F16), signs=None)),
     ("attn-bf16-lse", "flash_attn_vec_tq",
      lambda: dict(attention_args(), q=torch.randn(1, 4, 1, 64, dtype=BF16), lse=torch.empty(1, 4, 1))),
+    ("attn-k8v3-windows-mixed-dtypes", "flash_attn_vec_tq",
+     lambda: dict(attention_args(bits=8, kv_len=7), v_codes=torch.zeros(1, 2, 8, 24, dtype=torch.uint8),
+                  q=torch.randn(1, 4, 1, 64, dtype=F16), lse=torch.empty(1, 4, 1), v_bits=3,
+                  k_sink=torch.randn(1, 2, 2, 64), v_sink=torch.randn(1, 2, 2, 64, dtype=BF16),
+                  k_recent=torch.randn(1, 2, 3, 64, dtype=F16), v_recent=torch.randn(1, 2, 3, 64))),
+    ("attn-recent-only-v-bits-equal", "flash_attn_vec_tq",
+     lambda: dict(attention_args(), v_bits=4, k_recent=torch.randn(1, 2, 8, 64), v_recent=torch.randn(1, 2, 8, 64))),
     ("recurrent", "fused_recurrent_gated_delta_rule", lambda: _entry(2, 3, 2, 4, 64, 64, F32, True)),
     ("recurrent-varlen-bf16-k128-nofinal", "fused_recurrent_gated_delta_rule",
      lambda: _entry(1, 130, 1, 2, 128, 64, BF16, False, cu_seqlens=CU, scale=0.3, final=False)),

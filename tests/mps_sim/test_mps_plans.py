@@ -39,8 +39,9 @@ def _check_limits(p):
         assert launch["threadgroup_memory"] <= 32 * 1024, launch["kernel"]
         assert len(launch["params"]) <= 4096, launch["kernel"]
         assert all(g >= 1 for g in launch["grid"]), launch["kernel"]
-    if p["codebook_bits"]:
-        assert _plans.codebook_tensor(p["codebook_bits"]).numel() * 4 <= 4096
+    for bits in (p["codebook_bits"], p["second_codebook_bits"]):
+        if bits:
+            assert _plans.codebook_tensor(bits).numel() * 4 <= 4096
 
 
 @pytest.mark.parametrize("D, bits", list(itertools.product((64, 128, 256, 512), (2, 3, 4, 5, 6, 8))))
@@ -56,6 +57,29 @@ def test_plan_respects_apple_limits(D, bits):
         assert [l["kernel"] for l in p["launches"]] == [f"flash_attn_vec_tq_{str(dtype)[6:]}_d{D}_b{bits}",
                                                          f"flash_attn_vec_tq_reduce_{str(dtype)[6:]}_d{D}"]
     _check_limits(_plans.plan("dequantize_kv", **dequantize_args(D=D, bits=bits)))
+
+
+@pytest.mark.parametrize("D", (64, 128, 256, 512))
+def test_value_width_and_windows_are_runtime_parameters(D):
+    """k8v2 with float32/float16/bfloat16 windows runs the keys' 8-bit kernel: neither the values' width nor the
+    window dtypes multiply the instantiations; the values' codebook is the second codebook binding."""
+    args = attention_args(Hq=32, Hkv=4, Lq=3, D=D, C=64, kv_len=60, bits=8)
+    args["q"] = args["q"].half()
+    args.update(v_bits=2, v_codes=torch.zeros(1, 4, 64, D * 2 // 8, dtype=torch.uint8), v_norms=args["v_norms"],
+                k_sink=torch.zeros(1, 4, 4, D), v_sink=torch.zeros(1, 4, 4, D, dtype=torch.bfloat16),
+                k_recent=torch.zeros(1, 4, 32, D, dtype=torch.float16), v_recent=torch.zeros(1, 4, 32, D))
+    p = _plans.plan("flash_attn_vec_tq", **args)
+    _check_limits(p)
+    assert [l["kernel"] for l in p["launches"]] == [f"flash_attn_vec_tq_float16_d{D}_b8", f"flash_attn_vec_tq_reduce_float16_d{D}"]
+    assert (p["codebook_bits"], p["second_codebook_bits"]) == (8, 2)
+    assert p["launches"][0]["bindings"][11] == (_plans.ARG_CODEBOOK, 1)
+    assert [b for b in p["launches"][0]["bindings"][12:]] == [(_plans.ARG_INPUT, i) for i in (8, 9, 10, 11)]
+    q = _plans.plan("hadamard_quantize_kv", **dict(quantize_args(D=D, bits=2, src_dtype=torch.bfloat16),
+                                                   offset=torch.zeros(1, 2, D), norm_correction=True,
+                                                   sink=torch.zeros(1, 2, 4, D), recent=torch.zeros(1, 2, 8, D, dtype=torch.float16)))
+    _check_limits(q)
+    assert [l["kernel"] for l in q["launches"]] == [f"hadamard_quantize_kv_bfloat16_d{D}_b2"]
+    assert q["launches"][0]["bindings"][6:] == [(_plans.ARG_INPUT, i) for i in (4, 5, 6)]
 
 
 def test_plan_names_only_instantiated_kernels():

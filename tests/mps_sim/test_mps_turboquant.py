@@ -14,7 +14,7 @@ import torch
 
 import torch_tq
 from torch_tq.backends.cpu.turboquant import rotate
-from torch_tq.codebooks import decision_boundaries
+from torch_tq.codebooks import decision_boundaries, lloyd_max_codebook
 from torch_tq.layout import rotation_block, unpack_codes
 import _plans
 
@@ -138,3 +138,101 @@ def test_quantize_then_dequantize_round_trip():
     # and the round trip is a faithful 4-bit reconstruction
     err = (out - src.transpose(1, 2)).pow(2).sum(-1) / src.transpose(1, 2).pow(2).sum(-1)
     assert err.mean() < 0.02
+
+
+# ---- the decode-path options: key centring, norm correction, full-precision windows (DESIGN §8) -----
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+# id, B, T, Hkv, D, C, write_pos, is_sliding, bits, src dtype, offset, norm_correction, S, W, sink dtype,
+# recent dtype (S/W None = no buffer)
+DECODE_PATH_CASES = [
+    ("decode-step-global", 2, 1, 2, 128, 16, 5, False, 4, F16, True, True, 4, 8, F16, F16),
+    ("decode-step-into-the-sinks", 1, 1, 2, 64, 16, 2, False, 3, F32, True, True, 4, 8, F32, BF16),
+    ("decode-step-ring-wrapped", 1, 1, 3, 256, 8, 29, True, 2, BF16, False, True, 4, 6, BF16, F32),
+    ("prefill-longer-than-the-ring", 1, 12, 2, 64, 16, 0, False, 4, BF16, True, False, 4, 5, BF16, F32),
+    # A ring write of T > C drops its first tokens from the codes but they still fill the sinks.
+    ("ring-prefill-drops-sink-tokens", 2, 20, 2, 128, 8, 0, True, 5, F32, True, True, 4, 6, F32, F16),
+    ("ring-prefill-d512-drops-sink-tokens", 1, 11, 1, 512, 6, 1, True, 3, BF16, True, True, 4, 5, F16, BF16),
+    ("ring-write-straddles-the-sinks", 1, 5, 2, 64, 8, 2, True, 6, F16, True, True, 4, 8, F16, F16),
+    ("write-past-the-sinks", 1, 3, 2, 64, 8, 10, True, 8, F32, True, True, 4, 3, F32, F32),
+    ("sinks-only-d512", 1, 4, 1, 512, 6, 1, False, 4, F32, True, True, 3, None, F16, None),
+    ("recent-only-d512", 1, 7, 1, 512, 8, 0, False, 3, F16, False, False, None, 4, None, BF16),
+    ("empty-sink-buffer", 1, 2, 2, 64, 8, 0, False, 4, F32, False, True, 0, 1, F32, F32),
+    ("offset-only", 2, 3, 2, 256, 6, 1, False, 4, F32, True, False, None, None, None, None),
+    ("norm-correction-only", 1, 3, 3, 128, 6, 2, False, 2, BF16, False, True, None, None, None, None),
+]
+# Every (D, bits) pair with every option on, dtypes and ring geometry varying along.
+for _i, (_D, _bits) in enumerate(itertools.product(DIMS, BITS)):
+    _T, _ring, _dt = 3 + _i % 5, _i % 2 == 1, DTYPE_CYCLE
+    DECODE_PATH_CASES.append((f"all-options-D{_D}-b{_bits}", 1, _T, 2, _D, 8, _i % 11 if _ring else min(_i % 11, 8 - _T),
+                              _ring, _bits, _dt[_i % 3], True, True, 4, 1 + _i % 8, _dt[(_i + 1) % 3],
+                              _dt[(_i + 2) % 3]))
+
+
+def reference_u_centred(src, first, signs, offset):
+    """reference_u of the centred vectors (float32 subtraction first, as the op does)."""
+    x = src.float()
+    if offset is not None:
+        x = x - offset.unsqueeze(1)
+    return reference_u(x, first, 0, signs)
+
+
+@pytest.mark.parametrize("case", DECODE_PATH_CASES, ids=lambda c: c[0])
+def test_hadamard_quantize_kv_decode_path_options(case):
+    (name, B, T, Hkv, D, C, write_pos, is_sliding, bits, dtype, use_offset, norm_correction, S, W, sink_dtype,
+     recent_dtype) = case
+    signs = torch_tq.hadamard_signs(D)
+    src = (torch.randn(B, T, Hkv, D) * 2 + 0.5).to(dtype)
+    offset = torch.randn(B, Hkv, D) if use_offset else None
+    # The last token of (0, head 0) is zero after centring: norm 0 (also corrected), a zero window entry.
+    src[0, -1, 0] = offset[0, 0].to(dtype) if use_offset else 0
+    if use_offset:
+        offset[0, 0] = src[0, -1, 0].float()
+    codes, norms = torch_tq.allocate_quantized_kv(B, Hkv, C, D, bits)
+    codes.fill_(POISON)
+    norms.fill_(float("nan"))
+    sink = None if S is None else torch.full((B, Hkv, S, D), float("nan"), dtype=sink_dtype)
+    recent = None if W is None else torch.full((B, Hkv, W, D), float("nan"), dtype=recent_dtype)
+    clone = lambda t: None if t is None else t.clone()  # noqa: E731
+    ref = [clone(t) for t in (codes, norms, sink, recent)]
+    plain_norms = norms.clone()
+    torch.ops.tq.hadamard_quantize_kv(src, ref[0], ref[1], write_pos, is_sliding, bits, signs, offset,
+                                      norm_correction, ref[2], ref[3])
+    torch.ops.tq.hadamard_quantize_kv(src, codes.clone(), plain_norms, write_pos, is_sliding, bits, signs, offset)
+    _plans.run("hadamard_quantize_kv", src=src, codes=codes, norms=norms, write_pos=write_pos, is_sliding=is_sliding,
+               bits=bits, signs=signs, offset=offset, norm_correction=norm_correction, sink=sink, recent=recent)
+
+    first = max(0, T - C) if is_sliding else 0
+    slots = torch.arange(write_pos + first, write_pos + T) % C
+    untouched = torch.ones(C, dtype=torch.bool)
+    untouched[slots] = False
+    assert (codes[:, :, untouched] == POISON).all() and norms[:, :, untouched].isnan().all(), "wrote outside the new slots"
+    assert_codes_match(name, codes[:, :, slots], ref[0][:, :, slots], reference_u_centred(src, first, signs, offset), bits)
+    R = rotation_block(D)
+    if norm_correction:
+        # n * sqrt(R) / ||c[code]|| with the kernel's own codes (a near-tie code changes ||c[code]||).
+        values = lloyd_max_codebook(bits).double()[unpack_codes(codes[:, :, slots], bits)]
+        unit = values.reshape(*values.shape[:-1], D // R, R).norm(dim=-1)
+        expect = plain_norms[:, :, slots].double() * math.sqrt(R) / unit
+        torch.testing.assert_close(norms[:, :, slots].double(), expect, rtol=2e-6, atol=0)
+    else:
+        torch.testing.assert_close(norms[:, :, slots], ref[1][:, :, slots], rtol=1e-6, atol=0)
+    zero_slot = (write_pos + T - 1) % C
+    assert (norms[0, 0, zero_slot] == 0).all()
+    # The windows hold the rotated (centred) vectors, bit for bit, and nothing else was written (NaN stays).
+    for what, out, expect in (("sink", sink, ref[2]), ("recent", recent, ref[3])):
+        if out is not None:
+            torch.testing.assert_close(out, expect, rtol=0, atol=0, equal_nan=True, msg=f"{name}: {what}")
+    if W is not None:
+        newest = torch.arange(write_pos + max(0, T - W), write_pos + T)  # this call's positions the ring keeps
+        assert not recent[:, :, newest % W].isnan().any()
+        assert (recent[0, 0, (write_pos + T - 1) % W] == 0).all()
+
+
+def test_quantize_with_windows_and_no_tokens_launches_nothing():
+    args = dict(_plans.OP_DEFAULTS["hadamard_quantize_kv"], src=torch.randn(1, 0, 2, 64),
+                codes=torch.zeros(1, 2, 8, 32, dtype=torch.uint8), norms=torch.zeros(1, 2, 8, 1), write_pos=0,
+                sink=torch.zeros(1, 2, 4, 64), recent=torch.zeros(1, 2, 4, 64), norm_correction=True,
+                offset=torch.zeros(1, 2, 64))
+    assert _plans.plan("hadamard_quantize_kv", **args)["launches"] == []
