@@ -255,7 +255,8 @@ def _user_text(preprocessed: str, user_roots: Sequence[Path]) -> List[Tuple[str,
     return segments
 
 
-def _check_conventions(segments: List[Tuple[str, str]]) -> None:
+def convention_errors(segments: List[Tuple[str, str]]) -> List[str]:
+    """Uses of `threadgroup` and vector casts the simulator cannot model (see README.md)."""
     errors = []
     for fname, text in segments:
         for m in re.finditer(r"\bthreadgroup\b(?!_)", text):
@@ -289,23 +290,37 @@ def _check_conventions(segments: List[Tuple[str, str]]) -> None:
         if re.search(r"\[\[\s*threadgroup\s*\(", text):
             errors.append(f"{fname}: [[threadgroup(n)]] kernel parameters (dynamic threadgroup "
                           "memory) are not supported; declare fixed-size threadgroup arrays")
+    return errors
+
+
+def _check_conventions(segments: List[Tuple[str, str]]) -> None:
+    errors = convention_errors(segments)
     if errors:
         raise CompileError("kernel sources break simulator conventions:\n" + "\n".join(errors))
 
 
-def _parse_kernels(segments: List[Tuple[str, str]]) -> Dict[str, KernelSig]:
-    text = "\n".join(t for _f, t in segments)
-    kernels: Dict[str, KernelSig] = {}
+@dataclass
+class KernelDecl:
+    """A `[[kernel]]` function as written: name, whether it is a template, where its declaration
+    starts in the scanned text, and each parameter's text with its offset."""
+
+    name: str
+    is_template: bool
+    start: int
+    params: List[Tuple[str, int]]
+
+
+def kernel_declarations(text: str) -> List[KernelDecl]:
+    """Every `[[kernel]] void name(...)` in preprocessed kernel text."""
+    decls = []
     kernel_re = (r"\[\[\s*kernel\b(?:[^\[\]]|\[[^\[\]]*\])*\]\]\s*(?:\[\[(?:[^\[\]]|\[[^\[\]]*\])*\]\]\s*)*"
                  r"(?:(?:inline|static)\s+)*void\s+(\w+)\s*\(")
     for m in re.finditer(kernel_re, text):
-        name = m.group(1)
         # Matching parenthesis of the parameter list.
         depth, i = 1, m.end()
         while depth and i < len(text):
             depth += {"(": 1, ")": -1}.get(text[i], 0)
             i += 1
-        plist = text[m.end(): i - 1]
         # Template? Look back over `template <...>` just before the attribute.
         before = text[: m.start()].rstrip()
         is_template = False
@@ -317,12 +332,25 @@ def _parse_kernels(segments: List[Tuple[str, str]]) -> Dict[str, KernelSig]:
                     break
                 j -= 1
             is_template = before[:j].rstrip().endswith("template")
-        sig = KernelSig(name, is_template)
-        for p in _split_top(plist):
-            p = p.strip()
-            if not p:
-                continue
-            attrs = re.findall(r"\[\[\s*(\w+)\s*(?:\(\s*(\w+)\s*\))?\s*\]\]", p)
+        params, offset = [], m.end()
+        for p in _split_top(text[m.end(): i - 1]):
+            if p.strip():
+                params.append((p.strip(), offset + len(p) - len(p.lstrip())))
+            offset += len(p) + 1
+        decls.append(KernelDecl(m.group(1), is_template, m.start(), params))
+    return decls
+
+
+_PARAM_ATTRIBUTE = re.compile(r"\[\[\s*(\w+)\s*(?:\(\s*(\w+)\s*\))?\s*\]\]")
+
+
+def _parse_kernels(segments: List[Tuple[str, str]]) -> Dict[str, KernelSig]:
+    kernels: Dict[str, KernelSig] = {}
+    for decl in kernel_declarations("\n".join(t for _f, t in segments)):
+        name = decl.name
+        sig = KernelSig(name, decl.is_template)
+        for p, _offset in decl.params:
+            attrs = _PARAM_ATTRIBUTE.findall(p)
             if not attrs:
                 raise CompileError(f"kernel {name}: parameter `{p}` has no [[buffer(n)]] or builtin attribute")
             kind_name, arg = attrs[-1]
