@@ -1,6 +1,7 @@
 """The shipped Metal kernels pass the strict MSL check (mps_ops/sim/msl_check.py, rules proven in
 tests/sim/test_msl_check.py), every instantiation included, and each kernel's static threadgroup
-memory is exactly what its launch plan declares (Launch::threadgroup_memory)."""
+memory is exactly what its launch plan declares (Launch::threadgroup_memory). Every kernel a plan
+launches is found in its family's Metal library (build_config.family_of, as torch_tq_mps.mm)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ import torch
 import _plans
 from _bad_inputs import attention_args, copy_args, dequantize_args, quantize_args
 from _gated_delta_bad_inputs import cumsum_args, h_args, kkt_args, o_args, rule_args, solve_args, wu_args
+
+sys.path.insert(0, str(_plans.MPS_OPS))
+import build_config  # noqa: E402
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CHECK = _plans.MPS_OPS / "sim" / "msl_check.py"
@@ -84,3 +88,9 @@ def test_every_planned_kernel_is_checked_with_the_memory_its_plan_declares(check
     assert sorted(set(declared) - set(kernels)) == []  # every kernel a plan launches was compiled and checked
     assert {k: declared[k] for k in declared} == {k: kernels[k]["threadgroup_bytes"] for k in declared}
     assert max(k["threadgroup_bytes"] for k in kernels.values()) <= 32 * 1024
+
+
+def test_every_planned_kernel_is_in_the_family_the_simulator_compiles_it_from(declared):
+    families = build_config.metal_families()
+    for kernel in declared:
+        assert build_config.family_of(kernel, families) == _plans.kernel_source(kernel).stem, kernel
