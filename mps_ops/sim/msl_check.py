@@ -364,7 +364,6 @@ class _Ir:
     def __init__(self, text: str):
         self.metadata: Dict[str, str] = {}
         self.functions: Dict[str, _Function] = {}
-        self.declared: Set[str] = set()
         self.globals: List[Tuple[str, str, str, str]] = []  # (name, linkage/attributes, global|constant, rest)
         self.strings: Dict[str, str] = {}
         current: Optional[_Function] = None
@@ -389,10 +388,6 @@ class _Ir:
                 if m:
                     current = _Function(m.group(1).strip('"'), m.group(2) or "", [])
                     self.functions[current.name] = current
-            elif line.startswith("declare "):
-                m = re.search(r'@("[^"]+"|[\w.$]+)\(', line)
-                if m:
-                    self.declared.add(m.group(1).strip('"'))
             elif line.startswith("@"):
                 s = _STRING.match(line)
                 if s:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -121,10 +122,33 @@ def _opt_level() -> str:
     return os.environ.get("TQ_SIM_OPT", "-O2")
 
 
+def fp_contract() -> str:
+    """`TQ_SIM_FP_CONTRACT`: ``off`` (default: every a * b + c rounds twice, as written) or ``fast``
+    (clang contracts a * b + c into one fused multiply-add wherever it can, as Apple's Metal
+    compiler does). Tests must pass under both; see README.md, "Floating point"."""
+    mode = os.environ.get("TQ_SIM_FP_CONTRACT", "off")
+    if mode not in ("off", "fast"):
+        raise CompileError(f"TQ_SIM_FP_CONTRACT must be 'off' or 'fast', got {mode!r}")
+    return mode
+
+
+def _fp_contract_flags() -> List[str]:
+    mode = fp_contract()
+    if mode == "off":
+        return ["-ffp-contract=off"]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        # Baseline x86-64 has no FMA instruction: clang would contract into llvm.fmuladd and then
+        # compute it unfused. The kernels need the real fused operation, so the host must have it.
+        if "fma" not in Path("/proc/cpuinfo").read_text().split():
+            raise CompileError("TQ_SIM_FP_CONTRACT=fast needs a CPU with FMA instructions (x86-64: Haswell or later)")
+        return ["-ffp-contract=fast", "-mfma"]
+    return ["-ffp-contract=fast"]  # aarch64 always has fused multiply-add
+
+
 def _kernel_flags(comp: Compiler) -> List[str]:
     flags = [
         "-std=c++17", _opt_level(), "-fPIC", "-fno-omit-frame-pointer", "-fconvergent-functions",
-        "-ffp-contract=off", "-fno-fast-math", "-fno-exceptions", "-fno-rtti",
+        "-fno-fast-math", *_fp_contract_flags(), "-fno-exceptions", "-fno-rtti",
         # No auto-vectorisation: the SLP vectoriser can split and duplicate loads, which would
         # distort the per-buffer byte counts (source-level vector loads stay vector loads).
         "-fno-vectorize", "-fno-slp-vectorize",

@@ -35,6 +35,9 @@ MM = MPS_OPS / "torch_tq_mps.mm"
 STUBS = Path(__file__).resolve().parent / "apple_sdk_stubs"
 TARGET = "arm64-apple-macos13"
 
+sys.path.insert(0, str(MPS_OPS))
+import build_config  # noqa: E402  (writes the generated Metal-source header the .mm includes)
+
 
 def zig_dir() -> Path | None:
     spec = importlib.util.find_spec("ziglang")
@@ -82,9 +85,6 @@ def command(mm: Path, generated_dir: Path) -> list[str]:
 
 def errors(mm: Path = MM) -> list[str]:
     """``file:line:col: error: ...`` lines of the check of ``mm`` (empty when it compiles)."""
-    sys.path.insert(0, str(MPS_OPS))
-    import build_config
-
     with tempfile.TemporaryDirectory() as tmp:
         generated = Path(tmp)
         build_config.write_source_header(generated)
