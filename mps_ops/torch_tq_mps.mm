@@ -4,8 +4,15 @@
 // encoder that binds buffers in the plan's order on PyTorch's current MPS stream.
 //
 // No macOS in this project's CI: the kernels and the plans are verified through the MSL simulator
-// in tests/mps_sim/, and this file minus its two marked Metal sections is compiled, loaded and
-// checked on Linux by tests/mps_sim/test_mps_host_code.py. Build: mps_ops/build_config.py (macOS only).
+// in tests/mps_sim/, this file minus its two marked Metal sections is compiled, loaded and checked
+// on Linux by tests/mps_sim/test_mps_host_code.py, and the whole file, Objective-C included, is
+// compiled -fsyntax-only for an Apple-silicon Mac against stub SDK headers by
+// tests/mps_sim/test_mps_objcxx_check.py. Build: mps_ops/build_config.py (macOS only).
+//
+// Runtime guards: Apple-silicon GPUs only (Apple7 family, 32-wide SIMD groups, both checked, the
+// error names the GPU); one Metal library per kernel family (.metal file), compiled at its first
+// use, so an MSL error disables only that family's ops (torch_tq.backends.mps.warmup() compiles
+// all of them ahead of time); Objective-C objects are created inside autorelease pools.
 #include <torch/extension.h>
 
 // ---- Metal headers (tests/mps_sim/test_mps_host_code.py compiles this file without them) ----
@@ -16,6 +23,8 @@
 #import <Metal/Metal.h>
 // ---- end of Metal headers ----
 
+#include <cstring>
+#include <exception>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -78,20 +87,70 @@ at::ScalarType scalar_type(const std::string& name) {
 }
 
 // ---- Metal encoding (tests/mps_sim/test_mps_host_code.py replaces this section by a stub) ----
-// Generated at build time by mps_ops/build_config.py: `kTorchTqMetalSource`, every .metal file of
-// mps_ops/kernels/ with its local headers inlined (newLibraryWithSource has no include path).
+// Generated at build time by mps_ops/build_config.py: `kTorchTqMetalFamilies`, one self-contained
+// Metal source per .metal file of mps_ops/kernels/ (newLibraryWithSource has no include path).
 #include "torch_tq_metal_source.h"
 
-// Library and pipelines.
+// PyTorch's dispatch_sync_with_rethrow moved from at::native::mps to at::mps in torch 2.10; this
+// copy works with every supported torch. A C++ exception must not unwind through libdispatch (the
+// process would abort): it is caught inside the block and rethrown on the calling thread.
+void dispatch_sync_rethrowing(dispatch_queue_t queue, void (^block)()) {
+  __block std::exception_ptr error;
+  dispatch_sync(queue, ^() {
+    try {
+      block();
+    } catch (...) {
+      error = std::current_exception();
+    }
+  });
+  if (error) std::rethrow_exception(error);
+}
+
+// Device, libraries (one per kernel family, compiled at the family's first use) and pipelines.
 
 std::mutex g_pipeline_mutex;
-id<MTLLibrary> g_library = nil;                                  // built once, kept for the process
+std::map<std::string, id<MTLLibrary>> g_libraries;               // by family, kept for the process
+std::map<std::string, std::string> g_library_errors;             // by family: why it did not compile
 std::map<std::string, id<MTLComputePipelineState>> g_pipelines;  // by host name, kept for the process
 
-id<MTLLibrary> library_locked(id<MTLDevice> device) {
-  if (g_library != nil) return g_library;
+std::string gpu_name(id<MTLDevice> device) {
+  @autoreleasepool {
+    NSString* name = device.name;
+    return name != nil ? std::string(name.UTF8String) : std::string("an unnamed GPU");
+  }
+}
+
+// The kernels need an Apple-silicon GPU (simdgroup_matrix, 32-wide SIMD groups). PyTorch's MPS
+// backend also runs on the AMD and Intel GPUs of Intel Macs: those are refused here, by name.
+id<MTLDevice> supported_device() {
+  id<MTLDevice> device = at::mps::MPSDevice::getInstance()->device();
+  TORCH_CHECK(device != nil, "tq: PyTorch's MPS backend has no Metal device");
+  TORCH_CHECK([device supportsFamily:MTLGPUFamilyApple7], "tq: the Metal kernels of torch_tq need an Apple-silicon GPU "
+              "(Metal GPU family Apple7: M1 or later); this Mac's GPU is ", gpu_name(device));
+  return device;
+}
+
+// The family that defines a kernel: the one with the longest host-name prefix it starts with.
+const TqMetalFamily& family_of(const std::string& kernel) {
+  const TqMetalFamily* best = nullptr;
+  size_t best_length = 0;
+  for (const TqMetalFamily& family : kTorchTqMetalFamilies) {
+    for (const char* const* prefix = family.host_name_prefixes; *prefix != nullptr; ++prefix) {
+      const size_t length = std::strlen(*prefix);
+      if (length > best_length && kernel.compare(0, length, *prefix) == 0) {
+        best = &family;
+        best_length = length;
+      }
+    }
+  }
+  TORCH_CHECK(best != nullptr, "tq: internal: no Metal source defines the kernel ", kernel);
+  return *best;
+}
+
+// Explicit math mode: IEEE-conforming division, sqrt and exp, as the CPU reference. The caller
+// releases the options.
+MTLCompileOptions* new_compile_options() {
   MTLCompileOptions* options = [MTLCompileOptions new];
-  // Explicit math mode: IEEE-conforming division, sqrt and exp, as the CPU reference.
 #if defined(__MAC_15_0) && __MAC_OS_X_VERSION_MAX_ALLOWED >= __MAC_15_0
   if (@available(macOS 15.0, *)) {
     options.mathMode = MTLMathModeSafe;
@@ -107,31 +166,88 @@ id<MTLLibrary> library_locked(id<MTLDevice> device) {
     options.languageVersion = MTLLanguageVersion3_1;
   }
 #endif
-  NSError* error = nil;
-  NSString* source = [NSString stringWithUTF8String:kTorchTqMetalSource];
-  g_library = [device newLibraryWithSource:source options:options error:&error];
-  [options release];
-  TORCH_CHECK(g_library != nil, "tq: failed to compile the Metal kernels: ",
-              error ? error.localizedDescription.UTF8String : "unknown error");
-  return g_library;
+  return options;
+}
+
+// The library of `family`, compiled on its first use. A family that does not compile is
+// remembered with its error (nil here, the error in *error): the other families keep working.
+id<MTLLibrary> library_locked(id<MTLDevice> device, const TqMetalFamily& family, std::string* error) {
+  auto it = g_libraries.find(family.name);
+  if (it != g_libraries.end()) return it->second;
+  auto failed = g_library_errors.find(family.name);
+  if (failed == g_library_errors.end()) {
+    @autoreleasepool {
+      MTLCompileOptions* options = new_compile_options();
+      NSError* ns_error = nil;
+      id<MTLLibrary> library = [device newLibraryWithSource:[NSString stringWithUTF8String:family.source]
+                                                    options:options
+                                                      error:&ns_error];
+      [options release];
+      if (library != nil) {
+        g_libraries.emplace(family.name, library);
+        return library;
+      }
+      failed = g_library_errors
+                   .emplace(family.name, ns_error != nil ? std::string(ns_error.localizedDescription.UTF8String)
+                                                         : std::string("unknown error"))
+                   .first;
+    }
+  }
+  *error = failed->second;
+  return nil;
 }
 
 id<MTLComputePipelineState> pipeline(const std::string& name) {
   std::lock_guard<std::mutex> lock(g_pipeline_mutex);
   auto it = g_pipelines.find(name);
   if (it != g_pipelines.end()) return it->second;
-  id<MTLDevice> device = at::mps::MPSDevice::getInstance()->device();
-  id<MTLLibrary> lib = library_locked(device);
-  id<MTLFunction> fn = [lib newFunctionWithName:[NSString stringWithUTF8String:name.c_str()]];
-  TORCH_CHECK(fn != nil, "tq: Metal kernel ", name, " not found",
+  id<MTLDevice> device = supported_device();
+  const TqMetalFamily& family = family_of(name);
+  std::string error;
+  id<MTLLibrary> library = library_locked(device, family, &error);
+  TORCH_CHECK(library != nil, "tq: the Metal kernels of family '", family.name, "' (mps_ops/kernels/", family.name,
+              ".metal), which define ", name, ", do not compile on ", gpu_name(device), "; ops using other families "
+              "still work. Metal's error: ", error);
+  id<MTLComputePipelineState> pso = nil;
+  bool found = false;
+  @autoreleasepool {
+    id<MTLFunction> fn = [library newFunctionWithName:[NSString stringWithUTF8String:name.c_str()]];
+    if (fn != nil) {
+      found = true;
+      NSError* ns_error = nil;
+      pso = [device newComputePipelineStateWithFunction:fn error:&ns_error];
+      [fn release];
+      if (pso == nil) {
+        error = ns_error != nil ? std::string(ns_error.localizedDescription.UTF8String) : std::string("unknown error");
+      }
+    }
+  }
+  TORCH_CHECK(found, "tq: Metal kernel ", name, " not found in family '", family.name, "'",
               name.find("bfloat16") != std::string::npos ? " (bfloat16 kernels need macOS 14 / MSL 3.1)" : "");
-  NSError* error = nil;
-  id<MTLComputePipelineState> pso = [device newComputePipelineStateWithFunction:fn error:&error];
-  [fn release];
-  TORCH_CHECK(pso != nil, "tq: failed to build the pipeline of ", name, ": ",
-              error ? error.localizedDescription.UTF8String : "unknown error");
+  TORCH_CHECK(pso != nil, "tq: failed to build the pipeline of ", name, ": ", error);
+  // Every kernel's shuffles, reductions and lane layouts assume 32-wide SIMD groups.
+  const NSUInteger simd_width = pso.threadExecutionWidth;
+  if (simd_width != 32) {
+    [pso release];
+    TORCH_CHECK(false, "tq: Metal kernel ", name, " would run with SIMD groups of ", simd_width, " threads on ",
+                gpu_name(device), "; the kernels of torch_tq need 32");
+  }
   g_pipelines.emplace(name, pso);
   return pso;
+}
+
+// Compiles every family now (torch_tq.backends.mps.warmup()): family -> "" when it compiled, else
+// Metal's error. Pipelines are still built at each kernel's first use.
+std::map<std::string, std::string> compile_metal_families() {
+  std::lock_guard<std::mutex> lock(g_pipeline_mutex);
+  id<MTLDevice> device = supported_device();
+  std::map<std::string, std::string> result;
+  for (const TqMetalFamily& family : kTorchTqMetalFamilies) {
+    std::string error;
+    library_locked(device, family, &error);
+    result.emplace(family.name, error);
+  }
+  return result;
 }
 
 // Centroids then decision boundaries of the b-bit codebook, float32, from torch_tq.codebooks:
@@ -189,7 +305,7 @@ void encode(const tq_plan::Plan& plan, const std::vector<at::Tensor>& inputs, co
   static const uint8_t kDummy[16] = {};
 
   at::mps::MPSStream* stream = at::mps::getCurrentMPSStream();
-  at::mps::dispatch_sync_with_rethrow(stream->queue(), ^() {
+  dispatch_sync_rethrowing(stream->queue(), ^() {
     @autoreleasepool {
       id<MTLComputeCommandEncoder> enc = stream->commandEncoder();
       for (size_t i = 0; i < plan.launches.size(); ++i) {
@@ -409,5 +525,8 @@ TORCH_LIBRARY_IMPL(tq, MPS, m) {
   m.impl("chunk_fwd_o", &chunk_fwd_o_mps);
 }
 
-// Importing torch_tq._C_mps registers the kernels above; the module itself has no attributes.
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {}
+// Importing torch_tq._C_mps registers the kernels above.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("compile_metal_families", &compile_metal_families,
+             "Compiles every Metal kernel family now; family -> '' or the compile error (torch_tq.backends.mps.warmup)");
+}

@@ -52,6 +52,17 @@ def test_unavailable_backend_error_names_the_reason():
     assert reason.startswith("tq.flash_attn_vec_tq: no implementation for device 'cuda': ")
 
 
+def test_mps_warmup_without_mps_warns_why_and_compiles_nothing():
+    from torch_tq.backends import mps
+
+    available, reason = mps.status()
+    if available:
+        pytest.skip("MPS is available here: warmup() compiles the Metal kernels")
+    with pytest.warns(RuntimeWarning, match=r"^torch_tq.backends.mps.warmup\(\): nothing to compile: ") as record:
+        assert mps.warmup() == []
+    assert reason in str(record[0].message)
+
+
 def _valid_samples():
     q = quantize_args(B=2, T=3, Hkv=2, D=128, C=8, bits=3, write_pos=6, is_sliding=True, src_dtype=torch.float16)
     a = attention_args(B=2, Hq=4, Hkv=2, Lq=2, D=64, C=8, kv_len=11, bits=4, sliding_window=6, softcap=10.0)

@@ -7,8 +7,9 @@
 using namespace metal;
 
 // instantiate_kernel("host_name", func, TemplateArgs...) — MLX style: the .metal file only
-// instantiates; the signature is never written twice. Only for function templates.
-#if defined(TQ_MSL_SIM)
+// instantiates; the signature is never written twice. Only for function templates. The simulator
+// shim and its strict check (mps_ops/sim/msl_check.py) record instantiations their own way.
+#if defined(TQSIM_INSTANTIATE_KERNEL)
 #define instantiate_kernel(name, func, ...) TQSIM_INSTANTIATE_KERNEL(name, func, __VA_ARGS__)
 #else
 #define instantiate_kernel(name, func, ...) \

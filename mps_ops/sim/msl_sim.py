@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -121,10 +122,33 @@ def _opt_level() -> str:
     return os.environ.get("TQ_SIM_OPT", "-O2")
 
 
+def fp_contract() -> str:
+    """`TQ_SIM_FP_CONTRACT`: ``off`` (default: every a * b + c rounds twice, as written) or ``fast``
+    (clang contracts a * b + c into one fused multiply-add wherever it can, as Apple's Metal
+    compiler does). Tests must pass under both; see README.md, "Floating point"."""
+    mode = os.environ.get("TQ_SIM_FP_CONTRACT", "off")
+    if mode not in ("off", "fast"):
+        raise CompileError(f"TQ_SIM_FP_CONTRACT must be 'off' or 'fast', got {mode!r}")
+    return mode
+
+
+def _fp_contract_flags() -> List[str]:
+    mode = fp_contract()
+    if mode == "off":
+        return ["-ffp-contract=off"]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        # Baseline x86-64 has no FMA instruction: clang would contract into llvm.fmuladd and then
+        # compute it unfused. The kernels need the real fused operation, so the host must have it.
+        if "fma" not in Path("/proc/cpuinfo").read_text().split():
+            raise CompileError("TQ_SIM_FP_CONTRACT=fast needs a CPU with FMA instructions (x86-64: Haswell or later)")
+        return ["-ffp-contract=fast", "-mfma"]
+    return ["-ffp-contract=fast"]  # aarch64 always has fused multiply-add
+
+
 def _kernel_flags(comp: Compiler) -> List[str]:
     flags = [
         "-std=c++17", _opt_level(), "-fPIC", "-fno-omit-frame-pointer", "-fconvergent-functions",
-        "-ffp-contract=off", "-fno-fast-math", "-fno-exceptions", "-fno-rtti",
+        "-fno-fast-math", *_fp_contract_flags(), "-fno-exceptions", "-fno-rtti",
         # No auto-vectorisation: the SLP vectoriser can split and duplicate loads, which would
         # distort the per-buffer byte counts (source-level vector loads stay vector loads).
         "-fno-vectorize", "-fno-slp-vectorize",
@@ -255,7 +279,8 @@ def _user_text(preprocessed: str, user_roots: Sequence[Path]) -> List[Tuple[str,
     return segments
 
 
-def _check_conventions(segments: List[Tuple[str, str]]) -> None:
+def convention_errors(segments: List[Tuple[str, str]]) -> List[str]:
+    """Uses of `threadgroup` and vector casts the simulator cannot model (see README.md)."""
     errors = []
     for fname, text in segments:
         for m in re.finditer(r"\bthreadgroup\b(?!_)", text):
@@ -289,23 +314,37 @@ def _check_conventions(segments: List[Tuple[str, str]]) -> None:
         if re.search(r"\[\[\s*threadgroup\s*\(", text):
             errors.append(f"{fname}: [[threadgroup(n)]] kernel parameters (dynamic threadgroup "
                           "memory) are not supported; declare fixed-size threadgroup arrays")
+    return errors
+
+
+def _check_conventions(segments: List[Tuple[str, str]]) -> None:
+    errors = convention_errors(segments)
     if errors:
         raise CompileError("kernel sources break simulator conventions:\n" + "\n".join(errors))
 
 
-def _parse_kernels(segments: List[Tuple[str, str]]) -> Dict[str, KernelSig]:
-    text = "\n".join(t for _f, t in segments)
-    kernels: Dict[str, KernelSig] = {}
+@dataclass
+class KernelDecl:
+    """A `[[kernel]]` function as written: name, whether it is a template, where its declaration
+    starts in the scanned text, and each parameter's text with its offset."""
+
+    name: str
+    is_template: bool
+    start: int
+    params: List[Tuple[str, int]]
+
+
+def kernel_declarations(text: str) -> List[KernelDecl]:
+    """Every `[[kernel]] void name(...)` in preprocessed kernel text."""
+    decls = []
     kernel_re = (r"\[\[\s*kernel\b(?:[^\[\]]|\[[^\[\]]*\])*\]\]\s*(?:\[\[(?:[^\[\]]|\[[^\[\]]*\])*\]\]\s*)*"
                  r"(?:(?:inline|static)\s+)*void\s+(\w+)\s*\(")
     for m in re.finditer(kernel_re, text):
-        name = m.group(1)
         # Matching parenthesis of the parameter list.
         depth, i = 1, m.end()
         while depth and i < len(text):
             depth += {"(": 1, ")": -1}.get(text[i], 0)
             i += 1
-        plist = text[m.end(): i - 1]
         # Template? Look back over `template <...>` just before the attribute.
         before = text[: m.start()].rstrip()
         is_template = False
@@ -317,12 +356,25 @@ def _parse_kernels(segments: List[Tuple[str, str]]) -> Dict[str, KernelSig]:
                     break
                 j -= 1
             is_template = before[:j].rstrip().endswith("template")
-        sig = KernelSig(name, is_template)
-        for p in _split_top(plist):
-            p = p.strip()
-            if not p:
-                continue
-            attrs = re.findall(r"\[\[\s*(\w+)\s*(?:\(\s*(\w+)\s*\))?\s*\]\]", p)
+        params, offset = [], m.end()
+        for p in _split_top(text[m.end(): i - 1]):
+            if p.strip():
+                params.append((p.strip(), offset + len(p) - len(p.lstrip())))
+            offset += len(p) + 1
+        decls.append(KernelDecl(m.group(1), is_template, m.start(), params))
+    return decls
+
+
+_PARAM_ATTRIBUTE = re.compile(r"\[\[\s*(\w+)\s*(?:\(\s*(\w+)\s*\))?\s*\]\]")
+
+
+def _parse_kernels(segments: List[Tuple[str, str]]) -> Dict[str, KernelSig]:
+    kernels: Dict[str, KernelSig] = {}
+    for decl in kernel_declarations("\n".join(t for _f, t in segments)):
+        name = decl.name
+        sig = KernelSig(name, decl.is_template)
+        for p, _offset in decl.params:
+            attrs = _PARAM_ATTRIBUTE.findall(p)
             if not attrs:
                 raise CompileError(f"kernel {name}: parameter `{p}` has no [[buffer(n)]] or builtin attribute")
             kind_name, arg = attrs[-1]

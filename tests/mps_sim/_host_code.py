@@ -105,6 +105,9 @@ void encode(const tq_plan::Plan& plan, const std::vector<at::Tensor>& inputs, co
   }
 }
 
+// Metal kernel families are compiled on a Mac only (torch_tq.backends.mps.warmup()).
+std::map<std::string, std::string> compile_metal_families() { return {}; }
+
 std::vector<std::string> launched() {
   std::lock_guard<std::mutex> lock(g_launched_mutex);
   std::vector<std::string> out;

@@ -3,7 +3,9 @@
 Codes compare exactly, except near ties: the kernel's block norm sums in a different order than
 torch.linalg.vector_norm, so u may differ by an ulp or two; a differing code must then be adjacent
 to the reference's and the reference's u must lie within 1e-5 of the boundary between the two.
-Decoding is deterministic (same butterflies, same scalings) and must match bit for bit.
+Decoding runs the reference's butterflies and scalings in the same order; it matches to a few ulps
+of the row's largest value, not bit for bit: each decoded value (centroid x norm) feeds the first
+butterfly add, which Apple's compiler, like TQ_SIM_FP_CONTRACT=fast here, may fuse into one fma.
 """
 
 import itertools
@@ -45,6 +47,15 @@ def reference_u(src, first, bits, signs):
     norms = torch.linalg.vector_norm(y, dim=-1)
     inv = torch.where(norms > 0, math.sqrt(R) / norms, torch.zeros_like(norms))
     return (y * inv.unsqueeze(-1)).reshape(x.shape)
+
+
+def assert_decoded_close(name, out, ref):
+    """Equal up to ~16 float32 ulps of the largest |value|: a fused first butterfly stage (fma)
+    rounds each product once less (mps_ops/sim/README.md, "Floating point"); any wrong code,
+    sign, norm or butterfly is off by far more."""
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    if out.numel():
+        torch.testing.assert_close(out, ref, rtol=0, atol=2e-6 * float(ref.abs().max()), msg=lambda m: f"{name}: {m}")
 
 
 def assert_codes_match(name, out_codes, ref_codes, u, bits):
@@ -120,8 +131,8 @@ def test_dequantize_kv(case):
     ref = torch.ops.tq.dequantize_kv(codes, norms, start, length, bits, rotated, signs)
     out = _plans.run("dequantize_kv", codes=codes, norms=norms, start=start, length=length, bits=bits,
                      rotated=rotated, signs=signs)
-    assert out.shape == ref.shape and out.dtype == torch.float32
-    assert torch.equal(out, ref), f"{name}: max diff {(out - ref).abs().max() if out.numel() else 0}"
+    assert out.dtype == torch.float32
+    assert_decoded_close(name, out, ref)
 
 
 def test_quantize_then_dequantize_round_trip():
@@ -134,7 +145,7 @@ def test_quantize_then_dequantize_round_trip():
                signs=signs)
     out = _plans.run("dequantize_kv", codes=codes, norms=norms, start=5, length=6, bits=bits, signs=signs)
     ref = torch.ops.tq.dequantize_kv(codes, norms, 5, 6, bits, False, signs)
-    assert torch.equal(out, ref)
+    assert_decoded_close("round trip", out, ref)
     # and the round trip is a faithful 4-bit reconstruction
     err = (out - src.transpose(1, 2)).pow(2).sum(-1) / src.transpose(1, 2).pow(2).sum(-1)
     assert err.mean() < 0.02
