@@ -381,7 +381,7 @@ def _plot(report, path: str) -> None:
     markers = {"turboquant": "o", "quanto": "s"}
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     fig, (ax_kld, ax_ppl) = plt.subplots(1, 2, figsize=(12, 5))
-    full_bytes = 0.0
+    full_bytes, floor = 0.0, 1e-7  # a log axis has no 0: smaller divergences are drawn at the floor
     klds, dppls = [], []
     for i, length in enumerate(report.lengths):
         for r in report.rows_for(length, "mean") if len(report.texts) > 1 else report.rows_for(length, report.texts[0]["name"]):
@@ -389,11 +389,13 @@ def _plot(report, path: str) -> None:
                 full_bytes = max(full_bytes, r["bytes_per_token"])
                 continue
             style = dict(marker=markers[kinds[r["setting"]]], color=colors[i % len(colors)], linestyle="none")
-            kld = max(r["mean_kld"], 1e-7)  # a log axis has no 0
+            kld = max(r["mean_kld"], floor)
             klds.append(kld)
             dppls.append(r["delta_ppl_pct"])
             for ax, y in ((ax_kld, kld), (ax_ppl, r["delta_ppl_pct"])):
                 ax.plot([r["bytes_per_token"]], [y], **style)
+                if length != report.lengths[-1]:
+                    continue  # colours tell the lengths apart; one set of names is enough
                 ax.annotate(r["setting"].replace("TQ ", ""), (r["bytes_per_token"], y), textcoords="offset points",
                             xytext=(5, 3), fontsize=7)
     goal_klds = {bits: g.max_mean_kld for bits, g in QUALITY_GOALS.items() if g.max_mean_kld is not None}
@@ -401,18 +403,19 @@ def _plot(report, path: str) -> None:
         ax_kld.axhline(kld, color="red", lw=0.8, ls="--")
         ax_kld.annotate(f"{bits}-bit goal", (0, kld), xycoords=("axes fraction", "data"), xytext=(3, 2),
                         textcoords="offset points", fontsize=7, color="red")
-    for bits, goal in QUALITY_GOALS.items():
-        ax_ppl.axhline(goal.max_abs_delta_ppl, color="red", lw=0.8, ls="--")
-        ax_ppl.annotate(f"{bits}-bit goal", (0, goal.max_abs_delta_ppl), xycoords=("axes fraction", "data"),
-                        xytext=(3, 2), textcoords="offset points", fontsize=7, color="red")
+    for bits, goal in QUALITY_GOALS.items():  # |dppl| <= bound: a band around 0
+        for bound in (goal.max_abs_delta_ppl, -goal.max_abs_delta_ppl):
+            ax_ppl.axhline(bound, color="red", lw=0.8, ls="--")
+            ax_ppl.annotate(f"{bits}-bit goal", (0, bound), xycoords=("axes fraction", "data"), xytext=(3, 2),
+                            textcoords="offset points", fontsize=7, color="red")
     # Limits from the points and the goal lines, padded, so neither a single point nor a goal is cut off.
     lo, hi = min(klds + list(goal_klds.values())), max(klds + list(goal_klds.values()))
     ax_kld.set_yscale("log")
     ax_kld.set_ylim(lo / 3, hi * 3)
     goal_dppl = [g.max_abs_delta_ppl for g in QUALITY_GOALS.values()]
-    lo, hi = min(dppls + [0.0]), max(dppls + goal_dppl)
+    lo, hi = min(dppls + [-g for g in goal_dppl]), max(dppls + goal_dppl)
     ax_ppl.set_yscale("symlog", linthresh=0.1)
-    ax_ppl.set_ylim(lo * 1.5 - 0.05, hi * 1.5)
+    ax_ppl.set_ylim(lo * 1.5, hi * 1.5)
     ax_ppl.axhline(0.0, color="gray", lw=0.8)
     for ax in (ax_kld, ax_ppl):
         if full_bytes:
@@ -422,7 +425,7 @@ def _plot(report, path: str) -> None:
         ax.set_xlim(0, 1.08 * max([full_bytes] + [r["bytes_per_token"] for r in report.rows]))
         ax.set_xlabel("KV bytes per token (codes + norms/scales + full-precision windows)")
         ax.grid(alpha=0.3)
-    ax_kld.set_ylabel("mean KL(P_full || P_cache)")
+    ax_kld.set_ylabel("mean KL(P_full || P_cache)" + (f"  (below {floor:g} drawn at it)" if min(klds) <= floor else ""))
     ax_ppl.set_ylabel("perplexity change vs full cache (%)")
     handles = [Line2D([], [], color=colors[i % len(colors)], marker="o", ls="none", label=f"{n} tokens")
                for i, n in enumerate(report.lengths)]

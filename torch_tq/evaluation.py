@@ -27,6 +27,7 @@ import datetime
 import inspect
 import json
 import math
+import os
 import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -366,6 +367,18 @@ def mean_metrics(per_text: Sequence[Metrics]) -> Metrics:
     return Metrics(**mean)
 
 
+def describe_machine() -> str:
+    """CPU model, cores and torch threads, OS and torch version: the context every timing-free number still needs."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, {platform.system()}, "
+            f"torch {torch.__version__}")
+
+
 @dataclass
 class Report:
     """Everything one evaluation measured, with what is needed to read it honestly."""
@@ -379,8 +392,7 @@ class Report:
     texts: list[dict]  # name, tokens, held_out
     settings: list[dict]  # label + the setting's options, in row order (full first)
     rows: list[dict]  # {"text": name or "mean", "length", "setting": label, **Metrics}
-    machine: str = field(default_factory=lambda: f"{platform.processor() or platform.machine()}, "
-                                                 f"{platform.system()}, torch {torch.__version__}")
+    machine: str = field(default_factory=lambda: describe_machine())
     date: str = field(default_factory=lambda: datetime.date.today().isoformat())
 
     def to_json(self) -> str:
@@ -464,11 +476,13 @@ def goal_verdicts(report: Report, settings: Sequence[Setting]) -> list[str]:
     return lines
 
 
-def format_markdown(report: Report, length: int) -> str:
-    """A markdown table of one length: Δ perplexity per text, then the mean metrics, one row per setting."""
+def format_markdown(report: Report, length: int, per_text: str = "delta_ppl_pct") -> str:
+    """A markdown table of one length: ``per_text`` (``delta_ppl_pct`` or ``mean_kld``) for every text, then the
+    mean metrics, one row per setting."""
     names = [t["name"] for t in report.texts]
     full_label = report.settings[0]["label"]
-    head = (["cache", "B/token"] + [f"Δppl {_text_label(report, n)}" for n in names]
+    column, cell = {"delta_ppl_pct": ("Δppl", "{:+.2f}%"), "mean_kld": ("KLD", "{:.5f}")}[per_text]
+    head = (["cache", "B/token"] + [f"{column} {_text_label(report, n)}" for n in names]
             + ["Δppl mean", "KLD mean", "KLD p99 (mean)", "top-1 mean", "worst text KLD"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for setting in report.settings:
@@ -480,7 +494,7 @@ def format_markdown(report: Report, length: int) -> str:
                 + [f"ppl {mean['perplexity']:.3f}", "—", "—", "—", "—"]
         else:
             worst = max(names, key=lambda n: rows[n]["mean_kld"])
-            cells = [label, f"{mean['bytes_per_token']:,.0f}"] + [f"{rows[n]['delta_ppl_pct']:+.2f}%" for n in names] \
+            cells = [label, f"{mean['bytes_per_token']:,.0f}"] + [cell.format(rows[n][per_text]) for n in names] \
                 + [f"{mean['delta_ppl_pct']:+.2f}%", f"{mean['mean_kld']:.5f}", f"{mean['p99_kld']:.4f}",
                    f"{100 * mean['top1']:.1f}%", f"{rows[worst]['mean_kld']:.5f} ({worst})"]
         lines.append("| " + " | ".join(cells) + " |")
