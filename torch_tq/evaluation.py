@@ -300,6 +300,9 @@ def score_texts(model, token_ids: torch.Tensor, prefix: int, lengths: Sequence[i
     batch, total = token_ids.shape
     if total < max(lengths):
         raise ValueError(f"score_texts: {total} tokens, fewer than the longest length {max(lengths)}")
+    if not (1 <= prefix and min(lengths) >= prefix + 2 and chunk >= 1):
+        raise ValueError(f"score_texts: need 1 <= prefix, lengths >= prefix + 2 and chunk >= 1; got prefix {prefix}, "
+                         f"lengths {list(lengths)}, chunk {chunk}")
     spans = decode_spans(prefix, lengths, chunk)
     everyone = [FULL] + [s for s in settings if s != FULL]
     caches = {s: s.make_cache(model, max(lengths)) for s in everyone}
