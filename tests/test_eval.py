@@ -16,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 import torch_tq.integrations.transformers  # noqa: E402,F401  (registers attn_implementation="tq")
 from torch_tq import cli  # noqa: E402
 from torch_tq import evaluation as ev  # noqa: E402
+from torch_tq.integrations.transformers import cache_kwargs  # noqa: E402
 from test_cli import tiny_model_dir  # noqa: E402,F401  (the tiny Llama checkpoint + byte tokenizer saved to disk)
 
 LAYERS, KV_HEADS, HEAD_DIM = 2, 2, 64
@@ -191,10 +192,10 @@ def test_quanto_peer_bytes_count_codes_scales_and_residual(model):
     peer = ev.QuantoPeer(4, residual_length=8)
     scores = ev.score_texts(model, ids, 5, [28], [peer])
     # The same run by hand, to look at what the cache holds after it.
-    cache, argument = peer.make_cache(model, 28), ev._cache_argument(model)
+    cache = peer.make_cache(model, 28)
     with torch.no_grad():
         for start, stop in ev.decode_spans(5, [28]):
-            model(ids[:, start:stop], **{argument: cache})
+            model(ids[:, start:stop], **cache_kwargs(cache))
     layer = cache.layers[0]
     residual = layer.keys.shape[-2]
     quantized = 27 - residual
