@@ -126,6 +126,15 @@ def _check_write(op: str, write_pos: int, num_tokens: int, capacity: int, is_sli
         )
 
 
+def _check_float32_buffer(op: str, name: str, t: torch.Tensor, letters: str, shape: tuple) -> None:
+    """A contiguous float32 side tensor of an exact shape (an offset, an lse output)."""
+    if tuple(t.shape) != shape:
+        _fail(op, f"{name} must have shape {letters} = [{', '.join(map(str, shape))}], got {_shape(t)}")
+    if t.dtype != torch.float32:
+        _fail(op, f"{name} must be float32, got {t.dtype}")
+    _check_contiguous(op, name, t)
+
+
 def _check_full_precision(op: str, name: str, t: torch.Tensor, batch: int, kv_heads: int, head_dim: int,
                           capacity: int, min_len: int) -> int:
     """Checks one full-precision window buffer ``[B, Hkv, N, D]``; returns N."""
@@ -175,11 +184,7 @@ def check_hadamard_quantize_kv(src, codes, norms, write_pos: int, is_sliding: bo
         _fail(op, f"codes must have [B, Hkv] = [{B}, {Hkv}] to match src, got [{cB}, {cH}]")
     _check_signs(op, signs, D)
     if offset is not None:
-        if tuple(offset.shape) != (B, Hkv, D):
-            _fail(op, f"offset must have shape [B, Hkv, D] = [{B}, {Hkv}, {D}], got {_shape(offset)}")
-        if offset.dtype != torch.float32:
-            _fail(op, f"offset must be float32, got {offset.dtype}")
-        _check_contiguous(op, "offset", offset)
+        _check_float32_buffer(op, "offset", offset, "[B, Hkv, D]", (B, Hkv, D))
     if sink is not None:
         _check_full_precision(op, "sink", sink, B, Hkv, D, C, 0)
     if recent is not None:
@@ -269,11 +274,7 @@ def check_flash_attn_vec_tq(q, k_codes, k_norms, v_codes, v_norms, kv_len: int, 
             _fail(op, f"kv_start must be int64, got {kv_start.dtype}")
     _check_signs(op, signs, D)
     if lse is not None:
-        if tuple(lse.shape) != (B, Hq, Lq):
-            _fail(op, f"lse must have shape [B, Hq, Lq] = [{B}, {Hq}, {Lq}], got {_shape(lse)}")
-        if lse.dtype != torch.float32:
-            _fail(op, f"lse must be float32, got {lse.dtype}")
-        _check_contiguous(op, "lse", lse)
+        _check_float32_buffer(op, "lse", lse, "[B, Hq, Lq]", (B, Hq, Lq))
     _check_window_pair(op, "sink", k_sink, v_sink, B, Hkv, D, C, 0)
     _check_window_pair(op, "recent", k_recent, v_recent, B, Hkv, D, C, 1)
     return AttentionGeometry(B, Hq, Hkv, Lq, D, C)
