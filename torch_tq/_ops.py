@@ -1,8 +1,9 @@
 """The ``torch.ops.tq`` op library: one schema, one fake kernel and one documented wrapper per op.
 
 Schemas are defined here, in Python, so every platform has ``torch.ops.tq.*``. The CPU reference
-registers from ``torch_tq.backends.cpu``; the native MPS extension (macOS builds only) registers
-its kernels for the MPS dispatch key with ``TORCH_LIBRARY_IMPL(tq, MPS, m)``.
+registers from ``torch_tq.backends.cpu``; the Triton kernels (``torch_tq.backends.cuda``) register for
+the CUDA dispatch key when ``triton`` is installed; the native MPS extension (macOS builds only)
+registers its kernels for the MPS dispatch key with ``TORCH_LIBRARY_IMPL(tq, MPS, m)``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 
 from . import _validation
 from .backends import cpu as _cpu
+from .backends import cuda as _cuda
 from .backends import registered_backend_error
 
 NAMESPACE = "tq"
@@ -36,6 +38,11 @@ for _schema in SCHEMAS.values():
 
 for _name in SCHEMAS:
     _lib.impl(_name, getattr(_cpu, _name), "CPU")
+
+# The Triton kernels import lazily (at the first CUDA call), so registering them costs nothing here.
+if _cuda.triton_installed():
+    for _name in _cuda.OPS:
+        _lib.impl(_name, _cuda.op_impl(_name), "CUDA")
 
 
 @torch.library.register_fake("tq::hadamard_quantize_kv")

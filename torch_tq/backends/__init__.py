@@ -2,7 +2,8 @@
 
 * ``cpu`` — the pure-PyTorch reference (``torch_tq.backends.cpu``), always available.
 * ``mps`` — the native Objective-C++/Metal extension (``torch_tq.backends.mps``), built on macOS only.
-* ``cuda`` — Triton kernels: not implemented yet.
+* ``cuda`` — Triton kernels (``torch_tq.backends.cuda``): available when ``triton`` imports and
+  ``torch.cuda.is_available()``.
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ import torch
 
 def backend_status() -> dict[str, tuple[bool, str]]:
     """``{device type: (available, reason)}`` for every backend torch_tq knows."""
-    from . import mps
+    from . import cuda, mps
 
     return {
         "cpu": (True, "pure-PyTorch reference"),
         "mps": mps.status(),
-        "cuda": (False, "the CUDA (Triton) backend is not implemented yet"),
+        "cuda": cuda.status(),
     }
 
 

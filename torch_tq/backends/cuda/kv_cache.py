@@ -6,6 +6,7 @@ import triton
 import triton.language as tl
 
 from ... import _validation
+from .turboquant import _cast
 
 
 @triton.jit
@@ -30,7 +31,7 @@ def kv_cache_copy_fwd_kernel(
     ok = row_ok[:, None] & (d < D)[None, :]
     x = tl.load(src_ptr + b[:, None] * stride_sb + t[:, None] * stride_st + h[:, None] * stride_sh + d[None, :] * stride_sd,
                 mask=ok)
-    tl.store(cache_ptr + ((b * Hkv + h) * C + slot)[:, None] * D + d[None, :], x.to(cache_ptr.dtype.element_ty), mask=ok)
+    tl.store(cache_ptr + ((b * Hkv + h) * C + slot)[:, None] * D + d[None, :], _cast(x.to(tl.float32), cache_ptr.dtype.element_ty), mask=ok)
 
 
 def kv_cache_copy_fwd(src, cache, write_pos: int, is_sliding: bool) -> None:

@@ -50,6 +50,23 @@ def _parity_sign(i, j):
 
 
 @triton.jit
+def _cast(x, DTYPE: tl.constexpr):
+    """float32 ``x`` rounded to ``DTYPE`` to nearest even, like torch's ``.to(dtype)``.
+
+    bfloat16 is rounded by hand on the bits: the GPU's own conversion is round-to-nearest-even too,
+    but the Triton interpreter (the CI tests) truncates, so the hand rounding keeps both identical.
+    """
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        # NaN stays NaN (the rounding carry could turn a NaN payload into infinity).
+        rounded = tl.where(x != x, 0x7FC0, rounded)
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DTYPE)
+
+
+@triton.jit
 def _wht_rows(x, ROWS: tl.constexpr, R: tl.constexpr):
     """Unnormalised Walsh-Hadamard transform of each row of ``x [ROWS, R]`` (float32), R a multiple of 16.
 
@@ -118,6 +135,11 @@ def _decode_rows(codes_ptr, norms_ptr, codebook_ptr, row, row_ok, inv_sqrt_r, RO
 def _rows_per_program(head_dim: int) -> int:
     # The two transform passes hold ROWS*D*16 float32 products: keep that at 8192 (64 per thread at 4 warps).
     return max(1, 512 // head_dim)
+
+
+def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every output and scratch buffer of the launchers comes from here (the tests fill it with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 _CODEBOOKS: dict = {}
@@ -204,11 +226,11 @@ def hadamard_quantize_kv_fwd_kernel(
     if HAS_SINK:
         sink_ok = row_ok & (p < S)
         p_sink = sink_ptr + (bh * S + p)[:, None] * D + d[None, :]
-        tl.store(p_sink, y_rows.to(sink_ptr.dtype.element_ty), mask=sink_ok[:, None])
+        tl.store(p_sink, _cast(y_rows, sink_ptr.dtype.element_ty), mask=sink_ok[:, None])
     if HAS_RECENT:
         recent_ok = row_ok & (t >= first_recent)
         p_recent = recent_ptr + (bh * W + p % W)[:, None] * D + d[None, :]
-        tl.store(p_recent, y_rows.to(recent_ptr.dtype.element_ty), mask=recent_ok[:, None])
+        tl.store(p_recent, _cast(y_rows, recent_ptr.dtype.element_ty), mask=recent_ok[:, None])
 
 
 def hadamard_quantize_kv_fwd(src, codes, norms, write_pos, is_sliding, bits, signs, offset, norm_correction, sink,
@@ -286,7 +308,7 @@ def dequantize_kv_fwd_kernel(
 def dequantize_kv_fwd(codes, norms, start, length, bits, rotated, signs, head_dim) -> torch.Tensor:
     B, Hkv, C = codes.shape[:3]
     D = head_dim
-    out = torch.empty((B, Hkv, length, D), dtype=torch.float32, device=codes.device)
+    out = _empty((B, Hkv, length, D), torch.float32, codes.device)
     n_rows = B * Hkv * length
     if n_rows == 0:
         return out
@@ -467,7 +489,7 @@ def flash_attn_vec_tq_reduce_kernel(
     y = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
     y = _wht_rows(tl.reshape(y, (ROWS * NB, R)), ROWS * NB, R) * inv_sqrt_r
     y = tl.reshape(y, (ROWS, D)) * tl.load(signs_ptr + d)[None, :]
-    tl.store(out_ptr + rows[:, None] * D + d[None, :], y.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(out_ptr + rows[:, None] * D + d[None, :], _cast(y, out_ptr.dtype.element_ty), mask=row_ok[:, None])
     if STORE_LSE:
         tl.store(lse_ptr + rows, tl.log(l_sum) + m_max, mask=row_ok)
 
@@ -507,10 +529,10 @@ def flash_attn_vec_tq_fwd(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, 
     G = Hq // Hkv
     R = rotation_block(D)
     device = q.device
-    out = torch.empty((B, Hq, Lq, D), dtype=q.dtype, device=device)
+    out = _empty((B, Hq, Lq, D), q.dtype, device)
 
     # 1. q rotated (and scaled) once.
-    q_rot = torch.empty((B, Hq, Lq, D), dtype=torch.float32, device=device)
+    q_rot = _empty((B, Hq, Lq, D), torch.float32, device)
     n_rows = B * Hq * Lq
     rows = _rows_per_program(D)
     flash_attn_vec_tq_rotate_q_kernel[(triton.cdiv(n_rows, rows),)](
@@ -533,9 +555,9 @@ def flash_attn_vec_tq_fwd(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, 
     chunk = triton.cdiv(triton.cdiv(max(num_positions, 1), num_splits), block_n) * block_n
     num_splits = max(1, triton.cdiv(num_positions, chunk))
     GL = G * Lq
-    part_acc = torch.empty((B * Hkv, num_splits, GL, D), dtype=torch.float32, device=device)
-    part_m = torch.empty((B * Hkv, num_splits, GL), dtype=torch.float32, device=device)
-    part_l = torch.empty((B * Hkv, num_splits, GL), dtype=torch.float32, device=device)
+    part_acc = _empty((B * Hkv, num_splits, GL, D), torch.float32, device)
+    part_m = _empty((B * Hkv, num_splits, GL), torch.float32, device)
+    part_l = _empty((B * Hkv, num_splits, GL), torch.float32, device)
     k_codebook, _ = _codebook(bits, device)
     v_codebook, _ = _codebook(bits if v_bits is None else v_bits, device)
     S = k_sink.shape[2] if k_sink is not None else 0
