@@ -610,6 +610,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except CLIError as exc:
         print(str(exc), file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`torch-tq info | head`): stop quietly, as other command-line tools do.
+        # Point stdout at /dev/null so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by the broken pipe
 
 
 if __name__ == "__main__":
