@@ -56,7 +56,7 @@ def _inputs(T=70, H=2, HV=4, K=64, V=64, dtype=torch.float32):
 @pytest.mark.parametrize("final", [True, False])
 def test_fla_is_called_with_its_own_conventions(monkeypatch, op, final):
     calls = []
-    monkeypatch.setattr(cuda_gdr, "fla_status", lambda: (True, "flash-linear-attention"))
+    monkeypatch.setattr(cuda_gdr, "_use_fla", lambda: True)
     monkeypatch.setattr(cuda_gdr, "_fla_ops", lambda: _fake_fla(calls))
     q, k, v, g, beta = _inputs()
     h0 = torch.randn(2, 4, 64, 64)
@@ -73,7 +73,7 @@ def test_fla_is_called_with_its_own_conventions(monkeypatch, op, final):
 
 
 def test_without_fla_the_reference_runs(monkeypatch):
-    monkeypatch.setattr(cuda_gdr, "fla_status", lambda: (False, "not installed"))
+    monkeypatch.setattr(cuda_gdr, "_use_fla", lambda: False)
     monkeypatch.setattr(cuda_gdr, "_fla_ops", lambda: pytest.fail("FLA must not be called"))
     q, k, v, g, beta = _inputs(T=5)
     o, _ = cuda_gdr.fused_recurrent_gated_delta_rule(q, k, v, g, beta)
@@ -81,7 +81,7 @@ def test_without_fla_the_reference_runs(monkeypatch):
 
 
 def test_bad_input_is_rejected_before_fla(monkeypatch):
-    monkeypatch.setattr(cuda_gdr, "fla_status", lambda: (True, "flash-linear-attention"))
+    monkeypatch.setattr(cuda_gdr, "_use_fla", lambda: True)
     monkeypatch.setattr(cuda_gdr, "_fla_ops", lambda: pytest.fail("FLA must not see bad input"))
     q, k, v, g, beta = _inputs()
     with pytest.raises(ValueError, match="beta"):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import importlib.util
 from typing import Callable, Optional
 
 import torch
@@ -21,19 +20,26 @@ from ..cpu import gated_delta_rule as _reference
 
 
 def fla_status() -> tuple[bool, str]:
-    """(usable, reason): whether FLA's gated-delta kernels serve the CUDA entry ops."""
-    if importlib.util.find_spec("fla") is None:
-        return False, "flash-linear-attention is not installed (pip install torch_tq[cuda]); the PyTorch reference runs"
+    """(usable, reason): whether FLA's gated-delta kernels can serve the CUDA entry ops (imports now)."""
     try:
         _fla_ops()
-    except Exception as exc:  # an FLA that does not import (wrong triton, ...) must not break torch_tq
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and exc.name.split(".")[0] != "fla":
+            return False, f"flash-linear-attention does not import ({exc}); the PyTorch reference runs"
+        return False, "flash-linear-attention is not installed (pip install torch_tq[cuda]); the PyTorch reference runs"
+    except Exception as exc:  # noqa: BLE001 - an FLA that does not import (wrong triton, ...) must not break torch_tq
         return False, f"flash-linear-attention does not import ({type(exc).__name__}: {exc}); the PyTorch reference runs"
     return True, "flash-linear-attention"
 
 
-@functools.lru_cache(maxsize=None)
 def _fla_ops():
     return importlib.import_module("fla.ops.gated_delta_rule")
+
+
+@functools.lru_cache(maxsize=None)
+def _use_fla() -> bool:
+    """Decided once per process: a failed import is not retried at every call."""
+    return fla_status()[0]
 
 
 def _entry(op: str, fla_name: str) -> Callable:
@@ -41,7 +47,7 @@ def _entry(op: str, fla_name: str) -> Callable:
 
     def kernel(q, k, v, g, beta, scale: Optional[float] = None, initial_state=None, output_final_state: bool = False,
                use_qk_l2norm_in_kernel: bool = False, cu_seqlens=None) -> tuple[torch.Tensor, torch.Tensor]:
-        if not fla_status()[0]:
+        if not _use_fla():
             return reference(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel,
                              cu_seqlens)
         geo = _v.check_gated_delta_rule(op, q, k, v, g, beta, scale, initial_state, cu_seqlens)
