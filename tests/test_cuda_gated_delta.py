@@ -4,7 +4,7 @@ FLA's kernels need a GPU, so these tests run the CUDA kernel functions on CPU te
 stand-in module with FLA 0.6.0's exact signatures (``fla.ops.gated_delta_rule``), computing with
 the reference: they check the argument mapping (FLA's fused_recurrent takes ``g, gk, gv, beta``
 positionally), the dtype of ``o`` and the schema's empty final state. The real FLA is compared on
-a GPU by ``benchmarks/cuda_ops.py``.
+a GPU by ``benchmarks/gated_delta.py --device cuda``.
 """
 
 from __future__ import annotations
