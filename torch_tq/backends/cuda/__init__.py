@@ -1,16 +1,15 @@
-"""Triton kernels of the TurboQuant ops for the CUDA dispatch key.
+"""The CUDA backend of ``torch.ops.tq``: Triton kernels of the TurboQuant ops (``turboquant.py``,
+``kv_cache.py``) and FLA for the gated-delta ops (``gated_delta_rule.py``).
 
-Importing this package is cheap and never imports Triton: :func:`status` says whether the backend
-can run, and :func:`op_impl` returns, per op, the function registered for the CUDA key, which
-imports the kernel modules (``turboquant.py``, ``kv_cache.py``) at its first call.
+Importing this package is cheap and never imports Triton: :func:`status` says whether the Triton
+kernels can run, and :func:`op_impl` returns, per TurboQuant op, the function registered for the CUDA
+key, which imports its kernel module at its first call.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
-from typing import Optional
 
 import torch
 
@@ -35,26 +34,6 @@ def status() -> tuple[bool, str]:
     except Exception as exc:  # noqa: BLE001  (any import failure is the reason)
         return False, f"triton is installed but does not import: {exc}"
     return True, f"Triton {triton.__version__} kernels"
-
-
-def resolve_signs(signs: Optional[torch.Tensor], head_dim: int, device) -> torch.Tensor:
-    """The sign vector the kernels receive: ``signs`` itself, or for ``None`` the canonical
-    ``torch_tq.layout.hadamard_signs(head_dim)`` on ``device`` (cached)."""
-    from ... import layout
-
-    resolve = getattr(layout, "resolve_signs", None)
-    if resolve is not None:
-        return resolve(signs, head_dim, device)
-    if signs is not None:
-        return signs
-    return _canonical_signs(head_dim, str(torch.device(device)))
-
-
-@functools.lru_cache(maxsize=None)
-def _canonical_signs(head_dim: int, device: str) -> torch.Tensor:
-    from ...layout import hadamard_signs
-
-    return hadamard_signs(head_dim, device=device)
 
 
 def op_impl(op: str):

@@ -32,8 +32,7 @@ import triton.language as tl
 
 from ... import _validation
 from ...codebooks import decision_boundaries, lloyd_max_codebook
-from ...layout import rotation_block
-from . import resolve_signs
+from ...layout import resolve_signs, rotation_block
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Shared device helpers
