@@ -389,6 +389,30 @@ def test_flash_attn_vec_tq(tq, monkeypatch, case):
         assert torch.equal(out[1].float().abs().sum(), torch.tensor(0.0)), "a row without keys must be zeros"
 
 
+# id, B, Hq, Hkv, Lq, D, C, kv_len, bits, sliding_window, kv_start, dtype
+ROW_TILE_CASES = [
+    ("prefill-gqa2-lq40", 1, 4, 2, 40, 64, 48, 48, 4, 0, None, F32),
+    ("prefill-window-kvstart", 2, 6, 2, 13, 128, 64, 50, 3, 9, [0, 20], F16),
+    ("prefill-wrapped-ring", 1, 2, 1, 17, 64, 24, 70, 2, 8, None, F32),
+]
+
+
+@pytest.mark.parametrize("case", ROW_TILE_CASES, ids=lambda c: c[0])
+def test_flash_attn_vec_tq_query_row_tiles(tq, monkeypatch, case):
+    """G*Lq query rows beyond one tile (a prefill): several row tiles per KV head, each cutting the positions
+    it streams to what its queries can see (causal end, window start)."""
+    name, B, Hq, Hkv, Lq, D, C, kv_len, bits, window, kv_start, dtype = case
+    monkeypatch.setattr(tq, "_MAX_BLOCK_M", {D: 16})
+    monkeypatch.setattr(tq, "choose_num_splits", lambda *a: 3)
+    signs = torch_tq.hadamard_signs(D)
+    cache = build_cache(B, Hkv, D, C, bits, kv_len, kv_len > C, signs)
+    q = torch.randn(B, Hq, Lq, D).to(dtype)
+    start = torch.tensor(kv_start, dtype=torch.int64) if kv_start is not None else None
+    ref, out, ref_lse, lse = run_both(tq, q, cache, kv_len, bits, window=window, kv_start=start, signs=signs)
+    assert_close(name, ref.float(), out.float(), OUT_RATIO[dtype])
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+
+
 def test_flash_attn_vec_tq_strided_q(tq):
     D, bits = 64, 4
     signs = torch.ones(D)

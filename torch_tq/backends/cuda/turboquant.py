@@ -9,10 +9,11 @@ place, then launches:
   ring/global slot, and the full-precision sink/recent window writes).
 * ``dequantize_kv``: one launch.
 * ``flash_attn_vec_tq``: three launches: rotate (and scale) q once; the split-K main kernel over the
-  grid (B·Hkv, num_splits), where each program streams a contiguous range of positions of ONE KV head
-  and scores ALL of the G = Hq/Hkv query heads × Lq queries of that group (each KV byte read once per
-  GQA group), keeping (m, l, acc) partials; the reduce merges the splits with log-sum-exp, un-rotates,
-  writes the output and the optional lse.
+  grid (B·Hkv, num_splits, row tiles), where each program streams a contiguous range of positions of
+  ONE KV head and scores ALL of the G = Hq/Hkv query heads × Lq queries of that group (at decode one
+  row tile holds them all, so each KV byte is read once per GQA group), keeping (m, l, acc) partials;
+  the reduce merges the splits with log-sum-exp, un-rotates, writes the output and the optional lse.
+  The number of splits grows with the visible range and the SM count (:func:`choose_num_splits`).
 
 The Walsh-Hadamard transform of a block of R = 16·RA coordinates runs as two small dense passes in
 registers, H_R = H_RA ⊗ H_16 (Sylvester order), with the ±1 entries made from index parities: exact
@@ -409,25 +410,31 @@ def _attend_window(q, k_win_ptr, v_win_ptr, win_row0, win_len, lo, hi, q_pos, m_
 def flash_attn_vec_tq_fwd_kernel(
     q_rot_ptr, k_codes_ptr, k_norms_ptr, v_codes_ptr, v_norms_ptr, k_sink_ptr, v_sink_ptr, k_recent_ptr,
     v_recent_ptr, kv_start_ptr, k_codebook_ptr, v_codebook_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
-    Hkv, C, S, W, kv_len, vis_lo, chunk, num_splits, window, softcap, inv_sqrt_r,
-    D: tl.constexpr, R: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr, GL: tl.constexpr,
-    LQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SINK: tl.constexpr,
+    Hkv, C, S, W, kv_len, vis_lo, chunk, num_splits, window, softcap, inv_sqrt_r, GL, LQ,
+    D: tl.constexpr, R: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SINK: tl.constexpr,
     HAS_RECENT: tl.constexpr, HAS_KV_START: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Split ``i_s`` of KV head ``i_bh``: positions ``[vis_lo + i_s*chunk, +chunk)`` ∩ ``[kv_start, kv_len)``."""
+    """Split ``i_s`` of KV head ``i_bh`` for the query rows of tile ``i_m``: positions
+    ``[vis_lo + i_s*chunk, +chunk)`` ∩ ``[kv_start, kv_len)``, cut to what the tile's queries can see."""
     i_bh = tl.program_id(0).to(tl.int64)
     i_s = tl.program_id(1).to(tl.int64)
+    i_m = tl.program_id(2)
     b = i_bh // Hkv
-    m = tl.arange(0, BLOCK_M)
+    m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = m < GL  # row m = g * Lq + i of the group's G*Lq query rows
     d = tl.arange(0, D)
     # The group's G*Lq rotated query rows are contiguous in q_rot [B, Hq, Lq, D].
     q = tl.load(q_rot_ptr + (i_bh * GL + m)[:, None] * D + d[None, :], mask=m_ok[:, None], other=0.0)
-    q_pos = kv_len - LQ + m % LQ
+    q_i = m % LQ
+    q_pos = kv_len - LQ + q_i
 
     lo = vis_lo + i_s * chunk
-    hi = tl.minimum(lo + chunk, kv_len)
+    # No query of this tile sees past its last position (causal), nor (with a window) before its first one's window.
+    hi = tl.minimum(tl.minimum(lo + chunk, kv_len), kv_len - LQ + tl.max(tl.where(m_ok, q_i, 0)) + 1)
+    if USE_WINDOW:
+        lo = tl.maximum(lo, kv_len - LQ + tl.min(tl.where(m_ok, q_i, LQ)) - window + 1)
     if HAS_KV_START:
         lo = tl.maximum(lo, tl.load(kv_start_ptr + b))
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -455,7 +462,7 @@ def flash_attn_vec_tq_fwd_kernel(
                                        tl.maximum(tl.maximum(lo, S), kv_len - W), hi, q_pos, m_i, l_i, acc, window,
                                        softcap, D, BLOCK_N, USE_WINDOW, USE_SOFTCAP, PRECISION)
 
-    part = (i_bh * num_splits + i_s) * GL + m  # [BLOCK_M]
+    part = (i_bh * num_splits + i_s) * GL + m  # [BLOCK_M], partials [B*Hkv, num_splits, G*Lq]
     tl.store(part_m_ptr + part, m_i, mask=m_ok)
     tl.store(part_l_ptr + part, l_i, mask=m_ok)
     tl.store(part_acc_ptr + part[:, None] * D + d[None, :], acc, mask=m_ok[:, None])
@@ -463,8 +470,8 @@ def flash_attn_vec_tq_fwd_kernel(
 
 @triton.jit
 def flash_attn_vec_tq_reduce_kernel(
-    part_acc_ptr, part_m_ptr, part_l_ptr, signs_ptr, out_ptr, lse_ptr, n_rows, num_splits, inv_sqrt_r,
-    D: tl.constexpr, R: tl.constexpr, GL: tl.constexpr, ROWS: tl.constexpr, STORE_LSE: tl.constexpr,
+    part_acc_ptr, part_m_ptr, part_l_ptr, signs_ptr, out_ptr, lse_ptr, n_rows, num_splits, inv_sqrt_r, GL,
+    D: tl.constexpr, R: tl.constexpr, ROWS: tl.constexpr, STORE_LSE: tl.constexpr,
 ):
     """Merge the splits of each query row with log-sum-exp, un-rotate, write out (q's dtype) and lse."""
     NB: tl.constexpr = D // R
@@ -495,6 +502,8 @@ def flash_attn_vec_tq_reduce_kernel(
 
 # Positions per key/value tile of the main kernel, by head_dim (the K and V tiles are [BLOCK_N, D] float32).
 _BLOCK_N = {64: 64, 128: 64, 256: 32, 512: 16}
+# Query rows (G*Lq of one KV head) per program: decode fits one tile; a long Lq (prefill) takes several.
+_MAX_BLOCK_M = {64: 64, 128: 64, 256: 32, 512: 16}
 # Fewest positions worth a split of their own: below this, the partials cost more than the parallelism gains.
 _MIN_SPLIT_POSITIONS = 256
 # Programs to aim for per streaming multiprocessor, so that long contexts keep every SM's memory pipes busy.
@@ -561,7 +570,8 @@ def flash_attn_vec_tq_fwd(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, 
     v_codebook, _ = _codebook(bits if v_bits is None else v_bits, device)
     S = k_sink.shape[2] if k_sink is not None else 0
     W = k_recent.shape[2] if k_recent is not None else 0
-    flash_attn_vec_tq_fwd_kernel[(B * Hkv, num_splits)](
+    block_m = min(max(16, triton.next_power_of_2(GL)), _MAX_BLOCK_M[D])
+    flash_attn_vec_tq_fwd_kernel[(B * Hkv, num_splits, triton.cdiv(GL, block_m))](
         q_rot, k_codes, k_norms, v_codes, v_norms,
         k_sink if k_sink is not None else q_rot,
         v_sink if v_sink is not None else q_rot,
@@ -569,14 +579,12 @@ def flash_attn_vec_tq_fwd(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, 
         v_recent if v_recent is not None else q_rot,
         kv_start if kv_start is not None else k_norms,
         k_codebook, v_codebook, part_acc, part_m, part_l,
-        Hkv, C, S, W, kv_len, vis_lo, chunk, num_splits, sliding_window, float(softcap), 1.0 / math.sqrt(R),
+        Hkv, C, S, W, kv_len, vis_lo, chunk, num_splits, sliding_window, float(softcap), 1.0 / math.sqrt(R), GL, Lq,
         D=D,
         R=R,
         K_BITS=bits,
         V_BITS=bits if v_bits is None else v_bits,
-        GL=GL,
-        LQ=Lq,
-        BLOCK_M=max(16, triton.next_power_of_2(GL)),
+        BLOCK_M=block_m,
         BLOCK_N=block_n,
         HAS_SINK=k_sink is not None,
         HAS_RECENT=k_recent is not None,
@@ -585,16 +593,15 @@ def flash_attn_vec_tq_fwd(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, 
         USE_SOFTCAP=softcap > 0,
         # float32 queries get float32 products; half-precision queries take the tensor cores' tf32.
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4,
+        num_warps=4 if D <= 128 and block_m <= 16 else 8,
     )
 
     # 3. merge the splits, un-rotate, write out and lse.
     flash_attn_vec_tq_reduce_kernel[(triton.cdiv(n_rows, rows),)](
         part_acc, part_m, part_l, signs, out, lse if lse is not None else part_m, n_rows, num_splits,
-        1.0 / math.sqrt(R),
+        1.0 / math.sqrt(R), GL,
         D=D,
         R=R,
-        GL=GL,
         ROWS=rows,
         STORE_LSE=lse is not None,
         num_warps=4,
