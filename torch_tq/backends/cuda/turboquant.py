@@ -195,10 +195,10 @@ def hadamard_quantize_kv_fwd_kernel(
         for k in tl.static_range(LEVELS - 1):
             code += (u > tl.load(bounds_ptr + k)).to(tl.int32)
     else:
+        # Binary search: after the step of size 2^s, code holds the count of boundaries below u to 2^s.
         for k in tl.static_range(BITS):
-            step: tl.constexpr = 1 << (BITS - 1 - k)
-            bound = tl.load(bounds_ptr + code + (step - 1))
-            code = tl.where(u > bound, code + step, code)
+            bound = tl.load(bounds_ptr + code + ((1 << (BITS - 1 - k)) - 1))
+            code = tl.where(u > bound, code + (1 << (BITS - 1 - k)), code)
     if NORM_CORRECTION:
         values = tl.load(codebook_ptr + code)
         unit = tl.sqrt(tl.sum(values * values, axis=1))
@@ -371,8 +371,9 @@ def _tanh(x):
 @triton.jit
 def _attend(q, k, v, j, j_ok, q_pos, m_i, l_i, acc, window, softcap,
             USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+    # q [M, D] arrives in the dot's operand dtype (float32 or float16); k, v and p are rounded to it here.
     """One online-softmax step of the rows ``q [M, D]`` over the positions ``j [N]`` with keys/values ``[N, D]``."""
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [M, N]; q carries the scale
+    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION)  # [M, N]; q carries the scale
     if USE_SOFTCAP:
         s = softcap * _tanh(s / softcap)
     visible = j_ok[None, :] & (j[None, :] <= q_pos[:, None])
@@ -385,7 +386,7 @@ def _attend(q, k, v, j, j_ok, q_pos, m_i, l_i, acc, window, softcap,
     alpha = tl.exp(m_i - m_safe)
     p = tl.exp(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
     return m_new, l_i, acc
 
 
@@ -414,7 +415,7 @@ def flash_attn_vec_tq_fwd_kernel(
     D: tl.constexpr, R: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SINK: tl.constexpr,
     HAS_RECENT: tl.constexpr, HAS_KV_START: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """Split ``i_s`` of KV head ``i_bh`` for the query rows of tile ``i_m``: positions
     ``[vis_lo + i_s*chunk, +chunk)`` ∩ ``[kv_start, kv_len)``, cut to what the tile's queries can see."""
@@ -427,6 +428,7 @@ def flash_attn_vec_tq_fwd_kernel(
     d = tl.arange(0, D)
     # The group's G*Lq rotated query rows are contiguous in q_rot [B, Hq, Lq, D].
     q = tl.load(q_rot_ptr + (i_bh * GL + m)[:, None] * D + d[None, :], mask=m_ok[:, None], other=0.0)
+    q = _cast(q, DOT_DTYPE)
     q_i = m % LQ
     q_pos = kv_len - LQ + q_i
 
@@ -508,6 +510,11 @@ _MAX_BLOCK_M = {64: 64, 128: 64, 256: 32, 512: 16}
 _MIN_SPLIT_POSITIONS = 256
 # Programs to aim for per streaming multiprocessor, so that long contexts keep every SM's memory pipes busy.
 _PROGRAMS_PER_SM = 4
+
+# No software pipelining in the main kernel's loop: the pipeliner would stage the codebook gathers through
+# shared memory (66 KB more per program at D=128, 4 bits), leaving room for fewer programs per SM; the
+# latency is hidden by several programs per SM instead (22 KB each at D=128 with 16-bit queries).
+_NUM_STAGES = 1
 
 _SM_COUNT: dict = {}
 
@@ -591,8 +598,13 @@ def flash_attn_vec_tq_fwd(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, 
         HAS_KV_START=kv_start is not None,
         USE_WINDOW=sliding_window > 0,
         USE_SOFTCAP=softcap > 0,
-        # float32 queries get float32 products; half-precision queries take the tensor cores' tf32.
+        # float32 queries: exact float32 products. float16/bfloat16 queries: float16 operands on the tensor
+        # cores (10 mantissa bits, finer than bfloat16's 7; rotated keys and values stay far below 65504 for
+        # any realistic norm), accumulated and soft-maxed in float32. (The Triton interpreter cannot multiply
+        # bfloat16 operands, so float16 is also the one half-precision path that CI runs.)
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_DTYPE=tl.float32 if q.dtype == torch.float32 else tl.float16,
+        num_stages=_NUM_STAGES,
         num_warps=4 if D <= 128 and block_m <= 16 else 8,
     )
 
