@@ -562,3 +562,63 @@ def test_bad_input_gives_the_reference_message_before_any_write(kernels, case_id
     assert str(info.value) == message
     for k, v in before.items():
         assert torch.equal(kwargs[k], v) or (v.is_floating_point() and torch.equal(kwargs[k].isnan(), v.isnan()))
+
+
+# ---- cache_seqlens: per-sequence lengths read on the device -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("T,sliding,dtype", [(1, False, torch.int32), (5, True, torch.int64), (3, False, torch.int64)])
+def test_hadamard_quantize_kv_cache_seqlens(tq, T, sliding, dtype):
+    """Each sequence written at its own device position equals the reference's per-sequence composition."""
+    B, Hkv, D, C, S, W, bits = 3, 2, 64, 40, 4, 6, 4
+    lengths = [0, 38, 77] if sliding else [0, 7, 33]
+    signs = torch_tq.hadamard_signs(D)
+    src = torch.randn(B, T, Hkv, D)
+    offset = torch.randn(B, Hkv, D)
+    bufs = [*torch_tq.allocate_quantized_kv(B, Hkv, C, D, bits), torch.full((B, Hkv, S, D), float("nan")),
+            torch.full((B, Hkv, W, D), float("nan"))]
+    bufs[0].fill_(POISON)
+    bufs[1].fill_(float("nan"))
+    ref = [t.clone() for t in bufs]
+    seqlens = torch.tensor(lengths, dtype=dtype)
+    torch.ops.tq.hadamard_quantize_kv(src, ref[0], ref[1], 0, sliding, bits, signs, offset, True, ref[2], ref[3],
+                                      seqlens)
+    tq.hadamard_quantize_kv(src, bufs[0], bufs[1], 0, sliding, bits, signs, offset, True, bufs[2], bufs[3], seqlens)
+    for b, n in enumerate(lengths):
+        first = max(0, T - C) if sliding else 0
+        slots = torch.arange(n + first, n + T) % C
+        u = reference_u((src[b : b + 1].float() - offset[b : b + 1].unsqueeze(1))[:, first:].transpose(1, 2), signs)
+        assert_codes_match(f"b{b}", bufs[0][b : b + 1, :, slots], ref[0][b : b + 1, :, slots], u, bits)
+    assert torch.equal(bufs[0] == POISON, ref[0] == POISON), "wrote other slots than the reference"
+    torch.testing.assert_close(bufs[1], ref[1], rtol=4e-6, atol=0, equal_nan=True)
+    for g, r in zip(bufs[2:], ref[2:]):
+        torch.testing.assert_close(g, r, equal_nan=True, **WINDOW_TOL[F32])
+
+
+@pytest.mark.parametrize("Lq,window,sliding", [(1, 0, False), (3, 9, False), (2, 8, True)])
+def test_flash_attn_vec_tq_cache_seqlens(tq, monkeypatch, Lq, window, sliding):
+    """kv_len is an upper bound (the launch size); each sequence attends over its own device length."""
+    monkeypatch.setattr(tq, "choose_num_splits", lambda *a: 4)
+    B, Hq, Hkv, D, C, S, W, bits, v_bits = 3, 4, 2, 64, 40, 4, 6, 4, 3
+    lengths = [Lq, 11, 40] if not sliding else [Lq + 3, 45, 70]
+    kv_len = C if not sliding else max(lengths) + 2  # an upper bound: the capacity, or beyond it on a ring
+    signs = torch_tq.hadamard_signs(D)
+    k = torch_tq.allocate_quantized_kv(B, Hkv, C, D, bits)
+    v = torch_tq.allocate_quantized_kv(B, Hkv, C, D, v_bits)
+    win = [torch.full((B, Hkv, n, D), float("nan")) for n in (S, S, W, W)]
+    for b, n in enumerate(lengths):
+        row = lambda t: t[b : b + 1]  # noqa: E731
+        torch.ops.tq.hadamard_quantize_kv(torch.randn(1, n, Hkv, D) * 2, row(k[0]), row(k[1]), 0, sliding, bits, signs,
+                                          None, True, row(win[0]), row(win[2]))
+        torch.ops.tq.hadamard_quantize_kv(torch.randn(1, n, Hkv, D), row(v[0]), row(v[1]), 0, sliding, v_bits, signs,
+                                          None, True, row(win[1]), row(win[3]))
+    cache = [*k, *v, *win]
+    q = torch.randn(B, Hq, Lq, D)
+    kv_start = torch.tensor([0, 2, 5])
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    ref_lse, lse = (torch.full((B, Hq, Lq), float("nan")) for _ in range(2))
+    args = (kv_len, D**-0.5, bits, window, 0.0, kv_start, signs)
+    ref = torch.ops.tq.flash_attn_vec_tq(q, *cache[:4], *args, ref_lse, v_bits, *cache[4:], seqlens)
+    out = tq.flash_attn_vec_tq(q, *cache[:4], *args, lse, v_bits, *cache[4:], seqlens)
+    assert_close("cache_seqlens", ref, out, OUT_RATIO[F32])
+    torch.testing.assert_close(lse, ref_lse, **LSE_TOL[F32])

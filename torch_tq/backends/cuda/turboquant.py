@@ -159,11 +159,12 @@ def _codebook(bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tens
 
 @triton.jit
 def hadamard_quantize_kv_fwd_kernel(
-    src_ptr, codes_ptr, norms_ptr, signs_ptr, offset_ptr, bounds_ptr, codebook_ptr, sink_ptr, recent_ptr,
+    src_ptr, codes_ptr, norms_ptr, signs_ptr, offset_ptr, bounds_ptr, codebook_ptr, sink_ptr, recent_ptr, seqlens_ptr,
     n_rows, t_lo, T, Hkv, C, S, W, write_pos, first_code, first_recent, sqrt_r, inv_sqrt_r,
     stride_sb, stride_st, stride_sh, stride_sd,
     D: tl.constexpr, R: tl.constexpr, BITS: tl.constexpr, ROWS: tl.constexpr, IS_SLIDING: tl.constexpr,
     USE_OFFSET: tl.constexpr, NORM_CORRECTION: tl.constexpr, HAS_SINK: tl.constexpr, HAS_RECENT: tl.constexpr,
+    HAS_SEQLENS: tl.constexpr,
 ):
     NB: tl.constexpr = D // R
     RBYTES: tl.constexpr = D * BITS // 8
@@ -204,12 +205,17 @@ def hadamard_quantize_kv_fwd_kernel(
         unit = tl.sqrt(tl.sum(values * values, axis=1))
         norm = norm * sqrt_r / unit
 
-    p = write_pos + t  # absolute positions [ROWS]
+    if HAS_SEQLENS:
+        # Each sequence writes at its own position, read on the device (write_pos is 0).
+        p = tl.load(seqlens_ptr + b, mask=row_ok, other=0).to(tl.int64) + t  # absolute positions [ROWS]
+    else:
+        p = write_pos + t  # absolute positions [ROWS]
     if IS_SLIDING:
         slot = p % C
     else:
         slot = p
-    code_ok = row_ok & (t >= first_code)
+    # A position past a global cache (possible only through unchecked device lengths) is not written.
+    code_ok = row_ok & (t >= first_code) & (slot < C)
     cache_row = bh * C + slot  # [ROWS] int64
     nb = tl.arange(0, NB)
     tl.store(norms_ptr + cache_row[:, None] * NB + nb[None, :], tl.reshape(norm, (ROWS, NB)), mask=code_ok[:, None])
@@ -234,14 +240,15 @@ def hadamard_quantize_kv_fwd_kernel(
 
 
 def hadamard_quantize_kv_fwd(src, codes, norms, write_pos, is_sliding, bits, signs, offset, norm_correction, sink,
-                             recent) -> None:
+                             recent, cache_seqlens=None) -> None:
     B, T, Hkv, D = src.shape
     C = codes.shape[2]
     first_code = max(0, T - C) if is_sliding else 0
     first_recent = max(0, T - recent.shape[2]) if recent is not None else T
     S = sink.shape[2] if sink is not None else 0
-    # The first token any buffer needs: a sink position, a kept code, or a kept ring entry.
-    t_lo = 0 if write_pos < S else min(first_code, first_recent)
+    # The first token any buffer needs: a sink position, a kept code, or a kept ring entry (with device
+    # lengths any token may land below S).
+    t_lo = 0 if write_pos < S or (cache_seqlens is not None and S > 0) else min(first_code, first_recent)
     n_rows = B * (T - t_lo) * Hkv
     if n_rows == 0:
         return
@@ -256,6 +263,7 @@ def hadamard_quantize_kv_fwd(src, codes, norms, write_pos, is_sliding, bits, sig
         codebook,
         sink if sink is not None else norms,
         recent if recent is not None else norms,
+        cache_seqlens if cache_seqlens is not None else norms,
         n_rows, t_lo, T, Hkv, C, S,
         recent.shape[2] if recent is not None else 1,
         write_pos, first_code, first_recent, math.sqrt(R), 1.0 / math.sqrt(R),
@@ -269,16 +277,21 @@ def hadamard_quantize_kv_fwd(src, codes, norms, write_pos, is_sliding, bits, sig
         NORM_CORRECTION=bool(norm_correction),
         HAS_SINK=sink is not None,
         HAS_RECENT=recent is not None,
+        HAS_SEQLENS=cache_seqlens is not None,
         num_warps=4,
     )
 
 
 def hadamard_quantize_kv(src, codes, norms, write_pos: int, is_sliding: bool = False, bits: int = 4, signs=None,
-                         offset=None, norm_correction: bool = False, sink=None, recent=None) -> None:
-    _validation.check_hadamard_quantize_kv(src, codes, norms, write_pos, is_sliding, bits, signs, offset, sink, recent)
+                         offset=None, norm_correction: bool = False, sink=None, recent=None,
+                         cache_seqlens=None) -> None:
+    # cache_seqlens values live on the device: they are not checked (that would synchronize); a write past a
+    # global cache is dropped.
+    _validation.check_hadamard_quantize_kv(src, codes, norms, write_pos, is_sliding, bits, signs, offset, sink, recent,
+                                           cache_seqlens)
     signs = resolve_signs(signs, src.shape[-1], src.device)
     hadamard_quantize_kv_fwd(src, codes, norms, int(write_pos), is_sliding, bits, signs, offset, norm_correction, sink,
-                             recent)
+                             recent, cache_seqlens)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -410,12 +423,12 @@ def _attend_window(q, k_win_ptr, v_win_ptr, win_row0, win_len, lo, hi, q_pos, m_
 @triton.jit
 def flash_attn_vec_tq_fwd_kernel(
     q_rot_ptr, k_codes_ptr, k_norms_ptr, v_codes_ptr, v_norms_ptr, k_sink_ptr, v_sink_ptr, k_recent_ptr,
-    v_recent_ptr, kv_start_ptr, k_codebook_ptr, v_codebook_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
+    v_recent_ptr, kv_start_ptr, seqlens_ptr, k_codebook_ptr, v_codebook_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
     Hkv, C, S, W, kv_len, vis_lo, chunk, num_splits, window, softcap, inv_sqrt_r, GL, LQ,
     D: tl.constexpr, R: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SINK: tl.constexpr,
-    HAS_RECENT: tl.constexpr, HAS_KV_START: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
-    PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    HAS_RECENT: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_SEQLENS: tl.constexpr, USE_WINDOW: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """Split ``i_s`` of KV head ``i_bh`` for the query rows of tile ``i_m``: positions
     ``[vis_lo + i_s*chunk, +chunk)`` ∩ ``[kv_start, kv_len)``, cut to what the tile's queries can see."""
@@ -430,23 +443,30 @@ def flash_attn_vec_tq_fwd_kernel(
     q = tl.load(q_rot_ptr + (i_bh * GL + m)[:, None] * D + d[None, :], mask=m_ok[:, None], other=0.0)
     q = _cast(q, DOT_DTYPE)
     q_i = m % LQ
-    q_pos = kv_len - LQ + q_i
-
     lo = vis_lo + i_s * chunk
+    hi = lo + chunk  # this split's positions
+    if HAS_SEQLENS:
+        # This sequence's own length (kv_len bounds them all and sized the splits over [0, kv_len)); a
+        # wrapped ring holds its positions from length - C on.
+        n_kv = tl.load(seqlens_ptr + b).to(tl.int64)
+        lo = tl.maximum(lo, n_kv - C)
+    else:
+        n_kv = kv_len
+    q_pos = n_kv - LQ + q_i
     # No query of this tile sees past its last position (causal), nor (with a window) before its first one's window.
-    hi = tl.minimum(tl.minimum(lo + chunk, kv_len), kv_len - LQ + tl.max(tl.where(m_ok, q_i, 0)) + 1)
+    hi = tl.minimum(tl.minimum(hi, n_kv), n_kv - LQ + tl.max(tl.where(m_ok, q_i, 0)) + 1)
     if USE_WINDOW:
-        lo = tl.maximum(lo, kv_len - LQ + tl.min(tl.where(m_ok, q_i, LQ)) - window + 1)
+        lo = tl.maximum(lo, n_kv - LQ + tl.min(tl.where(m_ok, q_i, LQ)) - window + 1)
     if HAS_KV_START:
         lo = tl.maximum(lo, tl.load(kv_start_ptr + b))
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
 
-    # Visible position j comes from the sinks when j < S, else from the recent ring when j >= kv_len - W,
+    # Visible position j comes from the sinks when j < S, else from the recent ring when j >= n_kv - W,
     # else from the codes (S = 0 / W = 0 when the buffer is absent).
     code_lo = tl.maximum(lo, S)
-    code_hi = tl.minimum(hi, kv_len - W)
+    code_hi = tl.minimum(hi, n_kv - W)
     if HAS_SINK:
         m_i, l_i, acc = _attend_window(q, k_sink_ptr, v_sink_ptr, i_bh * S, tl.maximum(S, 1), lo, tl.minimum(hi, S),
                                        q_pos, m_i, l_i, acc, window, softcap, D, BLOCK_N, USE_WINDOW, USE_SOFTCAP,
@@ -461,7 +481,7 @@ def flash_attn_vec_tq_fwd_kernel(
                                 PRECISION)
     if HAS_RECENT:
         m_i, l_i, acc = _attend_window(q, k_recent_ptr, v_recent_ptr, i_bh * W, W,
-                                       tl.maximum(tl.maximum(lo, S), kv_len - W), hi, q_pos, m_i, l_i, acc, window,
+                                       tl.maximum(tl.maximum(lo, S), n_kv - W), hi, q_pos, m_i, l_i, acc, window,
                                        softcap, D, BLOCK_N, USE_WINDOW, USE_SOFTCAP, PRECISION)
 
     part = (i_bh * num_splits + i_s) * GL + m  # [BLOCK_M], partials [B*Hkv, num_splits, G*Lq]
@@ -502,8 +522,11 @@ def flash_attn_vec_tq_reduce_kernel(
         tl.store(lse_ptr + rows, tl.log(l_sum) + m_max, mask=row_ok)
 
 
-# Positions per key/value tile of the main kernel, by head_dim (the K and V tiles are [BLOCK_N, D] float32).
-_BLOCK_N = {64: 64, 128: 64, 256: 32, 512: 16}
+# Positions per key/value tile of the main kernel, by head_dim, and its warps: the largest tiles that compiled
+# for sm_90 (Triton 3.9's ptxas, read with cuobjdump -res-usage) without spilling registers at a decode
+# row tile (BLOCK_M = 16): D64 32/4 warps (238 registers), D128 32/8 (248), D256 16/8 (219); D512 16/8 spills
+# 48 bytes. Larger tiles spilled kilobytes. Not yet tuned by timing on a GPU.
+_BLOCK_N = {64: 32, 128: 32, 256: 16, 512: 16}
 # Query rows (G*Lq of one KV head) per program: decode fits one tile; a long Lq (prefill) takes several.
 _MAX_BLOCK_M = {64: 64, 128: 64, 256: 32, 512: 16}
 # Fewest positions worth a split of their own: below this, the partials cost more than the parallelism gains.
@@ -538,7 +561,7 @@ def choose_num_splits(num_positions: int, groups: int, device: torch.device, blo
 
 
 def flash_attn_vec_tq_fwd(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, bits, sliding_window, softcap,
-                          kv_start, signs, lse, v_bits, k_sink, v_sink, k_recent, v_recent, geo,
+                          kv_start, signs, lse, v_bits, k_sink, v_sink, k_recent, v_recent, geo, cache_seqlens=None,
                           num_splits=None) -> torch.Tensor:
     B, Hq, Hkv, Lq, D, C = geo
     G = Hq // Hkv
@@ -558,11 +581,14 @@ def flash_attn_vec_tq_fwd(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, 
         num_warps=4,
     )
 
-    # 2. split-K over the visible range [vis_lo, kv_len) of each KV head.
+    # 2. split-K over the visible range [vis_lo, kv_len) of each KV head (with device lengths over [0, kv_len),
+    # each program cutting its split to its own sequence's range).
     vis_lo = max(0, kv_len - C)
     if sliding_window > 0:
         # The first query (position kv_len - Lq) sees j > kv_len - Lq - sliding_window.
         vis_lo = max(vis_lo, kv_len - Lq - sliding_window + 1)
+    if cache_seqlens is not None:
+        vis_lo = 0
     block_n = _BLOCK_N[D]
     num_positions = kv_len - vis_lo
     if num_splits is None:
@@ -585,6 +611,7 @@ def flash_attn_vec_tq_fwd(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, 
         k_recent if k_recent is not None else q_rot,
         v_recent if v_recent is not None else q_rot,
         kv_start if kv_start is not None else k_norms,
+        cache_seqlens if cache_seqlens is not None else k_norms,
         k_codebook, v_codebook, part_acc, part_m, part_l,
         Hkv, C, S, W, kv_len, vis_lo, chunk, num_splits, sliding_window, float(softcap), 1.0 / math.sqrt(R), GL, Lq,
         D=D,
@@ -596,6 +623,7 @@ def flash_attn_vec_tq_fwd(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, 
         HAS_SINK=k_sink is not None,
         HAS_RECENT=k_recent is not None,
         HAS_KV_START=kv_start is not None,
+        HAS_SEQLENS=cache_seqlens is not None,
         USE_WINDOW=sliding_window > 0,
         USE_SOFTCAP=softcap > 0,
         # float32 queries: exact float32 products. float16/bfloat16 queries: float16 operands on the tensor
@@ -605,7 +633,7 @@ def flash_attn_vec_tq_fwd(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, 
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         DOT_DTYPE=tl.float32 if q.dtype == torch.float32 else tl.float16,
         num_stages=_NUM_STAGES,
-        num_warps=4 if D <= 128 and block_m <= 16 else 8,
+        num_warps=4 if D == 64 and block_m <= 16 else 8,
     )
 
     # 3. merge the splits, un-rotate, write out and lse.
@@ -623,10 +651,13 @@ def flash_attn_vec_tq_fwd(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, 
 
 def flash_attn_vec_tq(q, k_codes, k_norms, v_codes, v_norms, kv_len: int, scale: float, bits: int = 4,
                       sliding_window: int = 0, softcap: float = 0.0, kv_start=None, signs=None, lse=None, v_bits=None,
-                      k_sink=None, v_sink=None, k_recent=None, v_recent=None) -> torch.Tensor:
+                      k_sink=None, v_sink=None, k_recent=None, v_recent=None, cache_seqlens=None) -> torch.Tensor:
+    # cache_seqlens values live on the device and are not checked here (that would synchronize): an entry
+    # above kv_len reads no position at or past kv_len.
     geo = _validation.check_flash_attn_vec_tq(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, bits,
                                               sliding_window, softcap, kv_start, signs, lse, v_bits, k_sink, v_sink,
-                                              k_recent, v_recent)
+                                              k_recent, v_recent, cache_seqlens)
     signs = resolve_signs(signs, geo.head_dim, q.device)
     return flash_attn_vec_tq_fwd(q, k_codes, k_norms, v_codes, v_norms, int(kv_len), scale, bits, sliding_window,
-                                 softcap, kv_start, signs, lse, v_bits, k_sink, v_sink, k_recent, v_recent, geo)
+                                 softcap, kv_start, signs, lse, v_bits, k_sink, v_sink, k_recent, v_recent, geo,
+                                 cache_seqlens)
