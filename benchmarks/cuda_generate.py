@@ -166,24 +166,80 @@ def time_graph_decode(model, cache, token, ctx: int, args) -> float:
     return start.elapsed_time(end) / args.steps
 
 
+def check_ops_graph_replay() -> str:
+    """The ops alone: one layer's quantize (K, V) + attention with device lengths, captured once and
+    replayed for 4 steps, against the same steps run eagerly with host lengths; max |Δ|."""
+    import torch_tq
+
+    B, Hq, Hkv, D, C, ctx = 2, 8, 2, 128, 256, 100
+    gen = torch.Generator(DEVICE).manual_seed(3)
+    caches = []
+    for _ in range(2):
+        k = torch_tq.allocate_quantized_kv(B, Hkv, C, D, 4, device=DEVICE)
+        v = torch_tq.allocate_quantized_kv(B, Hkv, C, D, 4, device=DEVICE)
+        caches.append((*k, *v))
+    ks = torch.randn(B, ctx + 4, Hkv, D, device=DEVICE, generator=gen)
+    vs = torch.randn(B, ctx + 4, Hkv, D, device=DEVICE, generator=gen)
+    qs = torch.randn(4, B, Hq, 1, D, device=DEVICE, generator=gen)
+    for c in caches:
+        torch_tq.hadamard_quantize_kv(ks[:, :ctx], c[0], c[1], 0)
+        torch_tq.hadamard_quantize_kv(vs[:, :ctx], c[2], c[3], 0)
+    eager = []
+    for i in range(4):
+        c = caches[0]
+        torch_tq.hadamard_quantize_kv(ks[:, ctx + i : ctx + i + 1], c[0], c[1], ctx + i)
+        torch_tq.hadamard_quantize_kv(vs[:, ctx + i : ctx + i + 1], c[2], c[3], ctx + i)
+        eager.append(torch_tq.flash_attn_vec_tq(qs[i], *c, ctx + i + 1, D**-0.5))
+    c = caches[1]
+    written = torch.full((B,), ctx, dtype=torch.int32, device=DEVICE)
+    total = written + 1
+    k_new, v_new, q = ks[:, ctx : ctx + 1].clone(), vs[:, ctx : ctx + 1].clone(), qs[0].clone()
+
+    def step():
+        torch_tq.hadamard_quantize_kv(k_new, c[0], c[1], 0, cache_seqlens=written)
+        torch_tq.hadamard_quantize_kv(v_new, c[2], c[3], 0, cache_seqlens=written)
+        return torch_tq.flash_attn_vec_tq(q, *c, C, D**-0.5, cache_seqlens=total)
+
+    step()  # warm-up (compiles); then rewrite step 0's slot the same way
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    replayed = []
+    for i in range(4):
+        k_new.copy_(ks[:, ctx + i : ctx + i + 1])
+        v_new.copy_(vs[:, ctx + i : ctx + i + 1])
+        q.copy_(qs[i])
+        written.fill_(ctx + i)
+        total.fill_(ctx + i + 1)
+        graph.replay()
+        replayed.append(out.clone())
+    diffs = [(a - b).abs().max().item() for a, b in zip(eager, replayed)]
+    return "ops only (quantize K, V + attention, device lengths, CUDA graph) vs eager host lengths, 4 steps: max |Δ| " + \
+        ", ".join(f"{d:.3g}" for d in diffs)
+
+
 def check_graph_replay_matches_eager(model, ctx: int, args) -> str:
-    """Two identical device-length caches: eager steps on one, graph replays on the other; max |Δlogit|."""
+    """Identical caches: host-length eager, device-length eager, device-length CUDA-graph replays; max |Δlogit| per step."""
     import torch_tq.integrations.transformers as tqhf
 
     config = model.config
     config._attn_implementation = "tq"
     caches = []
-    for _ in range(2):
-        cache = tqhf.TurboQuantCache(config, bits=4, max_cache_len=ctx + 16, device_lengths=True)
+    for device_lengths in (False, True, True):
+        cache = tqhf.TurboQuantCache(config, bits=4, max_cache_len=ctx + 16, device_lengths=device_lengths)
         fill(cache, config, ctx, torch.Generator(device=DEVICE).manual_seed(1))
         caches.append(cache)
     tokens = torch.randint(0, config.vocab_size, (4, 1, 1), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(2))
+
+    def eager(cache):
+        return [model(input_ids=tokens[i], cache_position=torch.tensor([ctx + i], device=DEVICE), use_cache=True,
+                      **tqhf.cache_kwargs(cache)).logits.float() for i in range(4)]
+
     with torch.inference_mode():
-        eager = [model(input_ids=tokens[i], cache_position=torch.tensor([ctx + i], device=DEVICE), use_cache=True,
-                       **tqhf.cache_kwargs(caches[0])).logits.float() for i in range(4)]
+        host, device = eager(caches[0]), eager(caches[1])
         token, position = tokens[0].clone(), torch.tensor([ctx], device=DEVICE)
-        kwargs = tqhf.cache_kwargs(caches[1])
-        # One eager step (also the warm-up), then capture the next step and replay it for steps 2 and 3.
+        kwargs = tqhf.cache_kwargs(caches[2])
+        # One eager step (also the warm-up), then capture the next step and replay it for steps 1-3.
         first = model(input_ids=token, cache_position=position, use_cache=True, **kwargs).logits.float()
         graph = torch.cuda.CUDAGraph()
         token.copy_(tokens[1])
@@ -196,8 +252,9 @@ def check_graph_replay_matches_eager(model, ctx: int, args) -> str:
             position.fill_(ctx + i)
             graph.replay()
             replayed.append(logits.float().clone())
-    diff = max((a - b).abs().max().item() for a, b in zip(eager, replayed))
-    return f"CUDA-graph replay vs eager, 4 decode steps at context {ctx}: max |logit difference| {diff:.3g}"
+    fmt = lambda xs, ys: ", ".join(f"{(a - b).abs().max().item():.3g}" for a, b in zip(xs, ys))  # noqa: E731
+    return (f"model at context {ctx}, max |Δlogit| per step: device-length eager vs host-length eager {fmt(device, host)}; "
+            f"CUDA-graph replay vs device-length eager {fmt(replayed, device)}")
 
 
 def main() -> None:
@@ -227,9 +284,9 @@ def main() -> None:
     print("\n".join(lines), flush=True)
     model = build_model(llama8b_config(args.layers, max(args.contexts) + args.steps + 16, args.tiny_cpu_smoke_test))
     if DEVICE == "cuda" and any(v.endswith("-graph") for v in args.variants):
-        line = check_graph_replay_matches_eager(model, min(args.contexts), args)
-        lines.append(line)
-        print(line, flush=True)
+        for line in (check_ops_graph_replay(), check_graph_replay_matches_eager(model, min(args.contexts), args)):
+            lines.append(line)
+            print(line, flush=True)
     for ctx in args.contexts:
         baseline = None
         for name in args.variants:
