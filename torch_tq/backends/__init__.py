@@ -1,6 +1,7 @@
 """Which implementation of each ``torch.ops.tq`` op runs on which device, and why one is missing.
 
-* ``cpu`` — the pure-PyTorch reference (``torch_tq.backends.cpu``), always available.
+* ``cpu`` — native C++ kernels built just in time (``torch_tq.backends.cpu_native``), or the pure-PyTorch
+  reference (``torch_tq.backends.cpu``) where they cannot be built; always available.
 * ``mps`` — the native Objective-C++/Metal extension (``torch_tq.backends.mps``), built on macOS only.
 * ``cuda`` — Triton kernels: not implemented yet.
 """
@@ -14,10 +15,10 @@ import torch
 
 def backend_status() -> dict[str, tuple[bool, str]]:
     """``{device type: (available, reason)}`` for every backend torch_tq knows."""
-    from . import mps
+    from . import cpu_native, mps
 
     return {
-        "cpu": (True, "pure-PyTorch reference"),
+        "cpu": (True, cpu_native.status()[1]),
         "mps": mps.status(),
         "cuda": (False, "the CUDA (Triton) backend is not implemented yet"),
     }
