@@ -107,13 +107,15 @@ def _compiler() -> str:
 
 
 def build_key() -> str:
-    """The hash naming the cache directory of this source, build, torch and machine."""
+    """The hash naming the cache directory of this source, build flags, torch (version, revision, ABI), Python
+    and machine (OS, architecture, CPU features). Not the compiler: a build is as good as any other for the same
+    torch, so a machine keeps using its cached build after its compiler is gone."""
     cflags, ldflags = _flags()
     h = hashlib.sha256()
     for part in (SOURCE.read_bytes(), " ".join(cflags + ldflags).encode(), torch.__version__.encode(),
                  str(getattr(torch.version, "git_version", "")).encode(),
                  str(torch._C._GLIBCXX_USE_CXX11_ABI).encode(), sys.implementation.cache_tag.encode(),
-                 platform.system().encode(), _cpu_fingerprint().encode(), _compiler().encode()):
+                 platform.system().encode(), _cpu_fingerprint().encode()):
         h.update(part)
         h.update(b"\0")
     return h.hexdigest()
