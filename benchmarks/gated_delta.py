@@ -1,6 +1,6 @@
-"""CPU timings of torch_tq's gated-delta-rule ops next to transformers' pure-PyTorch fallback.
+"""Timings of torch_tq's gated-delta-rule ops next to transformers' pure-PyTorch fallback (CPU or CUDA).
 
-    python benchmarks/gated_delta.py [--T 4096] [--repeats 3] [--dtype float32] [--threads N] [--json]
+    python benchmarks/gated_delta.py [--device cpu|cuda] [--T 4096] [--repeats 3] [--dtype float32] [--threads N] [--json]
 
 Rows: the chunked prefill ``chunk_gated_delta_rule`` against transformers'
 ``torch_chunk_gated_delta_rule`` (Qwen3-Next modeling file), and one recurrent decode step
@@ -8,7 +8,9 @@ Rows: the chunked prefill ``chunk_gated_delta_rule`` against transformers'
 ``torch_recurrent_gated_delta_rule``. Shape B=1, H=16, HV=32, K=V=128 (Qwen3-Next-80B's linear
 attention), q/k l2-normalised in the op. Each row's outputs and final states are compared with the
 reference before timing; a row that disagrees prints "—" instead of a speedup. Median of
---repeats runs after one warm-up. Never asserts.
+--repeats runs after one warm-up (CUDA: synchronized). On CUDA the "tq" column is what the op
+dispatches to (FLA's kernels when flash-linear-attention is installed) and a second row per op
+times torch_tq's PyTorch reference on the GPU. Never asserts.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
+import inspect
 import json
 import os
 
@@ -26,7 +29,8 @@ from _timing import cpu_name, median_ms
 
 import torch_tq  # noqa: F401  (defines torch.ops.tq)
 from torch_tq import _gated_delta_ops as gdr
-from torch_tq.integrations.gated_delta import fla_available, fla_or_torch_fallback
+from torch_tq.backends.cpu import gated_delta_rule as torch_reference
+from torch_tq.integrations.gated_delta import fla_available
 
 
 def rel_rms(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -34,16 +38,17 @@ def rel_rms(ref: torch.Tensor, out: torch.Tensor) -> float:
     return ((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
 
 
-def inputs(B, T, H, HV, K, V, dtype):
+def inputs(B, T, H, HV, K, V, dtype, device):
     q, k = torch.randn(B, T, H, K, dtype=dtype), torch.randn(B, T, H, K, dtype=dtype)
     v = torch.randn(B, T, HV, V, dtype=dtype)
     g = -F.softplus(torch.randn(B, T, HV))  # log decays < 0, float32 as the models pass them
     beta = torch.randn(B, T, HV).sigmoid().to(dtype)
-    return q, k, v, g, beta
+    return tuple(x.to(device) for x in (q, k, v, g, beta))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--T", type=int, default=4096, help="prefill length")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--decode-repeats", type=int, default=50)
@@ -59,15 +64,18 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the "falling back to PyTorch" notice, once per call site
-    # These timings are on CPU tensors: transformers' pure-PyTorch functions even where transformers
-    # bound the names to FLA's kernels (FLA imports without a GPU, but its kernels cannot run there).
-    device = torch.device("cpu")
-    chunk_ref = fla_or_torch_fallback(qwen.torch_chunk_gated_delta_rule, device)
-    recurrent_ref = fla_or_torch_fallback(qwen.torch_recurrent_gated_delta_rule, device)
-    fla_note = ("; FLA is installed but left out: its kernels need CUDA tensors"
-                if importlib.util.find_spec("fla") is not None and not fla_available(device) else "")
+    # The reference column is always transformers' pure-PyTorch functions, underneath the decorator
+    # that binds them to FLA's kernels where FLA imports.
+    device = torch.device(args.device)
+    chunk_ref = inspect.unwrap(qwen.torch_chunk_gated_delta_rule)
+    recurrent_ref = inspect.unwrap(qwen.torch_recurrent_gated_delta_rule)
+    if device.type == "cuda":
+        fla_note = "; tq = " + ("FLA's kernels" if fla_available(device) else "torch_tq's PyTorch reference (FLA absent)")
+    else:
+        fla_note = ("; FLA is installed but left out: its kernels need CUDA tensors"
+                    if importlib.util.find_spec("fla") is not None else "")
     reference = ("transformers torch_chunk_gated_delta_rule / torch_recurrent_gated_delta_rule (Qwen3-Next, "
-                 f"pure PyTorch{fla_note})")
+                 f"pure PyTorch){fla_note}")
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
     B, H, HV, K, V = 1, 16, 32, 128, 128
@@ -75,28 +83,39 @@ def main() -> None:
     tol = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}[dtype]
     rows = []
 
-    q, k, v, g, beta = inputs(B, args.T, H, HV, K, V, dtype)
     kw = dict(output_final_state=True, use_qk_l2norm_in_kernel=True)
-    ref_fn = lambda: chunk_ref(q, k, v, g, beta, **kw)  # noqa: E731
-    tq_fn = lambda: gdr.chunk_gated_delta_rule(q, k, v, g, beta, **kw)  # noqa: E731
-    (o_ref, s_ref), (o_tq, s_tq) = ref_fn(), tq_fn()
-    err = max(rel_rms(o_ref, o_tq), rel_rms(s_ref, s_tq))
-    rows.append(dict(op="chunk_gated_delta_rule", B=B, T=args.T, H=H, HV=HV, K=K, V=V, dtype=args.dtype,
-                     ref_ms=median_ms(ref_fn, args.repeats), tq_ms=median_ms(tq_fn, args.repeats),
-                     rel_err=err, verified=err <= tol))
 
-    q1, k1, v1, g1, beta1 = inputs(B, 1, H, HV, K, V, dtype)
+    def add_row(op, T, ref_fn, tq_fn, repeats, name=None):
+        (o_ref, s_ref), (o_tq, s_tq) = ref_fn(), tq_fn()
+        err = max(rel_rms(o_ref, o_tq), rel_rms(s_ref, s_tq))
+        rows.append(dict(op=name or op, B=B, T=T, H=H, HV=HV, K=K, V=V, dtype=args.dtype,
+                         ref_ms=median_ms(ref_fn, repeats, device), tq_ms=median_ms(tq_fn, repeats, device),
+                         rel_err=err, verified=err <= tol))
+        return s_ref
+
+    q, k, v, g, beta = inputs(B, args.T, H, HV, K, V, dtype, device)
+    ref_fn = lambda: chunk_ref(q, k, v, g, beta, **kw)  # noqa: E731
+    s_ref = add_row("chunk_gated_delta_rule", args.T, ref_fn,
+                    lambda: gdr.chunk_gated_delta_rule(q, k, v, g, beta, **kw), args.repeats)
+    if device.type == "cuda":
+        add_row("chunk_gated_delta_rule", args.T, ref_fn,
+                lambda: torch_reference.chunk_gated_delta_rule(q, k, v, g, beta, **kw), args.repeats,
+                name="chunk (torch_tq reference)")
+
+    q1, k1, v1, g1, beta1 = inputs(B, 1, H, HV, K, V, dtype, device)
     state = s_ref.clone()
     ref_fn = lambda: recurrent_ref(q1, k1, v1, g1, beta1, initial_state=state, **kw)  # noqa: E731
-    tq_fn = lambda: gdr.fused_recurrent_gated_delta_rule(q1, k1, v1, g1, beta1, initial_state=state, **kw)  # noqa: E731
-    (o_ref, s_ref), (o_tq, s_tq) = ref_fn(), tq_fn()
-    err = max(rel_rms(o_ref, o_tq), rel_rms(s_ref, s_tq))
-    rows.append(dict(op="fused_recurrent_gated_delta_rule", B=B, T=1, H=H, HV=HV, K=K, V=V, dtype=args.dtype,
-                     ref_ms=median_ms(ref_fn, args.decode_repeats), tq_ms=median_ms(tq_fn, args.decode_repeats),
-                     rel_err=err, verified=err <= tol))
+    add_row("fused_recurrent_gated_delta_rule", 1, ref_fn,
+            lambda: gdr.fused_recurrent_gated_delta_rule(q1, k1, v1, g1, beta1, initial_state=state, **kw),
+            args.decode_repeats)
+    if device.type == "cuda":
+        add_row("fused_recurrent_gated_delta_rule", 1, ref_fn,
+                lambda: torch_reference.fused_recurrent_gated_delta_rule(q1, k1, v1, g1, beta1, initial_state=state, **kw),
+                args.decode_repeats, name="recurrent (torch_tq reference)")
 
     machine = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                   cpu=cpu_name(), cores=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
+                   device=torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+                   cores=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
                    load_avg=" ".join(f"{x:.2f}" for x in os.getloadavg()))
     if args.json:
         print(json.dumps(dict(machine=machine, reference=reference, rows=rows), indent=2))

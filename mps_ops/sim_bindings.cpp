@@ -55,6 +55,7 @@ typedef struct {
   uint64_t scratch_bytes[8];
   int32_t codebook_bits;
   int32_t second_codebook_bits;
+  int32_t canonical_signs_dim;
   int32_t num_outputs;
   int32_t output_dims[4];
   int64_t output_sizes[4][8];
@@ -112,6 +113,7 @@ void copy_plan(const tq_plan::Plan& plan, tq_plan_result* out) {
   for (int i = 0; i < out->num_scratch; ++i) out->scratch_bytes[i] = plan.scratch_bytes[i];
   out->codebook_bits = plan.codebook_bits;
   out->second_codebook_bits = plan.second_codebook_bits;
+  out->canonical_signs_dim = plan.canonical_signs_dim;
   out->num_outputs = static_cast<int32_t>(std::min<size_t>(plan.outputs.size(), 4));
   for (int i = 0; i < out->num_outputs; ++i) {
     const auto& spec = plan.outputs[i];

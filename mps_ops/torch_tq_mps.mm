@@ -275,6 +275,30 @@ std::vector<float> codebook(int bits) {
   return cache.emplace(bits, std::move(values)).first->second;
 }
 
+// torch_tq.layout.hadamard_signs(head_dim), float32: what an op's absent `signs` means (one
+// definition in the project, fetched once per head_dim, then cached).
+std::vector<float> canonical_signs(int head_dim) {
+  static std::mutex mutex;
+  static std::map<int, std::vector<float>> cache;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    auto it = cache.find(head_dim);
+    if (it != cache.end()) return it->second;
+  }
+  std::vector<float> values;
+  {
+    // Never wait for the GIL while holding `mutex`.
+    pybind11::gil_scoped_acquire gil;
+    pybind11::module_ layout = pybind11::module_::import("torch_tq.layout");
+    at::Tensor t = layout.attr("hadamard_signs")(head_dim).cast<at::Tensor>().to(at::kFloat).contiguous().cpu();
+    values.assign(t.data_ptr<float>(), t.data_ptr<float>() + t.numel());
+  }
+  TORCH_CHECK(values.size() == static_cast<size_t>(head_dim), "tq: canonical signs of head_dim=", head_dim,
+              " have the wrong size");
+  std::lock_guard<std::mutex> lock(mutex);
+  return cache.emplace(head_dim, std::move(values)).first->second;
+}
+
 void set_tensor(id<MTLComputeCommandEncoder> enc, const at::Tensor& t, NSUInteger index) {
   // Views share their base's MTLBuffer: the byte offset of the view is always passed.
   id<MTLBuffer> buffer = __builtin_bit_cast(id<MTLBuffer>, t.storage().data());
@@ -294,6 +318,8 @@ void encode(const tq_plan::Plan& plan, const std::vector<at::Tensor>& inputs, co
   const std::array<std::vector<float>, 2> tables = {
       plan.codebook_bits > 0 ? codebook(plan.codebook_bits) : std::vector<float>(),
       plan.second_codebook_bits > 0 ? codebook(plan.second_codebook_bits) : std::vector<float>()};
+  const std::vector<float> signs =
+      plan.canonical_signs_dim > 0 ? canonical_signs(plan.canonical_signs_dim) : std::vector<float>();
   std::vector<id<MTLComputePipelineState>> pipelines;
   for (const auto& launch : plan.launches) {
     id<MTLComputePipelineState> pso = pipeline(launch.kernel);
@@ -323,6 +349,9 @@ void encode(const tq_plan::Plan& plan, const std::vector<at::Tensor>& inputs, co
               [enc setBytes:table.data() length:table.size() * sizeof(float) atIndex:n];
               break;
             }
+            case Arg::CanonicalSigns:
+              [enc setBytes:signs.data() length:signs.size() * sizeof(float) atIndex:n];
+              break;
             case Arg::Dummy: [enc setBytes:kDummy length:sizeof kDummy atIndex:n]; break;
           }
         }

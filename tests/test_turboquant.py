@@ -11,6 +11,7 @@ import torch_tq
 from _oracle import decode_rotated64, encode64, pack_bits, unpack_bits, unrotate64
 from _utils import assert_close
 from torch_tq.codebooks import decision_boundaries
+from torch_tq.layout import allocate_quantized_kv
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -45,11 +46,12 @@ def _case_id(case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-@pytest.mark.parametrize("with_signs", [True, False], ids=["signs", "nosigns"])
-def test_hadamard_quantize_kv_matches_oracle(case, with_signs):
+@pytest.mark.parametrize("signs_kind", ["default", "canonical", "plain"])
+def test_hadamard_quantize_kv_matches_oracle(case, signs_kind):
+    """``signs``: None (the oracle reads it as the canonical signs), the canonical signs given, all ones."""
     B, T, Hkv, D, C, bits, write_pos, is_sliding, dtype = case
     src = (torch.randn(B, T, Hkv, D) * 3).to(dtype)
-    signs = torch_tq.hadamard_signs(D) if with_signs else None
+    signs = {"default": None, "canonical": torch_tq.hadamard_signs(D), "plain": torch.ones(D)}[signs_kind]
     codes = torch.randint(0, 256, (B, Hkv, C, D * bits // 8), dtype=torch.uint8)
     norms = torch.full((B, Hkv, C, max(1, D // 256)), math.nan)
     before_codes = codes.clone()
@@ -162,3 +164,32 @@ def test_ring_buffer_matches_list_model(capacity, writes, data):
     torch_tq.hadamard_quantize_kv(expected[None, :, None], ref_codes, ref_norms, 0, False, bits, signs)
     assert torch.equal(codes[0, 0, filled], ref_codes[0, 0])
     assert torch.equal(norms[0, 0, filled], ref_norms[0, 0])
+
+
+@pytest.mark.parametrize("D", [64, 512])
+def test_signs_none_means_the_canonical_signs_on_every_op(D):
+    """A cache written with ``hadamard_signs(D)`` reads the same without ``signs`` (and vice versa);
+    the plain Walsh-Hadamard transform (all ones) is a different encoding."""
+    bits, C, T = 4, 8, 5
+    src = torch.randn(1, T, 2, D) * 2
+    written = {}
+    for kind, signs in [("given", torch_tq.hadamard_signs(D)), ("default", None), ("plain", torch.ones(D))]:
+        codes, norms = allocate_quantized_kv(1, 2, C, D, bits)
+        torch_tq.hadamard_quantize_kv(src, codes, norms, 0, bits=bits, signs=signs)
+        written[kind] = (codes, norms)
+    assert torch.equal(written["given"][0], written["default"][0])
+    assert not torch.equal(written["given"][0], written["plain"][0])
+
+    codes, norms = written["given"]
+    decoded = torch_tq.dequantize_kv(codes, norms, 0, T, bits)
+    torch.testing.assert_close(decoded, torch_tq.dequantize_kv(codes, norms, 0, T, bits, signs=torch_tq.hadamard_signs(D)),
+                               rtol=0, atol=0)
+    # 4-bit TurboQuant keeps ~10% relative error; a decode with the wrong signs is ~100% off.
+    rel = (decoded - src.transpose(1, 2)).norm() / src.norm()
+    assert rel < 0.2, rel
+
+    q = torch.randn(1, 4, 1, D)
+    out_default = torch_tq.flash_attn_vec_tq(q, codes, norms, codes, norms, T, D ** -0.5, bits)
+    out_given = torch_tq.flash_attn_vec_tq(q, codes, norms, codes, norms, T, D ** -0.5, bits,
+                                           signs=torch_tq.hadamard_signs(D))
+    torch.testing.assert_close(out_default, out_given, rtol=0, atol=0)

@@ -28,8 +28,9 @@ row t of ``A`` is token t's row of its chunk's matrix, chunks restart at every `
 sequence start, and a partial last chunk of L tokens is an L x L problem.
 
 Kernels: ``torch_tq.backends.cpu.gated_delta_rule`` is registered for CPU and, being plain
-PyTorch, also as the CompositeExplicitAutograd kernel, so a device without a native kernel (CUDA
-until its Triton kernels land) runs the same code on its own tensors. The native MPS extension
+PyTorch, also as the CompositeExplicitAutograd kernel, so a device without a native kernel runs
+the same code on its own tensors. On CUDA the entry ops call FLA when it is installed
+(``torch_tq.backends.cuda.gated_delta_rule``). The native MPS extension
 (``mps_ops/``, macOS builds) registers Metal kernels for every op under the MPS key, which takes
 precedence.
 """
@@ -44,6 +45,7 @@ import torch
 from . import _gated_delta_validation as _v
 from .backends import registered_backend_error
 from .backends.cpu import gated_delta_rule as _cpu
+from .backends.cuda import gated_delta_rule as _cuda
 
 NAMESPACE = "tq"
 
@@ -71,9 +73,12 @@ for _schema in SCHEMAS.values():
 
 for _name in SCHEMAS:
     _lib.impl(_name, getattr(_cpu, _name), "CPU")
-    # The reference is plain PyTorch, so it also serves every device without a native kernel (CUDA
-    # today): a kernel registered for a backend key (MPS) takes precedence.
+    # The reference is plain PyTorch, so it also serves every device without a native kernel (the
+    # stage ops on CUDA): a kernel registered for a backend key (MPS, CUDA) takes precedence.
     _lib.impl(_name, getattr(_cpu, _name), "CompositeExplicitAutograd")
+# CUDA: FLA's kernels for the entry ops when flash-linear-attention is installed (else the reference).
+for _name in ("chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule"):
+    _lib.impl(_name, getattr(_cuda, _name), "CUDA")
 
 
 def _chunk_count(B: int, T: int, cu_seqlens: Optional[torch.Tensor]):

@@ -115,7 +115,9 @@ def hadamard_quantize_kv(
         bits (int):
             code width b in (2, 3, 4, 5, 6, 8). Default: ``4``.
         signs (Optional[torch.Tensor]):
-            float32 `[D]` of ±1 applied before the rotation; ``None`` means all ones. Default: ``None``.
+            float32 `[D]` of ±1 applied before the rotation; ``None`` means the canonical
+            ``hadamard_signs(D)`` (the plain Walsh-Hadamard transform takes ``torch.ones(D)``). A cache
+            must be read with the signs it was written with. Default: ``None``.
         offset (Optional[torch.Tensor]):
             float32 `[B, Hkv, D]` subtracted from every new vector before the rotation (key centring:
             attention without soft-capping is unchanged by a per-head shift of the keys). Default: ``None``.
@@ -150,7 +152,8 @@ def dequantize_kv(
         length (int): number of positions, at most C.
         bits (int): code width b. Default: ``4``.
         rotated (bool): return the rotated-domain vectors ``ŷ`` instead of ``x̂``. Default: ``False``.
-        signs (Optional[torch.Tensor]): the float32 `[D]` signs used at encode time. Default: ``None``.
+        signs (Optional[torch.Tensor]): the float32 `[D]` signs used at encode time; ``None`` means the
+            canonical ``hadamard_signs(D)``. Default: ``None``.
 
     Returns:
         float32 tensor of shape `[B, Hkv, length, D]`.
@@ -206,7 +209,8 @@ def flash_attn_vec_tq(
         sliding_window (int): window size, 0 for full attention. Default: ``0``.
         softcap (float): logit soft-capping, 0 for off. Default: ``0.0``.
         kv_start (Optional[torch.Tensor]): int64 `[B]`, first valid position per sequence (left padding). Default: ``None``.
-        signs (Optional[torch.Tensor]): float32 `[D]` signs used at encode time. Default: ``None``.
+        signs (Optional[torch.Tensor]): float32 `[D]` signs used at encode time; ``None`` means the
+            canonical ``hadamard_signs(D)``. Default: ``None``.
         lse (Optional[torch.Tensor]): contiguous float32 `[B, Hq, Lq]`, written in place with the
             natural log of each query's softmax denominator, ``log Σ_j exp(s_j)`` over its visible
             positions (``-inf`` when none is visible), so the output can be merged exactly with

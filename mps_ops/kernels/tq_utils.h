@@ -188,12 +188,12 @@ inline void store_window(device uchar* buf, uint dtype, ulong index, thread cons
   }
 }
 
-// The rotation signs (+1 everywhere when the op got none) into threadgroup memory, read once per
-// threadgroup rather than once per vector; every thread of the threadgroup must call it.
+// The rotation signs into threadgroup memory, read once per threadgroup rather than once per
+// vector; every thread of the threadgroup must call it.
 template <int D, uint THREADS, typename Signs>
-inline void load_signs(Signs tg_signs, device const float* signs, uint has_signs, uint tid) {
+inline void load_signs(Signs tg_signs, device const float* signs, uint tid) {
   for (uint d = tid; d < uint(D); d += THREADS) {
-    tg_signs[d] = has_signs != 0 ? signs[d] : 1.0f;
+    tg_signs[d] = signs[d];
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
 }

@@ -29,7 +29,7 @@ template <typename T, int D, int BITS>
   using L = tq::RowLayout<D>;
   constexpr uint ROW_BYTES = D * BITS / 8;
   threadgroup float tg_signs[D];
-  tq::load_signs<D, TQ_QUANT_SIMDGROUPS * 32>(tg_signs, signs, p.has_signs, tid);
+  tq::load_signs<D, TQ_QUANT_SIMDGROUPS * 32>(tg_signs, signs, tid);
   const uint simd_row0 = (tgid.x * TQ_QUANT_SIMDGROUPS + sg) * L::ROWS;
   if (simd_row0 >= p.num_rows) {
     return;  // the whole simdgroup is past the end
@@ -54,7 +54,7 @@ template <typename T, int D, int BITS>
     if (p.has_offset != 0 && active) {
       x -= offset[bh * D + d0 + i];  // key centring, in float32 before the rotation like the reference
     }
-    // x * s with s = +-1 (1 without signs) is exact, as in the reference.
+    // x * s with s = +-1 is exact, as in the reference.
     y[i] = x * tg_signs[d0 + i];
   }
   tq::fwht<L::VPL, L::R>(y, lane);
@@ -121,7 +121,7 @@ template <int D, int BITS>
   using L = tq::RowLayout<D>;
   constexpr uint ROW_BYTES = D * BITS / 8;
   threadgroup float tg_signs[D];
-  tq::load_signs<D, TQ_QUANT_SIMDGROUPS * 32>(tg_signs, signs, p.has_signs, tid);
+  tq::load_signs<D, TQ_QUANT_SIMDGROUPS * 32>(tg_signs, signs, tid);
   const uint simd_row0 = (tgid.x * TQ_QUANT_SIMDGROUPS + sg) * L::ROWS;
   if (simd_row0 >= p.num_rows) {
     return;

@@ -43,6 +43,8 @@ enum class Arg : int32_t {
   Codebook = 4,  // float32 [2^b centroids, 2^b - 1 boundaries] via setBytes: index 0 of
                  // Plan::codebook_bits, index 1 of Plan::second_codebook_bits
   Dummy = 5,     // any valid buffer; the kernel never reads it (absent optional tensor)
+  CanonicalSigns = 6,  // float32 [Plan::canonical_signs_dim] = torch_tq.layout.hadamard_signs(D) via
+                       // setBytes: what an op's absent `signs` means
 };
 
 struct Binding {
@@ -75,6 +77,7 @@ struct Plan {
   std::vector<std::string> input_dtypes;
   int32_t codebook_bits = 0;             // 0 = no codebook binding
   int32_t second_codebook_bits = 0;      // 0 = none; else {Arg::Codebook, 1} binds this width's table
+  int32_t canonical_signs_dim = 0;       // 0 = none; else {Arg::CanonicalSigns, 0} binds hadamard_signs(D)
   bool ok() const { return error.empty(); }
   // A failed plan carries only its error.
   void finish(const std::string& check_error) {
@@ -87,6 +90,14 @@ struct Plan {
     }
   }
 };
+
+// The binding of an op's `signs` (Arg::Input `input_index`): the tensor when given, else the
+// canonical hadamard_signs(head_dim) (signs=None means those on every backend).
+inline Binding signs_binding(bool signs_given, int32_t input_index, int64_t head_dim, Plan& plan) {
+  if (signs_given) return {Arg::Input, input_index};
+  plan.canonical_signs_dim = static_cast<int32_t>(head_dim);
+  return {Arg::CanonicalSigns, 0};
+}
 
 // Sizes, dtype and layout of one tensor argument, as the host sees it.
 struct TensorDesc {

@@ -1,5 +1,5 @@
 // Launch plan of tq.dequantize_kv(codes, norms, start, length, bits, rotated, signs).
-// Inputs (Arg::Input index): 0 codes, 1 norms, 2 signs (optional). Output 0: float32
+// Inputs (Arg::Input index): 0 codes, 1 norms, 2 signs (optional: absent = the canonical signs, Arg::CanonicalSigns). Output 0: float32
 // [B, Hkv, length, D], allocated contiguous by the host.
 #pragma once
 
@@ -48,7 +48,6 @@ inline DequantizeKvPlan plan_dequantize_kv(const TensorDesc& codes, const Tensor
     p.capacity = static_cast<tq_uint>(C);
     p.first_slot = static_cast<tq_uint>(start % C);
     p.rotated = rotated ? 1 : 0;
-    p.has_signs = signs.defined ? 1 : 0;
     p.inv_sqrt_r = static_cast<float>(1.0 / std::sqrt(static_cast<double>(R)));
     p.sqrt_r = static_cast<float>(std::sqrt(static_cast<double>(R)));
 
@@ -57,7 +56,7 @@ inline DequantizeKvPlan plan_dequantize_kv(const TensorDesc& codes, const Tensor
     l.grid = {ceil_div(rows, quant_rows_per_threadgroup(D)), 1, 1};
     l.threads = {TQ_QUANT_SIMDGROUPS * kSimdWidth, 1, 1};
     l.threadgroup_memory = static_cast<uint32_t>(D * 4);  // the sign vector
-    l.bindings = {{Arg::Input, 0}, {Arg::Input, 1}, {signs.defined ? Arg::Input : Arg::Dummy, 2},
+    l.bindings = {{Arg::Input, 0}, {Arg::Input, 1}, signs_binding(signs.defined, 2, D, plan),
                   {Arg::Codebook, 0}, {Arg::Output, 0}, {Arg::Params, 0}};
     l.params = params_bytes(p);
     if (!check_launch(check, l)) return;

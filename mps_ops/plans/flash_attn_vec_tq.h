@@ -2,7 +2,7 @@
 // sliding_window, softcap, kv_start, signs, lse, v_bits, k_sink, v_sink, k_recent, v_recent): a
 // split-KV main kernel and a reduce kernel.
 // Inputs (Arg::Input index): 0 q [B, Hq, Lq, D] (the host passes it contiguous), 1 k_codes,
-// 2 k_norms, 3 v_codes, 4 v_norms, 5 kv_start (optional), 6 signs (optional), 7 lse (optional,
+// 2 k_norms, 3 v_codes, 4 v_norms, 5 kv_start (optional), 6 signs (optional: absent = the canonical signs, Arg::CanonicalSigns), 7 lse (optional,
 // float32 [B, Hq, Lq], written in place by the reduce kernel), 8 k_sink, 9 v_sink (optional,
 // [B, Hkv, S, D]), 10 k_recent, 11 v_recent (optional, [B, Hkv, W, D]); window buffers in any of
 // float32/float16/bfloat16 (a runtime dtype code each, not an instantiation).
@@ -199,7 +199,6 @@ inline FlashAttnVecTqPlan plan_flash_attn_vec_tq(const TensorDesc& q, const Tens
     p.key_lo_slot = static_cast<tq_uint>(key_lo % C);
     p.sliding_window = static_cast<tq_int>(sliding_window);
     p.has_kv_start = kv_start.defined ? 1 : 0;
-    p.has_signs = signs.defined ? 1 : 0;
     p.scale = static_cast<float>(scale);
     p.softcap = static_cast<float>(softcap);
     p.inv_sqrt_r = static_cast<float>(1.0 / std::sqrt(static_cast<double>(rotation_block(D))));
@@ -235,7 +234,7 @@ inline FlashAttnVecTqPlan plan_flash_attn_vec_tq(const TensorDesc& q, const Tens
                      {Arg::Input, 3},
                      {Arg::Input, 4},
                      {kv_start.defined ? Arg::Input : Arg::Dummy, 5},
-                     {signs.defined ? Arg::Input : Arg::Dummy, 6},
+                     signs_binding(signs.defined, 6, D, plan),
                      {Arg::Codebook, 0},
                      {Arg::Scratch, 0},
                      {Arg::Scratch, 1},
@@ -257,7 +256,7 @@ inline FlashAttnVecTqPlan plan_flash_attn_vec_tq(const TensorDesc& q, const Tens
     reduce.threadgroup_memory = static_cast<uint32_t>(D * 4);  // the sign vector
     reduce.bindings = {{Arg::Scratch, 0},
                        {Arg::Scratch, 1},
-                       {signs.defined ? Arg::Input : Arg::Dummy, 6},
+                       signs_binding(signs.defined, 6, D, plan),
                        {Arg::Output, 0},
                        {Arg::Params, 0},
                        {lse.defined ? Arg::Input : Arg::Dummy, 7}};

@@ -1,7 +1,7 @@
 // Launch plan of tq.hadamard_quantize_kv(src, codes, norms, write_pos, is_sliding, bits, signs, offset,
 // norm_correction, sink, recent): one launch writes the codes, the norms and the windows.
 // Inputs (Arg::Input index): 0 src [B, T, Hkv, D] (the host passes it contiguous), 1 codes,
-// 2 norms, 3 signs (optional), 4 offset (optional, float32 [B, Hkv, D]), 5 sink (optional,
+// 2 norms, 3 signs (optional: absent = the canonical signs, Arg::CanonicalSigns), 4 offset (optional, float32 [B, Hkv, D]), 5 sink (optional,
 // [B, Hkv, S, D], written in place), 6 recent (optional, [B, Hkv, W, D], written in place).
 #pragma once
 
@@ -91,7 +91,6 @@ inline HadamardQuantizeKvPlan plan_hadamard_quantize_kv(const TensorDesc& src, c
     p.kv_heads = static_cast<tq_uint>(Hkv);
     p.capacity = static_cast<tq_uint>(C);
     p.first_slot = static_cast<tq_uint>(first_slot);
-    p.has_signs = signs.defined ? 1 : 0;
     p.inv_sqrt_r = static_cast<float>(1.0 / std::sqrt(static_cast<double>(R)));
     p.sqrt_r = static_cast<float>(std::sqrt(static_cast<double>(R)));
     p.has_offset = offset.defined ? 1 : 0;
@@ -114,7 +113,7 @@ inline HadamardQuantizeKvPlan plan_hadamard_quantize_kv(const TensorDesc& src, c
     l.bindings = {{Arg::Input, 0},
                   {Arg::Input, 1},
                   {Arg::Input, 2},
-                  {signs.defined ? Arg::Input : Arg::Dummy, 3},
+                  signs_binding(signs.defined, 3, D, plan),
                   {Arg::Codebook, 0},
                   {Arg::Params, 0},
                   {offset.defined ? Arg::Input : Arg::Dummy, 4},

@@ -88,6 +88,10 @@ void encode(const tq_plan::Plan& plan, const std::vector<at::Tensor>& inputs, co
           TORCH_CHECK((b.index == 0 ? plan.codebook_bits : plan.second_codebook_bits) > 0, "tq_host_check: ", where(),
                       " binds the codebook of a plan without one");
           break;
+        case Arg::CanonicalSigns:
+          TORCH_CHECK(plan.canonical_signs_dim > 0, "tq_host_check: ", where(),
+                      " binds the canonical signs of a plan without them");
+          break;
         case Arg::Dummy:
           break;
         default:

@@ -5,7 +5,8 @@ ABI of ``mps_ops/sim_bindings.cpp`` built here with the system C++ compiler) and
 or its error text. ``run(op, **kwargs)`` then executes the launches in the simulator, binding
 buffers exactly as ``mps_ops/torch_tq_mps.mm`` does (inputs in schema order, src/q made contiguous,
 outputs and scratch allocated by the host, the codebooks from ``torch_tq.codebooks`` (binding index 0:
-``codebook_bits``, 1: ``second_codebook_bits``), a 16-byte zero buffer for absent optionals), and
+``codebook_bits``, 1: ``second_codebook_bits``), ``torch_tq.layout.hadamard_signs(D)`` for an absent
+``signs``, a 16-byte zero buffer for absent optionals), and
 returns what the op returns. Outputs and scratch start as NaN so
 unwritten elements show.
 """
@@ -24,13 +25,14 @@ from pathlib import Path
 import torch
 
 from torch_tq.codebooks import decision_boundaries, lloyd_max_codebook
+from torch_tq.layout import hadamard_signs
 
 ROOT = Path(__file__).resolve().parents[2]
 MPS_OPS = ROOT / "mps_ops"
 KERNELS = MPS_OPS / "kernels"
 
 # tq_plan::Arg
-ARG_INPUT, ARG_OUTPUT, ARG_SCRATCH, ARG_PARAMS, ARG_CODEBOOK, ARG_DUMMY = range(6)
+ARG_INPUT, ARG_OUTPUT, ARG_SCRATCH, ARG_PARAMS, ARG_CODEBOOK, ARG_DUMMY, ARG_CANONICAL_SIGNS = range(7)
 
 # Kernel host-name prefix -> the .metal file that instantiates it.
 KERNEL_SOURCES = {
@@ -146,6 +148,7 @@ class PlanC(ctypes.Structure):
         ("scratch_bytes", ctypes.c_uint64 * 8),
         ("codebook_bits", ctypes.c_int32),
         ("second_codebook_bits", ctypes.c_int32),
+        ("canonical_signs_dim", ctypes.c_int32),
         ("num_outputs", ctypes.c_int32),
         ("output_dims", ctypes.c_int32 * 4),
         ("output_sizes", (ctypes.c_int64 * 8) * 4),
@@ -306,6 +309,7 @@ def plan(op: str, **kwargs) -> dict:
         scratch_bytes=[out.scratch_bytes[i] for i in range(out.num_scratch)],
         codebook_bits=out.codebook_bits,
         second_codebook_bits=out.second_codebook_bits,
+        canonical_signs_dim=out.canonical_signs_dim,
         outputs=[(list(out.output_sizes[i][: out.output_dims[i]]), getattr(torch, out.output_dtypes[i].value.decode()))
                  for i in range(out.num_outputs)],
         input_dtypes=[out.input_dtypes[i].value.decode() for i in range(out.num_input_dtypes)],
@@ -367,6 +371,7 @@ def run(op: str, *, stats: list | None = None, **kwargs):
                else torch.full(sizes, -1, dtype=dtype) for sizes, dtype in p["outputs"]]
     scratch = [torch.full((n // 4,), float("nan"), dtype=torch.float32) for n in p["scratch_bytes"]]
     codebooks = [codebook_tensor(b) if b else None for b in (p["codebook_bits"], p["second_codebook_bits"])]
+    canonical_signs = hadamard_signs(p["canonical_signs_dim"]) if p["canonical_signs_dim"] else None
     dummy = torch.zeros(4, dtype=torch.float32)
     for launch in p["launches"]:
         buffers = []
@@ -381,6 +386,8 @@ def run(op: str, *, stats: list | None = None, **kwargs):
                 buffers.append(launch["params"])
             elif kind == ARG_CODEBOOK:
                 buffers.append(codebooks[index])
+            elif kind == ARG_CANONICAL_SIGNS:
+                buffers.append(canonical_signs)
             elif kind == ARG_DUMMY:
                 buffers.append(dummy)
             else:

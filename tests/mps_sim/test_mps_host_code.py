@@ -79,11 +79,12 @@ def test_every_op_has_an_mps_kernel_matching_its_schema():
     (_plans.ARG_INPUT, -1, "binds input -1 of 2"), (_plans.ARG_OUTPUT, 0, None), (_plans.ARG_OUTPUT, 1, "binds output 1 of 1"),
     (_plans.ARG_SCRATCH, 0, None), (_plans.ARG_SCRATCH, 1, "binds scratch 1 of 1"), (_plans.ARG_PARAMS, 0, None),
     (_plans.ARG_CODEBOOK, 0, "binds the codebook of a plan without one"), (_plans.ARG_DUMMY, 0, None),
-    (6, 0, "unknown binding kind 6"),
+    (_plans.ARG_CANONICAL_SIGNS, 0, "binds the canonical signs of a plan without them"),
+    (7, 0, "unknown binding kind 7"),
 ])
 def test_the_stub_encoder_rejects_bad_bindings(kind, index, error):
     """The checks of the stub encode() are live: one launch with one binding against 2 inputs (the
-    second undefined), 1 output, 1 scratch buffer and no codebook."""
+    second undefined), 1 output, 1 scratch buffer, no codebook and no canonical signs."""
     if error is None:
         torch.ops.tq_host_check.encode_probe(kind, index)
         assert _host_code.launched() == ["probe"]

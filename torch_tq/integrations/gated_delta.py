@@ -18,7 +18,6 @@ function to compare with on a device (the benchmarks and tests use both).
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 import sys
 import threading
@@ -112,14 +111,10 @@ def use_tq_gated_delta(model: torch.nn.Module) -> int:
 def fla_available(device) -> bool:
     """Whether FLA's Triton kernels can run on tensors of ``device``: a CUDA device that torch can
     use, and FLA's gated-delta ops import."""
+    from ..backends.cuda.gated_delta_rule import fla_status
+
     device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return False
-    try:
-        importlib.import_module("fla.ops.gated_delta_rule")
-    except Exception:  # noqa: BLE001 - ImportError, or Triton failing inside FLA's package import
-        return False
-    return True
+    return device.type == "cuda" and torch.cuda.is_available() and fla_status()[0]
 
 
 def fla_or_torch_fallback(function, device):

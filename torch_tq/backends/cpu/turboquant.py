@@ -13,7 +13,7 @@ import torch
 
 from ... import _validation
 from ...codebooks import decision_boundaries, lloyd_max_codebook
-from ...layout import pack_codes, ring_write_slots, rotation_block, unpack_codes, valid_positions
+from ...layout import pack_codes, resolve_signs, ring_write_slots, rotation_block, unpack_codes, valid_positions
 
 
 def fwht(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -96,6 +96,7 @@ def hadamard_quantize_kv(src, codes, norms, write_pos: int, is_sliding: bool = F
                          offset=None, norm_correction: bool = False, sink=None, recent=None) -> None:
     _validation.check_hadamard_quantize_kv(src, codes, norms, write_pos, is_sliding, bits, signs, offset, sink, recent)
     T = src.shape[1]
+    signs = resolve_signs(signs, src.shape[-1], src.device)
     x = src.to(torch.float32)
     if offset is not None:
         x = x - offset.unsqueeze(1)
@@ -115,6 +116,7 @@ def hadamard_quantize_kv(src, codes, norms, write_pos: int, is_sliding: bool = F
 
 def dequantize_kv(codes, norms, start: int, length: int, bits: int = 4, rotated: bool = False, signs=None) -> torch.Tensor:
     _validation.check_dequantize_kv(codes, norms, start, length, bits, signs)
+    signs = resolve_signs(signs, codes.shape[-1] * 8 // bits, codes.device)
     slots = torch.arange(start, start + length, device=codes.device) % codes.shape[2]
     y = dequantize_rotated(codes.index_select(2, slots), norms.index_select(2, slots), bits)
     return y if rotated else unrotate(y, signs)
@@ -127,6 +129,7 @@ def flash_attn_vec_tq(q, k_codes, k_norms, v_codes, v_norms, kv_len: int, scale:
                                               sliding_window, softcap, kv_start, signs, lse, v_bits, k_sink, v_sink,
                                               k_recent, v_recent)
     B, Hq, Hkv, Lq, D, C = geo
+    signs = resolve_signs(signs, D, q.device)
     group = Hq // Hkv
     lo, hi = valid_positions(kv_len, C)
     positions = torch.arange(lo, hi, device=q.device)  # [N]

@@ -1,0 +1,173 @@
+"""End-to-end decode of a randomly initialised Llama-3-8B-shaped model on CUDA: ms per token and KV bytes.
+
+    python benchmarks/cuda_generate.py [--contexts 4096 32768 131072] [--steps 32] [--layers 32]
+                                       [--variants dynamic static-compiled tq4] [--out FILE]
+
+Variants (bf16 weights and activations, batch 1):
+
+* ``dynamic``          transformers' ``DynamicCache`` + SDPA, eager;
+* ``static-compiled``  ``StaticCache`` + ``torch.compile(mode="reduce-overhead")`` (CUDA graphs), SDPA;
+* ``tq4`` / ``tq3``    ``TurboQuantCache`` (4- or 3-bit codes, 4 sink + 32 recent full-precision tokens per
+  layer) + ``attn_implementation="tq"``, eager (one quantize launch per K and V and one fused
+  attention launch per layer and step).
+
+Each variant's cache is filled with random K/V of the context length through ``Cache.update`` (no
+prefill is run: decode time does not depend on the values), then ``--steps`` greedy decode steps
+are timed after 3 warm-up steps (CUDA events around the whole loop, so Python overhead counts).
+KV bytes are what the cache holds for the context (``TurboQuantCache.nbytes``: codes, norms,
+windows, key offsets; the full-precision caches: K and V tensors). Never asserts; prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import sys
+import time
+
+import torch
+
+DEVICE = "cuda"
+
+
+def llama8b_config(layers: int, max_positions: int, tiny: bool = False):
+    from transformers import LlamaConfig
+
+    if tiny:  # a smoke test of this script on any machine
+        return LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=layers, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=64, vocab_size=1000, max_position_embeddings=max_positions)
+    return LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers, num_attention_heads=32,
+                       num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=max_positions,
+                       rope_theta=500000.0)
+
+
+def build_model(config):
+    """Random bf16 weights, created on the GPU in bf16 (no float32 copy of 8B parameters)."""
+    from transformers import LlamaForCausalLM
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(DEVICE):
+            return LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(default)
+
+
+def fill(cache, config, ctx: int, generator: torch.Generator) -> None:
+    """Writes ``ctx`` random K/V tokens into every layer of ``cache`` (no model run)."""
+    shape = (1, config.num_key_value_heads, ctx, config.head_dim)
+    for layer in range(config.num_hidden_layers):
+        k = torch.randn(shape, device=DEVICE, dtype=torch.bfloat16, generator=generator)
+        v = torch.randn(shape, device=DEVICE, dtype=torch.bfloat16, generator=generator)
+        cache.update(k, v, layer, {"cache_position": torch.arange(ctx, device=DEVICE)})
+
+
+def full_kv_bytes(config, ctx: int) -> int:
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * ctx * 2
+
+
+def time_decode(step, steps: int) -> float:
+    """ms per token over ``steps`` calls of ``step(i)`` after 3 warm-up calls."""
+    for i in range(3):
+        step(i)
+    if DEVICE != "cuda":
+        t0 = time.perf_counter()
+        for i in range(3, 3 + steps):
+            step(i)
+        return (time.perf_counter() - t0) * 1e3 / steps
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for i in range(3, 3 + steps):
+        step(i)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / steps
+
+
+def run_variant(model, name: str, ctx: int, args) -> tuple[float, int]:
+    from transformers import DynamicCache, StaticCache
+
+    import torch_tq.integrations.transformers as tqhf
+
+    config = model.config
+    # The layers read the implementation from the config at every call.
+    config._attn_implementation = "tq" if name.startswith("tq") else "sdpa"
+    generator = torch.Generator(device=DEVICE).manual_seed(0)
+    token = torch.randint(0, config.vocab_size, (1, 1), device=DEVICE, generator=generator)
+    if name == "dynamic":
+        cache, nbytes = DynamicCache(config=config), full_kv_bytes(config, ctx)
+    elif name == "static-compiled":
+        cache, nbytes = StaticCache(config=config, max_cache_len=ctx + args.steps + 16), full_kv_bytes(config, ctx)
+    else:
+        cache = tqhf.TurboQuantCache(config, bits=int(name[2:]), max_cache_len=ctx + args.steps + 16)
+        nbytes = None
+    fill(cache, config, ctx, generator)
+    if nbytes is None:
+        nbytes = cache.nbytes
+    forward = model.forward
+    if name == "static-compiled":
+        forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    kwargs = tqhf.cache_kwargs(cache)
+
+    @torch.inference_mode()
+    def step(i: int) -> None:
+        position = torch.tensor([ctx + i], device=DEVICE)
+        forward(input_ids=token, cache_position=position, use_cache=True, **kwargs)
+
+    ms = time_decode(step, args.steps)
+    del cache, forward
+    gc.collect()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+    return ms, nbytes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768, 131072])
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--layers", type=int, default=32, help="decoder layers (32 = Llama-3-8B)")
+    parser.add_argument("--variants", nargs="+", default=["dynamic", "static-compiled", "tq4"],
+                        choices=["dynamic", "static-compiled", "tq4", "tq3"])
+    parser.add_argument("--out", default=None, help="also write the table to this file")
+    parser.add_argument("--tiny-cpu-smoke-test", action="store_true",
+                        help="a tiny model on the CPU: checks that the script runs, measures nothing meaningful")
+    args = parser.parse_args()
+    global DEVICE
+    if args.tiny_cpu_smoke_test:
+        DEVICE = "cpu"
+    elif not torch.cuda.is_available():
+        sys.exit("cuda_generate.py needs a CUDA device (or --tiny-cpu-smoke-test)")
+    import transformers
+
+    device_name = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU smoke test (tiny model)"
+    lines = [f"date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC} | {device_name} | "
+             f"torch {torch.__version__} | transformers {transformers.__version__} | Llama-3-8B shape, "
+             f"{args.layers} layers, bf16, B1, random weights | {args.steps} timed decode steps after 3 warm-up"]
+    header = f"{'variant':<17}{'context':>9}{'ms/token':>10}{'KV MiB':>10}{'vs dynamic':>12}"
+    lines += [header, "-" * len(header)]
+    print("\n".join(lines), flush=True)
+    model = build_model(llama8b_config(args.layers, max(args.contexts) + args.steps + 16, args.tiny_cpu_smoke_test))
+    for ctx in args.contexts:
+        baseline = None
+        for name in args.variants:
+            try:
+                ms, nbytes = run_variant(model, name, ctx, args)
+            except Exception as exc:  # noqa: BLE001 - report the failure in the table and go on
+                line = f"{name:<17}{ctx:>9}  failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+            else:
+                baseline = ms if name == "dynamic" else baseline
+                ratio = f"{baseline / ms:.2f}x" if baseline else "—"
+                line = f"{name:<17}{ctx:>9}{ms:>10.2f}{nbytes / 2**20:>10.1f}{ratio:>12}"
+            lines.append(line)
+            print(line, flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
