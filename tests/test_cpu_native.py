@@ -32,7 +32,7 @@ from torch_tq import reference
 from torch_tq.backends import cpu_native
 from torch_tq.backends.cpu.turboquant import rotate
 from torch_tq.codebooks import decision_boundaries
-from torch_tq.layout import rotation_block, unpack_codes
+from torch_tq.layout import resolve_signs, rotation_block, unpack_codes
 
 REPO = Path(__file__).resolve().parent.parent
 POISON = 0xA5
@@ -53,6 +53,14 @@ def native_kernels():
 
 def _short(dtype):
     return str(dtype)[6:]
+
+
+SIGN_KINDS = ("explicit", "none", "ones")
+
+
+def signs_of(kind: str, D: int):
+    """The signs argument: the canonical vector passed explicitly, None (= canonical), or the plain WHT's ones."""
+    return {"explicit": torch_tq.hadamard_signs(D), "none": None, "ones": torch.ones(D)}[kind]
 
 
 # ---- hadamard_quantize_kv ------------------------------------------------------------------------------
@@ -87,19 +95,19 @@ for n, (D, bits) in enumerate(itertools.product(DIMS, BITS)):
     sliding = n % 2 == 1
     # id, B, T, Hkv, D, C, write_pos, is_sliding, bits, src dtype, signs, offset, norm_correction, S, W, window dtype
     if sliding:
-        case = (f"D{D}-b{bits}-{_short(dtype)}-ring", 2, 7, 2, D, 5, 3, True, bits, dtype, n % 4 != 1, n % 3 == 0,
-                n % 4 < 2, 4, 3, window_dtype)
+        case = (f"D{D}-b{bits}-{_short(dtype)}-ring", 2, 7, 2, D, 5, 3, True, bits, dtype, SIGN_KINDS[n % 3],
+                n % 3 == 0, n % 4 < 2, 4, 3, window_dtype)
     else:
-        case = (f"D{D}-b{bits}-{_short(dtype)}-global", 1, 3, 3, D, 6, 2, False, bits, dtype, n % 4 != 2, n % 3 != 0,
-                n % 4 >= 2, 3 + n % 2, 2, window_dtype)
+        case = (f"D{D}-b{bits}-{_short(dtype)}-global", 1, 3, 3, D, 6, 2, False, bits, dtype, SIGN_KINDS[n % 3],
+                n % 3 != 0, n % 4 >= 2, 3 + n % 2, 2, window_dtype)
     QUANTIZE_CASES.append(case)
 
 
 @pytest.mark.parametrize("case", QUANTIZE_CASES, ids=lambda c: c[0])
 def test_hadamard_quantize_kv_native_matches_reference(case, one_thread):
-    (name, B, T, Hkv, D, C, write_pos, is_sliding, bits, dtype, use_signs, use_offset, norm_correction, S, W,
+    (name, B, T, Hkv, D, C, write_pos, is_sliding, bits, dtype, sign_kind, use_offset, norm_correction, S, W,
      window_dtype) = case
-    signs = torch_tq.hadamard_signs(D) if use_signs else None
+    signs = signs_of(sign_kind, D)
     offset = torch.randn(B, Hkv, D) if use_offset else None
     src = (torch.randn(B, T, Hkv, D) * 2).to(dtype)
     src[0, -1, 0] = 0  # a zero vector stores norm 0 and u = 0
@@ -121,7 +129,7 @@ def test_hadamard_quantize_kv_native_matches_reference(case, one_thread):
     assert (codes[:, :, untouched] == POISON).all() and norms[:, :, untouched].isnan().all(), "wrote outside the new slots"
     torch.testing.assert_close(norms, ref[1], rtol=1e-6, atol=0, equal_nan=True)
     x = src.float() - (0 if offset is None else offset[:, None])
-    y = rotate(x[:, first:].transpose(1, 2), signs)
+    y = rotate(x[:, first:].transpose(1, 2), resolve_signs(signs, D, "cpu"))
     assert_codes_match(name, codes[:, :, slots], ref[0][:, :, slots], reference_u(y), bits)
     # The windows hold the rotated vectors, cast once: bit-identical (NaN where not written).
     assert torch.equal(sink.nan_to_num(7.0), ref[2].nan_to_num(7.0))
@@ -141,7 +149,7 @@ def test_hadamard_quantize_kv_native_strided_src_and_long_ring_write():
     reference.hadamard_quantize_kv(src, ref[0], ref[1], 5, True, 4, None, recent=ref[2])
     torch.testing.assert_close(norms, ref[1], rtol=1e-6, atol=0)
     slots = torch.arange(5 + 24, 5 + 40) % 16  # a ring write of T=40 > C=16 keeps tokens 24..39
-    u = reference_u(rotate(src[:, 24:].transpose(1, 2), None))
+    u = reference_u(rotate(src[:, 24:].transpose(1, 2), torch_tq.hadamard_signs(128)))
     assert_codes_match("strided", codes[:, :, slots], ref[0][:, :, slots], u, 4)
     assert torch.equal(ring, ref[2])
 
@@ -149,16 +157,16 @@ def test_hadamard_quantize_kv_native_strided_src_and_long_ring_write():
 # ---- dequantize_kv --------------------------------------------------------------------------------------
 
 DEQUANTIZE_CASES = [
-    (f"D{D}-b{bits}-{'rotated' if n % 2 else 'original'}", D, bits, n % 2 == 1, n % 3 != 0)
+    (f"D{D}-b{bits}-{'rotated' if n % 2 else 'original'}-{SIGN_KINDS[n % 3]}", D, bits, n % 2 == 1, SIGN_KINDS[n % 3])
     for n, (D, bits) in enumerate(itertools.product(DIMS, BITS))
 ]
 
 
 @pytest.mark.parametrize("case", DEQUANTIZE_CASES, ids=lambda c: c[0])
 def test_dequantize_kv_native_is_bit_identical_to_reference(case, one_thread):
-    name, D, bits, rotated, use_signs = case
+    name, D, bits, rotated, sign_kind = case
     B, Hkv, C, start, length = 2, 2, 6, 4, 5  # positions 4..8 -> slots 4, 5, 0, 1, 2
-    signs = torch_tq.hadamard_signs(D) if use_signs else None
+    signs = signs_of(sign_kind, D)
     codes_int = torch.randint(0, 2**bits, (B, Hkv, C, D))
     codes = torch_tq.layout.pack_codes(codes_int, bits)
     norms = torch.rand(B, Hkv, C, D // rotation_block(D)) * 20
@@ -244,7 +252,7 @@ SWEEP = [
 @pytest.mark.parametrize("case", CASES + SWEEP, ids=lambda c: c[0])
 def test_flash_attn_vec_tq_native_matches_reference(case, one_thread):
     name, B, Hq, Hkv, Lq, D, C, kv_len, bits, window, softcap, kv_start, dtype, use_signs = case
-    signs = torch_tq.hadamard_signs(D) if use_signs else None
+    signs = signs_of("explicit" if use_signs else SIGN_KINDS[1 + len(name) % 2], D)  # unsigned cases: None or ones
     cache = build_cache(B, Hkv, D, C, bits, bits, kv_len, kv_len > C, signs, chunk=7 if kv_len < 100 else 512)
     q = torch.randn(B, Hq, Lq, D).to(dtype)
     start = torch.tensor(kv_start, dtype=torch.int64) if kv_start is not None else None

@@ -37,25 +37,13 @@ import torch
 
 from .. import _validation
 from ..codebooks import decision_boundaries, lloyd_max_codebook
+from ..layout import resolve_signs
 from . import cpu as _reference
 
 ENV_IMPLEMENTATION = "TQ_CPU_KERNELS"
 ENV_CACHE = "TQ_CPU_CACHE"
 SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "cpu" / "turboquant_cpu.cpp"
 _MODES = ("auto", "native", "reference")
-
-try:  # the canonical signs rule of every op (torch_tq.layout.resolve_signs on main)
-    from ..layout import resolve_signs
-except ImportError:  # pragma: no cover - until main's resolve_signs lands: None = all ones, as the reference does
-    _ONES: dict = {}
-
-    def resolve_signs(signs: Optional[torch.Tensor], head_dim: int, device) -> torch.Tensor:
-        if signs is not None:
-            return signs
-        key = (head_dim, str(device))
-        if key not in _ONES:
-            _ONES[key] = torch.ones(head_dim, dtype=torch.float32, device=device)
-        return _ONES[key]
 
 
 def _mode() -> str:
