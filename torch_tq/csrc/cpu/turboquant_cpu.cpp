@@ -459,6 +459,148 @@ void kv_cache_copy(const at::Tensor& src, const at::Tensor& cache, int64_t write
 
 // ---- flash_attn_vec_tq ------------------------------------------------------------------------------
 
+// The attention kernel decodes code rows in a "layout" order that is the cheapest to unpack for the width:
+// 4-bit rows 16 coordinates at a time (the 8 low nibbles, then the 8 high ones), 2-bit rows 32 at a time (bit
+// pair k of 8 bytes), natural order otherwise. Dot products and sums do not care about the order, so the
+// queries are permuted into the keys' layout once per call and the accumulated output is un-permuted from the
+// values' layout once at the end. A layout moves coordinates only within groups of 16 or 32, so the rotation
+// blocks (multiples of 64) keep their positions.
+std::vector<int> layout_of(int bits, int D) {
+  std::vector<int> dim(D);  // dim[p]: the coordinate decoded at position p
+  for (int p = 0; p < D; ++p) dim[p] = p;
+#ifdef TQ_AVX2
+  if (bits == 4) {
+    for (int p = 0; p < D; ++p) {
+      const int k = p % 16;
+      dim[p] = p - k + (k < 8 ? 2 * k : 2 * (k - 8) + 1);
+    }
+  } else if (bits == 2) {
+    for (int p = 0; p < D; ++p) dim[p] = p - p % 32 + 4 * (p % 8) + (p % 32) / 8;
+  }
+#endif
+  return dim;
+}
+
+#ifdef TQ_AVX2
+inline __m256 lookup16(__m256 c0, __m256 c1, __m256i idx) {
+  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(c0, idx), _mm256_permutevar8x32_ps(c1, idx),
+                          _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+inline __m256i load_8_bytes(const uint8_t* p) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+#endif
+
+// Raw centroids of one packed row in the width's layout order (see layout_of).
+template <int BITS>
+void decode_layout(const uint8_t* row, int D, const float* cb, float* out) {
+#ifdef TQ_AVX2
+  if (BITS == 4) {
+    const __m256 c0 = _mm256_loadu_ps(cb), c1 = _mm256_loadu_ps(cb + 8);
+    const __m256i mask = _mm256_set1_epi32(15);
+    for (int g = 0; g < D / 16; ++g) {
+      const __m256i v = load_8_bytes(row + 8 * g);
+      _mm256_storeu_ps(out + 16 * g, lookup16(c0, c1, _mm256_and_si256(v, mask)));
+      _mm256_storeu_ps(out + 16 * g + 8, lookup16(c0, c1, _mm256_srli_epi32(v, 4)));
+    }
+    return;
+  }
+  if (BITS == 2) {
+    const __m256 c0 = _mm256_loadu_ps(cb);
+    const __m256i mask = _mm256_set1_epi32(3);
+    for (int g = 0; g < D / 32; ++g) {
+      const __m256i v = load_8_bytes(row + 8 * g);
+      _mm256_storeu_ps(out + 32 * g, _mm256_permutevar8x32_ps(c0, _mm256_and_si256(v, mask)));
+      _mm256_storeu_ps(out + 32 * g + 8, _mm256_permutevar8x32_ps(c0, _mm256_and_si256(_mm256_srli_epi32(v, 2), mask)));
+      _mm256_storeu_ps(out + 32 * g + 16, _mm256_permutevar8x32_ps(c0, _mm256_and_si256(_mm256_srli_epi32(v, 4), mask)));
+      _mm256_storeu_ps(out + 32 * g + 24, _mm256_permutevar8x32_ps(c0, _mm256_srli_epi32(v, 6)));
+    }
+    return;
+  }
+  if (BITS == 8) {
+    for (int g = 0; g < D / 8; ++g) _mm256_storeu_ps(out + 8 * g, _mm256_i32gather_ps(cb, load_8_bytes(row + 8 * g), 4));
+    return;
+  }
+#endif
+  decode_centroids<BITS>(row, D, cb, out);
+}
+
+DecodeFn layout_decoder_for(int bits) {
+  switch (bits) {
+    case 2: return decode_layout<2>;
+    case 3: return decode_layout<3>;
+    case 4: return decode_layout<4>;
+    case 5: return decode_layout<5>;
+    case 6: return decode_layout<6>;
+    case 8: return decode_layout<8>;
+    default: TORCH_CHECK(false, "tq_cpu: unsupported bits ", bits);
+  }
+}
+
+// Scores of `nt` keys (rows of kbuf, layout order, per-block factors kf) for NR query rows (q, stride D):
+// s[r * stride + j] = Σ_blk kf[j, blk] * (q_r · k_j)_blk.
+template <int NR>
+void score_keys(const float* q, int D, int R, int NB, const float* kbuf, const float* kf, int nt, float* s, int stride) {
+  for (int j = 0; j < nt; ++j) {
+    const float* k = kbuf + static_cast<int64_t>(j) * D;
+    float total[NR];
+    for (int r = 0; r < NR; ++r) total[r] = 0.0f;
+    for (int blk = 0; blk < NB; ++blk) {
+#ifdef TQ_AVX2
+      __m256 a[NR];
+      for (int r = 0; r < NR; ++r) a[r] = _mm256_setzero_ps();
+      for (int c = blk * R; c < (blk + 1) * R; c += 8) {
+        const __m256 kv = _mm256_loadu_ps(k + c);
+        for (int r = 0; r < NR; ++r) a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * D + c), kv, a[r]);
+      }
+      for (int r = 0; r < NR; ++r) total[r] += kf[j * NB + blk] * hsum(a[r]);
+#else
+      for (int r = 0; r < NR; ++r) total[r] += kf[j * NB + blk] * dot(q + r * D + blk * R, k + blk * R, R);
+#endif
+    }
+    for (int r = 0; r < NR; ++r) s[r * stride + j] = total[r];
+  }
+}
+
+// acc_r += Σ_j pv[r, j, blk] * vbuf[j] for NR rows (acc stride D), block by block; the rows' accumulators stay
+// in registers over all the keys of the tile.
+template <int NR>
+void accumulate_values(float* acc, int D, int R, int NB, const float* pv, int stride, const float* vbuf, int nt) {
+  for (int blk = 0; blk < NB; ++blk) {
+    for (int c = blk * R; c < (blk + 1) * R; c += 8) {
+#ifdef TQ_AVX2
+      __m256 a[NR];
+      for (int r = 0; r < NR; ++r) a[r] = _mm256_loadu_ps(acc + r * D + c);
+      for (int j = 0; j < nt; ++j) {
+        const __m256 v = _mm256_loadu_ps(vbuf + static_cast<int64_t>(j) * D + c);
+        for (int r = 0; r < NR; ++r) a[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(pv + r * stride + j * NB + blk), v, a[r]);
+      }
+      for (int r = 0; r < NR; ++r) _mm256_storeu_ps(acc + r * D + c, a[r]);
+#else
+      for (int j = 0; j < nt; ++j) {
+        const float* v = vbuf + static_cast<int64_t>(j) * D + c;
+        for (int r = 0; r < NR; ++r) {
+          const float w = pv[r * stride + j * NB + blk];
+          for (int i = 0; i < 8; ++i) acc[r * D + c + i] += w * v[i];
+        }
+      }
+#endif
+    }
+  }
+}
+
+using ScoreFn = void (*)(const float*, int, int, int, const float*, const float*, int, float*, int);
+using AccumulateFn = void (*)(float*, int, int, int, const float*, int, const float*, int);
+constexpr int kRowGroup = 8;  // query rows handled together (their accumulators fit the 16 AVX2 registers)
+
+template <int... N>
+struct RowKernels {
+  static constexpr ScoreFn score[sizeof...(N)] = {score_keys<N>...};
+  static constexpr AccumulateFn accumulate[sizeof...(N)] = {accumulate_values<N>...};
+};
+using Kernels = RowKernels<1, 2, 3, 4, 5, 6, 7, 8>;
+
 struct Window {
   const char* base = nullptr;
   Dt dt = Dt::F32;
@@ -478,11 +620,12 @@ Window window_of(const std::optional<at::Tensor>& t) {
 
 struct Attention {
   int64_t B, Hq, Hkv, G, Lq, C, kv_len;
-  int D, R, NB, rows;
+  int D, R, NB, rows, tile;
+  float inv_sqrt_r;      // 1/sqrt(R), as the reference rounds it
   int64_t lo;            // first position still held
   int64_t window;        // 0 = full attention
   float softcap;
-  const float* qrot;     // [B, Hkv, rows, D], row = g * Lq + i, scale folded in
+  const float* qrot;     // [B, Hkv, rows, D] in the keys' layout, row = g * Lq + i, scale folded in
   const uint8_t* kc;
   const float* kn;
   const uint8_t* vc;
@@ -491,6 +634,8 @@ struct Attention {
   DecodeFn kdec, vdec;
   const float* kcb;
   const float* vcb;
+  const int* k_dim;      // layouts (layout_of) of the key and value codes
+  const int* v_dim;
   Window k_sink, v_sink, k_recent, v_recent;
   const int64_t* kv_start;
 
@@ -504,31 +649,42 @@ struct Attention {
     *e = pos;
   }
 
-  // Fills `out` with the rotated-domain row of position j of K (or V) and `factor` with each block's scale:
-  // a window row is returned as is (factor 1); a code row as raw centroids with factor n_blk / sqrt(R).
-  void row_of(bool key, int64_t bh, int64_t j, float* out, float* factor) const {
+  // Row j of K (or V) in the codes' layout order, and each block's factor: a full-precision window row as is
+  // (factor 1); a code row as raw centroids with factor n_blk / sqrt(R).
+  void row_of(bool key, int64_t bh, int64_t j, int64_t slot_j, float* out, float* factor) const {
     const Window& sink = key ? k_sink : v_sink;
     const Window& recent = key ? k_recent : v_recent;
+    const Window* w = nullptr;
+    int64_t wi = 0;
     if (j < sink.len) {
-      load_row(sink.row(bh, j, D), sink.dt, 1, D, out);
-      for (int b = 0; b < NB; ++b) factor[b] = 1.0f;
+      w = &sink;
+      wi = j;
     } else if (recent.len > 0 && j >= kv_len - recent.len) {
-      load_row(recent.row(bh, j % recent.len, D), recent.dt, 1, D, out);
+      w = &recent;
+      wi = j % recent.len;
+    }
+    if (w != nullptr) {
+      alignas(32) float tmp[kMaxHeadDim];
+      load_row(w->row(bh, wi, D), w->dt, 1, D, tmp);
+      const int* dim = key ? k_dim : v_dim;
+      for (int p = 0; p < D; ++p) out[p] = tmp[dim[p]];
       for (int b = 0; b < NB; ++b) factor[b] = 1.0f;
+      return;
+    }
+    const int64_t slot = bh * C + slot_j;
+    const float inv = inv_sqrt_r;
+    if (key) {
+      kdec(kc + slot * k_row_bytes, D, kcb, out);
+      for (int b = 0; b < NB; ++b) factor[b] = kn[slot * NB + b] * inv;
     } else {
-      const int64_t slot = j % C;
-      const float inv = inv_sqrt_block(R);
-      if (key) {
-        kdec(kc + (bh * C + slot) * k_row_bytes, D, kcb, out);
-        for (int b = 0; b < NB; ++b) factor[b] = kn[(bh * C + slot) * NB + b] * inv;
-      } else {
-        vdec(vc + (bh * C + slot) * v_row_bytes, D, vcb, out);
-        for (int b = 0; b < NB; ++b) factor[b] = vn[(bh * C + slot) * NB + b] * inv;
-      }
+      vdec(vc + slot * v_row_bytes, D, vcb, out);
+      for (int b = 0; b < NB; ++b) factor[b] = vn[slot * NB + b] * inv;
     }
   }
 
-  // Unnormalised softmax state of positions [ja, je] for every query row of (b, h): acc [rows, D], m, l.
+  // Unnormalised softmax state of positions [ja, je] for every query row of (b, h): acc [rows, D] (values'
+  // layout), running max m and denominator l. Tile by tile: decode the keys once for all rows, score, update
+  // the online softmax, decode the values once for all rows, accumulate.
   void run(int64_t b, int64_t h, int64_t ja, int64_t je, float* acc, float* m, float* l) const {
     const int64_t bh = b * Hkv + h;
     const float* q = qrot + bh * rows * D;
@@ -537,37 +693,42 @@ struct Attention {
     std::fill(l, l + rows, 0.0f);
     std::vector<int64_t> ra(Lq), re(Lq);
     for (int64_t i = 0; i < Lq; ++i) interval(b, i, &ra[i], &re[i]);
-    std::vector<float> s(static_cast<size_t>(rows) * kTile), p(static_cast<size_t>(rows) * kTile);
-    std::vector<char> row_live(rows);
-    alignas(32) float buf[kMaxHeadDim];
-    float factor[2];
-    for (int64_t t0 = ja; t0 <= je; t0 += kTile) {
-      const int nt = static_cast<int>(std::min<int64_t>(kTile, je - t0 + 1));
-      // Scores of the tile: one decoded key row serves every query row (GQA group x Lq).
-      for (int jj = 0; jj < nt; ++jj) {
-        const int64_t j = t0 + jj;
-        row_of(true, bh, j, buf, factor);
-        for (int r = 0; r < rows; ++r) {
-          const int64_t i = r % Lq;
-          if (j < ra[i] || j > re[i]) {
-            s[r * kTile + jj] = kNegInf;
-            continue;
-          }
-          const float* qr = q + static_cast<int64_t>(r) * D;
-          float sc = 0.0f;
-          for (int blk = 0; blk < NB; ++blk) sc += factor[blk] * dot(qr + blk * R, buf + blk * R, R);
-          if (softcap > 0.0f) sc = softcap * std::tanh(sc / softcap);
-          s[r * kTile + jj] = sc;
-        }
+    const int stride = kTile * NB;  // of s, p and pv rows
+    std::vector<float> s(static_cast<size_t>(rows) * stride), pv(static_cast<size_t>(rows) * stride);
+    std::vector<float> kbuf(static_cast<size_t>(tile) * D), vbuf(static_cast<size_t>(tile) * D);
+    std::vector<float> kf(static_cast<size_t>(tile) * NB), vf(static_cast<size_t>(tile) * NB);
+    std::vector<char> live(rows), needed(tile);
+    for (int64_t t0 = ja; t0 <= je; t0 += tile) {
+      const int nt = static_cast<int>(std::min<int64_t>(tile, je - t0 + 1));
+      // Slots t0 % C + j, wrapped once at most (a tile spans at most C held positions): no division per row.
+      const int64_t slot0 = t0 % C;
+      auto slot = [&](int j) { return slot0 + j < C ? slot0 + j : slot0 + j - C; };
+      for (int j = 0; j < nt; ++j)
+        row_of(true, bh, t0 + j, slot(j), kbuf.data() + static_cast<int64_t>(j) * D, kf.data() + j * NB);
+      for (int r0 = 0; r0 < rows; r0 += kRowGroup) {
+        const int nr = std::min(kRowGroup, rows - r0);
+        Kernels::score[nr - 1](q + static_cast<int64_t>(r0) * D, D, R, NB, kbuf.data(), kf.data(), nt,
+                               s.data() + static_cast<int64_t>(r0) * stride, stride);
       }
-      // Online softmax per row over the tile.
+      std::fill(needed.begin(), needed.end(), 0);
       for (int r = 0; r < rows; ++r) {
-        float* sr = s.data() + r * kTile;
-        float* pr = p.data() + r * kTile;
+        float* sr = s.data() + static_cast<int64_t>(r) * stride;
+        float* pr = pv.data() + static_cast<int64_t>(r) * stride;
+        const int64_t i = r % Lq;
+        const int j0 = static_cast<int>(std::max<int64_t>(ra[i] - t0, 0));
+        const int j1 = static_cast<int>(std::min<int64_t>(re[i] - t0, nt - 1));
+        live[r] = j0 <= j1;
+        if (!live[r]) {
+          std::fill(pr, pr + stride, 0.0f);
+          continue;
+        }
+        for (int j = 0; j < j0; ++j) sr[j] = kNegInf;
+        for (int j = j1 + 1; j < nt; ++j) sr[j] = kNegInf;
+        if (softcap > 0.0f) {
+          for (int j = j0; j <= j1; ++j) sr[j] = softcap * std::tanh(sr[j] / softcap);
+        }
         float mt = kNegInf;
-        for (int jj = 0; jj < nt; ++jj) mt = std::max(mt, sr[jj]);
-        row_live[r] = mt != kNegInf;
-        if (!row_live[r]) continue;
+        for (int j = j0; j <= j1; ++j) mt = std::max(mt, sr[j]);
         const float mnew = std::max(m[r], mt);
         if (m[r] != mnew) {
           const float alpha = m[r] == kNegInf ? 0.0f : std::exp(m[r] - mnew);
@@ -575,21 +736,35 @@ struct Attention {
           l[r] *= alpha;
           m[r] = mnew;
         }
-        l[r] += exp_shifted_sum(sr, mnew, nt, pr);
+        // p into the first nt entries of s's row, then spread per block with the value factors below.
+        l[r] += exp_shifted_sum(sr, mnew, nt, sr);
+        for (int j = j0; j <= j1; ++j) needed[j] = 1;
       }
-      // Values: one decoded value row serves every query row.
-      for (int jj = 0; jj < nt; ++jj) {
-        bool any = false;
-        for (int r = 0; r < rows && !any; ++r) any = row_live[r] && p[r * kTile + jj] != 0.0f;
-        if (!any) continue;
-        row_of(false, bh, t0 + jj, buf, factor);
-        for (int r = 0; r < rows; ++r) {
-          if (!row_live[r]) continue;
-          const float pj = p[r * kTile + jj];
-          if (pj == 0.0f) continue;
-          float* ar = acc + static_cast<int64_t>(r) * D;
-          for (int blk = 0; blk < NB; ++blk) axpy(ar + blk * R, pj * factor[blk], buf + blk * R, R);
+      // Values of the positions some row sees (a fully masked position's codes are never read).
+      for (int j = 0; j < nt; ++j) {
+        float* vrow = vbuf.data() + static_cast<int64_t>(j) * D;
+        if (needed[j]) {
+          row_of(false, bh, t0 + j, slot(j), vrow, vf.data() + j * NB);
+        } else {
+          std::fill(vrow, vrow + D, 0.0f);
+          for (int blk = 0; blk < NB; ++blk) vf[j * NB + blk] = 0.0f;
         }
+      }
+      for (int r = 0; r < rows; ++r) {
+        if (!live[r]) continue;
+        const float* pr = s.data() + static_cast<int64_t>(r) * stride;
+        float* out = pv.data() + static_cast<int64_t>(r) * stride;
+        if (NB == 1) {
+          for (int j = 0; j < nt; ++j) out[j] = pr[j] * vf[j];
+        } else {
+          for (int j = 0; j < nt; ++j)
+            for (int blk = 0; blk < NB; ++blk) out[j * NB + blk] = pr[j] * vf[j * NB + blk];
+        }
+      }
+      for (int r0 = 0; r0 < rows; r0 += kRowGroup) {
+        const int nr = std::min(kRowGroup, rows - r0);
+        Kernels::accumulate[nr - 1](acc + static_cast<int64_t>(r0) * D, D, R, NB,
+                                    pv.data() + static_cast<int64_t>(r0) * stride, stride, vbuf.data(), nt);
       }
     }
   }
@@ -618,17 +793,22 @@ at::Tensor flash_attn_vec_tq(const at::Tensor& q_in, const at::Tensor& k_codes, 
   const float* sg = signs.data_ptr<float>();
   std::vector<float> qrot(static_cast<size_t>(B * Hq * Lq) * D);
   const float sc = static_cast<float>(scale);
+  const std::vector<int> k_dim = layout_of(static_cast<int>(bits), D), v_dim = layout_of(static_cast<int>(v_bits), D);
   for (int64_t row = 0; row < B * Hq * Lq; ++row) {
+    alignas(32) float y[kMaxHeadDim];
+    std::memcpy(y, qp + row * D, sizeof(float) * D);
+    rotate(y, sg, D);
     float* r = qrot.data() + row * D;  // q's own [B, Hq, Lq] order is [B, Hkv, G, Lq] = [B, Hkv, rows]
-    std::memcpy(r, qp + row * D, sizeof(float) * D);
-    rotate(r, sg, D);
-    for (int i = 0; i < D; ++i) r[i] *= sc;
+    for (int p = 0; p < D; ++p) r[p] = y[k_dim[p]] * sc;
   }
 
   const std::vector<float> kcb = padded_codebook(k_centroids), vcb = padded_codebook(v_centroids);
   Attention at_{};
   at_.B = B; at_.Hq = Hq; at_.Hkv = Hkv; at_.G = G; at_.Lq = Lq; at_.C = C; at_.kv_len = kv_len;
   at_.D = D; at_.R = R; at_.NB = NB; at_.rows = rows;
+  at_.tile = std::min(kTile, std::max(8, 8192 / D));
+  at_.inv_sqrt_r = inv_sqrt_block(R);
+  at_.k_dim = k_dim.data(); at_.v_dim = v_dim.data();
   at_.lo = std::max<int64_t>(0, kv_len - C);
   at_.window = sliding_window;
   at_.softcap = static_cast<float>(softcap);
@@ -636,7 +816,7 @@ at::Tensor flash_attn_vec_tq(const at::Tensor& q_in, const at::Tensor& k_codes, 
   at_.kc = k_codes.data_ptr<uint8_t>(); at_.kn = k_norms.data_ptr<float>();
   at_.vc = v_codes.data_ptr<uint8_t>(); at_.vn = v_norms.data_ptr<float>();
   at_.k_row_bytes = static_cast<int>(k_codes.size(3)); at_.v_row_bytes = static_cast<int>(v_codes.size(3));
-  at_.kdec = decoder_for(static_cast<int>(bits)); at_.vdec = decoder_for(static_cast<int>(v_bits));
+  at_.kdec = layout_decoder_for(static_cast<int>(bits)); at_.vdec = layout_decoder_for(static_cast<int>(v_bits));
   at_.kcb = kcb.data(); at_.vcb = vcb.data();
   at_.k_sink = window_of(k_sink); at_.v_sink = window_of(v_sink);
   at_.k_recent = window_of(k_recent); at_.v_recent = window_of(v_recent);
@@ -729,8 +909,10 @@ at::Tensor flash_attn_vec_tq(const at::Tensor& q_in, const at::Tensor& k_codes, 
         axpy(y, w, st + r * D, D);
       }
       const float inv = 1.0f / L;
-      for (int d = 0; d < D; ++d) y[d] *= inv;
-      unrotate(y, sg, D);
+      alignas(32) float x[kMaxHeadDim];
+      for (int p = 0; p < D; ++p) x[v_dim[p]] = y[p] * inv;  // back from the values' layout
+      unrotate(x, sg, D);
+      std::memcpy(y, x, sizeof(float) * D);
       store_row(y, out_dt, D, op + out_row * D * dt_size(out_dt));
       if (lp != nullptr) lp[out_row] = M + std::log(L);
     }
