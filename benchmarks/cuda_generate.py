@@ -9,7 +9,10 @@ Variants (bf16 weights and activations, batch 1):
 * ``static-compiled``  ``StaticCache`` + ``torch.compile(mode="reduce-overhead")`` (CUDA graphs), SDPA;
 * ``tq4`` / ``tq3``    ``TurboQuantCache`` (4- or 3-bit codes, 4 sink + 32 recent full-precision tokens per
   layer) + ``attn_implementation="tq"``, eager (one quantize launch per K and V and one fused
-  attention launch per layer and step).
+  attention launch per layer and step);
+* ``tq4-graph`` / ``tq3-graph``  the same with ``device_lengths=True``, the whole decode step captured
+  once in a CUDA graph (``torch.cuda.graph``) and replayed; the first replayed logits are checked
+  against an eager step of an identical cache.
 
 Each variant's cache is filled with random K/V of the context length through ``Cache.update`` (no
 prefill is run: decode time does not depend on the values), then ``--steps`` greedy decode steps
@@ -102,11 +105,15 @@ def run_variant(model, name: str, ctx: int, args) -> tuple[float, int]:
     elif name == "static-compiled":
         cache, nbytes = StaticCache(config=config, max_cache_len=ctx + args.steps + 16), full_kv_bytes(config, ctx)
     else:
-        cache = tqhf.TurboQuantCache(config, bits=int(name[2:]), max_cache_len=ctx + args.steps + 16)
+        graph = name.endswith("-graph")
+        cache = tqhf.TurboQuantCache(config, bits=int(name[2]), max_cache_len=ctx + args.steps + 16,
+                                     device_lengths=graph)
         nbytes = None
     fill(cache, config, ctx, generator)
     if nbytes is None:
         nbytes = cache.nbytes
+    if name.endswith("-graph"):
+        return time_graph_decode(model, cache, token, ctx, args), nbytes
     forward = model.forward
     if name == "static-compiled":
         forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
@@ -125,13 +132,81 @@ def run_variant(model, name: str, ctx: int, args) -> tuple[float, int]:
     return ms, nbytes
 
 
+@torch.inference_mode()
+def time_graph_decode(model, cache, token, ctx: int, args) -> float:
+    """Capture one decode step (model + TurboQuantCache(device_lengths=True)) and time its replays.
+
+    The warm-up steps run eagerly on a side stream (as torch.cuda.graphs requires); the captured
+    step's inputs (token, position) are static tensors updated in place before each replay.
+    """
+    import torch_tq.integrations.transformers as tqhf
+
+    kwargs = tqhf.cache_kwargs(cache)
+    position = torch.tensor([ctx], device=DEVICE)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            model(input_ids=token, cache_position=position, use_cache=True, **kwargs)
+            position += 1
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits = model(input_ids=token, cache_position=position, use_cache=True, **kwargs).logits
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(args.steps):
+        graph.replay()
+        position += 1
+    end.record()
+    torch.cuda.synchronize()
+    if not torch.isfinite(logits).all():
+        raise RuntimeError("the replayed decode step produced non-finite logits")
+    return start.elapsed_time(end) / args.steps
+
+
+def check_graph_replay_matches_eager(model, ctx: int, args) -> str:
+    """Two identical device-length caches: eager steps on one, graph replays on the other; max |Δlogit|."""
+    import torch_tq.integrations.transformers as tqhf
+
+    config = model.config
+    config._attn_implementation = "tq"
+    caches = []
+    for _ in range(2):
+        cache = tqhf.TurboQuantCache(config, bits=4, max_cache_len=ctx + 16, device_lengths=True)
+        fill(cache, config, ctx, torch.Generator(device=DEVICE).manual_seed(1))
+        caches.append(cache)
+    tokens = torch.randint(0, config.vocab_size, (4, 1, 1), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(2))
+    with torch.inference_mode():
+        eager = [model(input_ids=tokens[i], cache_position=torch.tensor([ctx + i], device=DEVICE), use_cache=True,
+                       **tqhf.cache_kwargs(caches[0])).logits.float() for i in range(4)]
+        token, position = tokens[0].clone(), torch.tensor([ctx], device=DEVICE)
+        kwargs = tqhf.cache_kwargs(caches[1])
+        # One eager step (also the warm-up), then capture the next step and replay it for steps 2 and 3.
+        first = model(input_ids=token, cache_position=position, use_cache=True, **kwargs).logits.float()
+        graph = torch.cuda.CUDAGraph()
+        token.copy_(tokens[1])
+        position += 1
+        with torch.cuda.graph(graph):
+            logits = model(input_ids=token, cache_position=position, use_cache=True, **kwargs).logits
+        replayed = [first]
+        for i in range(1, 4):
+            token.copy_(tokens[i])
+            position.fill_(ctx + i)
+            graph.replay()
+            replayed.append(logits.float().clone())
+    diff = max((a - b).abs().max().item() for a, b in zip(eager, replayed))
+    return f"CUDA-graph replay vs eager, 4 decode steps at context {ctx}: max |logit difference| {diff:.3g}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768, 131072])
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--layers", type=int, default=32, help="decoder layers (32 = Llama-3-8B)")
-    parser.add_argument("--variants", nargs="+", default=["dynamic", "static-compiled", "tq4"],
-                        choices=["dynamic", "static-compiled", "tq4", "tq3"])
+    parser.add_argument("--variants", nargs="+", default=["dynamic", "static-compiled", "tq4", "tq4-graph"],
+                        choices=["dynamic", "static-compiled", "tq4", "tq3", "tq4-graph", "tq3-graph"])
     parser.add_argument("--out", default=None, help="also write the table to this file")
     parser.add_argument("--tiny-cpu-smoke-test", action="store_true",
                         help="a tiny model on the CPU: checks that the script runs, measures nothing meaningful")
@@ -151,6 +226,10 @@ def main() -> None:
     lines += [header, "-" * len(header)]
     print("\n".join(lines), flush=True)
     model = build_model(llama8b_config(args.layers, max(args.contexts) + args.steps + 16, args.tiny_cpu_smoke_test))
+    if DEVICE == "cuda" and any(v.endswith("-graph") for v in args.variants):
+        line = check_graph_replay_matches_eager(model, min(args.contexts), args)
+        lines.append(line)
+        print(line, flush=True)
     for ctx in args.contexts:
         baseline = None
         for name in args.variants:

@@ -93,8 +93,12 @@ def main() -> None:
                          rel_err=err, verified=err <= tol))
         return s_ref
 
+    # transformers' functions take q/k with one head per value head (older releases have no GVA; the
+    # Qwen3-Next model repeats them before the call): value head i reads key head i // (HV / H).
+    per_value_head = lambda x: x.repeat_interleave(HV // H, dim=2)  # noqa: E731
     q, k, v, g, beta = inputs(B, args.T, H, HV, K, V, dtype, device)
-    ref_fn = lambda: chunk_ref(q, k, v, g, beta, **kw)  # noqa: E731
+    qr, kr = per_value_head(q), per_value_head(k)
+    ref_fn = lambda: chunk_ref(qr, kr, v, g, beta, **kw)  # noqa: E731
     s_ref = add_row("chunk_gated_delta_rule", args.T, ref_fn,
                     lambda: gdr.chunk_gated_delta_rule(q, k, v, g, beta, **kw), args.repeats)
     if device.type == "cuda":
@@ -103,8 +107,9 @@ def main() -> None:
                 name="chunk (torch_tq reference)")
 
     q1, k1, v1, g1, beta1 = inputs(B, 1, H, HV, K, V, dtype, device)
+    q1r, k1r = per_value_head(q1), per_value_head(k1)
     state = s_ref.clone()
-    ref_fn = lambda: recurrent_ref(q1, k1, v1, g1, beta1, initial_state=state, **kw)  # noqa: E731
+    ref_fn = lambda: recurrent_ref(q1r, k1r, v1, g1, beta1, initial_state=state, **kw)  # noqa: E731
     add_row("fused_recurrent_gated_delta_rule", 1, ref_fn,
             lambda: gdr.fused_recurrent_gated_delta_rule(q1, k1, v1, g1, beta1, initial_state=state, **kw),
             args.decode_repeats)

@@ -138,10 +138,12 @@ void tq_plan_kv_cache_copy(const tq_tensor_desc* src, const tq_tensor_desc* cach
 void tq_plan_hadamard_quantize_kv(const tq_tensor_desc* src, const tq_tensor_desc* codes, const tq_tensor_desc* norms,
                                   int64_t write_pos, int32_t is_sliding, int64_t bits, const tq_tensor_desc* signs,
                                   const tq_tensor_desc* offset, int32_t norm_correction, const tq_tensor_desc* sink,
-                                  const tq_tensor_desc* recent, tq_plan_result* out) {
+                                  const tq_tensor_desc* recent, const tq_tensor_desc* cache_seqlens,
+                                  tq_plan_result* out) {
   const auto plan = tq_plan::plan_hadamard_quantize_kv(to_desc(src), to_desc(codes), to_desc(norms), write_pos,
                                                        is_sliding != 0, bits, to_desc(signs), to_desc(offset),
-                                                       norm_correction != 0, to_desc(sink), to_desc(recent));
+                                                       norm_correction != 0, to_desc(sink), to_desc(recent),
+                                                       to_desc(cache_seqlens));
   copy_plan(plan, out);
 }
 
@@ -158,12 +160,13 @@ void tq_plan_flash_attn_vec_tq(const tq_tensor_desc* q, const tq_tensor_desc* k_
                                const tq_tensor_desc* kv_start, const tq_tensor_desc* signs, const tq_tensor_desc* lse,
                                int32_t has_v_bits, int64_t v_bits, const tq_tensor_desc* k_sink,
                                const tq_tensor_desc* v_sink, const tq_tensor_desc* k_recent,
-                               const tq_tensor_desc* v_recent, tq_plan_result* out) {
+                               const tq_tensor_desc* v_recent, const tq_tensor_desc* cache_seqlens,
+                               tq_plan_result* out) {
   const auto plan = tq_plan::plan_flash_attn_vec_tq(
       to_desc(q), to_desc(k_codes), to_desc(k_norms), to_desc(v_codes), to_desc(v_norms), kv_len, scale, bits,
       sliding_window, softcap, to_desc(kv_start), to_desc(signs), to_desc(lse),
       has_v_bits ? std::optional<int64_t>(v_bits) : std::nullopt, to_desc(k_sink), to_desc(v_sink), to_desc(k_recent),
-      to_desc(v_recent));
+      to_desc(v_recent), to_desc(cache_seqlens));
   copy_plan(plan, out);
 }
 

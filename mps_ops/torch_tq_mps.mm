@@ -403,10 +403,12 @@ at::Tensor as_int32(const std::optional<at::Tensor>& t) { return t.has_value() ?
 void hadamard_quantize_kv_mps(const at::Tensor& src, const at::Tensor& codes, const at::Tensor& norms,
                               int64_t write_pos, bool is_sliding, int64_t bits, const std::optional<at::Tensor>& signs,
                               const std::optional<at::Tensor>& offset, bool norm_correction,
-                              const std::optional<at::Tensor>& sink, const std::optional<at::Tensor>& recent) {
+                              const std::optional<at::Tensor>& sink, const std::optional<at::Tensor>& recent,
+                              const std::optional<at::Tensor>& cache_seqlens) {
   const auto plan = tq_plan::plan_hadamard_quantize_kv(describe(src), describe(codes), describe(norms), write_pos,
                                                        is_sliding, bits, describe(signs), describe(offset),
-                                                       norm_correction, describe(sink), describe(recent));
+                                                       norm_correction, describe(sink), describe(recent),
+                                                       describe(cache_seqlens));
   run(plan, {src.contiguous(), codes, norms, or_undefined(signs), or_undefined(offset), or_undefined(sink),
              or_undefined(recent)},
       src.device());
@@ -425,12 +427,13 @@ at::Tensor flash_attn_vec_tq_mps(const at::Tensor& q, const at::Tensor& k_codes,
                                  const std::optional<at::Tensor>& kv_start, const std::optional<at::Tensor>& signs,
                                  const std::optional<at::Tensor>& lse, std::optional<int64_t> v_bits,
                                  const std::optional<at::Tensor>& k_sink, const std::optional<at::Tensor>& v_sink,
-                                 const std::optional<at::Tensor>& k_recent, const std::optional<at::Tensor>& v_recent) {
+                                 const std::optional<at::Tensor>& k_recent, const std::optional<at::Tensor>& v_recent,
+                                 const std::optional<at::Tensor>& cache_seqlens) {
   const auto plan = tq_plan::plan_flash_attn_vec_tq(describe(q), describe(k_codes), describe(k_norms),
                                                     describe(v_codes), describe(v_norms), kv_len, scale, bits,
                                                     sliding_window, softcap, describe(kv_start), describe(signs),
                                                     describe(lse), v_bits, describe(k_sink), describe(v_sink),
-                                                    describe(k_recent), describe(v_recent));
+                                                    describe(k_recent), describe(v_recent), describe(cache_seqlens));
   return run(plan,
              {q.contiguous(), k_codes, k_norms, v_codes, v_norms, contiguous_or_undefined(kv_start), or_undefined(signs),
               or_undefined(lse), or_undefined(k_sink), or_undefined(v_sink), or_undefined(k_recent),

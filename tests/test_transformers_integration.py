@@ -319,3 +319,36 @@ def test_cache_rejects_negative_windows():
     model = tiny_llama()
     with pytest.raises(ValueError, match="recent_tokens must be >= 0, got -1"):
         tqhf.TurboQuantCache(model.config, recent_tokens=-1)
+
+
+@torch.no_grad()
+def test_device_lengths_mode_matches_host_lengths_and_adds_two_ops_per_step():
+    """TurboQuantCache(device_lengths=True) (what a CUDA graph captures) gives the same logits as the
+    host-length cache, prefill and decode, and costs two tiny launches per step, not per layer."""
+    model = tiny_llama()
+    ids = torch.randint(1, V, (2, 24))
+    host = tqhf.TurboQuantCache(model.config, max_cache_len=64)
+    device = tqhf.TurboQuantCache(model.config, max_cache_len=64, device_lengths=True)
+    want = chunked_logits(model, ids, host, prefix=16, chunk=1)
+    got = chunked_logits(model, ids, device, prefix=16, chunk=1)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert device.layers[0].lengths.total.tolist() == [24, 24]
+    ops_host = _ops_per_decode_step(model, tqhf.TurboQuantCache(model.config, max_cache_len=64))
+    ops_device = _ops_per_decode_step(model, tqhf.TurboQuantCache(model.config, max_cache_len=64, device_lengths=True))
+    assert len(ops_device) - len(ops_host) == 2, sorted(set(ops_device) - set(ops_host))
+
+
+def test_device_lengths_mode_refuses_what_it_cannot_capture():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="needs max_cache_len"):
+        tqhf.TurboQuantCache(model.config, device_lengths=True)
+    with pytest.raises(ValueError, match="full_attention layers only"):
+        tqhf.TurboQuantCache(tiny_qwen2_sliding().config, max_cache_len=64, device_lengths=True)
+    cache = tqhf.TurboQuantCache(model.config, max_cache_len=20, device_lengths=True)
+    with torch.no_grad(), pytest.raises(ValueError, match="21 tokens exceed max_cache_len=20"):
+        model(torch.randint(1, V, (1, 21)), past_key_values=cache)
+    cache = tqhf.TurboQuantCache(model.config, max_cache_len=20, device_lengths=True)
+    with torch.no_grad():
+        model(torch.randint(1, V, (1, 8)), past_key_values=cache)
+    with pytest.raises(ValueError, match="does not support crop"):
+        cache.crop(-2)

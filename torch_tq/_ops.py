@@ -21,13 +21,13 @@ NAMESPACE = "tq"
 SCHEMAS = {
     "hadamard_quantize_kv": "hadamard_quantize_kv(Tensor src, Tensor(a!) codes, Tensor(b!) norms, SymInt write_pos, "
     "bool is_sliding=False, int bits=4, Tensor? signs=None, Tensor? offset=None, bool norm_correction=False, "
-    "Tensor(c!)? sink=None, Tensor(d!)? recent=None) -> ()",
+    "Tensor(c!)? sink=None, Tensor(d!)? recent=None, Tensor? cache_seqlens=None) -> ()",
     "dequantize_kv": "dequantize_kv(Tensor codes, Tensor norms, int start, int length, int bits=4, "
     "bool rotated=False, Tensor? signs=None) -> Tensor",
     "flash_attn_vec_tq": "flash_attn_vec_tq(Tensor q, Tensor k_codes, Tensor k_norms, Tensor v_codes, "
     "Tensor v_norms, SymInt kv_len, float scale, int bits=4, int sliding_window=0, float softcap=0.0, "
     "Tensor? kv_start=None, Tensor? signs=None, Tensor(a!)? lse=None, int? v_bits=None, Tensor? k_sink=None, "
-    "Tensor? v_sink=None, Tensor? k_recent=None, Tensor? v_recent=None) -> Tensor",
+    "Tensor? v_sink=None, Tensor? k_recent=None, Tensor? v_recent=None, Tensor? cache_seqlens=None) -> Tensor",
     "kv_cache_copy": "kv_cache_copy(Tensor src, Tensor(a!) cache, int write_pos, bool is_sliding=False) -> ()",
 }
 
@@ -41,8 +41,9 @@ for _name in SCHEMAS:
 
 @torch.library.register_fake("tq::hadamard_quantize_kv")
 def _(src, codes, norms, write_pos, is_sliding=False, bits=4, signs=None, offset=None, norm_correction=False, sink=None,
-      recent=None):
-    _validation.check_hadamard_quantize_kv(src, codes, norms, write_pos, is_sliding, bits, signs, offset, sink, recent)
+      recent=None, cache_seqlens=None):
+    _validation.check_hadamard_quantize_kv(src, codes, norms, write_pos, is_sliding, bits, signs, offset, sink, recent,
+                                           cache_seqlens)
     return None
 
 
@@ -54,10 +55,10 @@ def _(codes, norms, start, length, bits=4, rotated=False, signs=None):
 
 @torch.library.register_fake("tq::flash_attn_vec_tq")
 def _(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, bits=4, sliding_window=0, softcap=0.0, kv_start=None,
-      signs=None, lse=None, v_bits=None, k_sink=None, v_sink=None, k_recent=None, v_recent=None):
+      signs=None, lse=None, v_bits=None, k_sink=None, v_sink=None, k_recent=None, v_recent=None, cache_seqlens=None):
     _validation.check_flash_attn_vec_tq(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, bits,
                                         sliding_window, softcap, kv_start, signs, lse, v_bits, k_sink, v_sink,
-                                        k_recent, v_recent)
+                                        k_recent, v_recent, cache_seqlens)
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -87,6 +88,7 @@ def hadamard_quantize_kv(
     norm_correction: bool = False,
     sink: Optional[torch.Tensor] = None,
     recent: Optional[torch.Tensor] = None,
+    cache_seqlens: Optional[torch.Tensor] = None,
 ) -> None:
     r"""Rotate, normalise, quantize and bit-pack new K or V vectors into a TurboQuant cache, in place.
 
@@ -129,9 +131,15 @@ def hadamard_quantize_kv(
         recent (Optional[torch.Tensor]):
             `[B, Hkv, W, D]` float32/float16/bfloat16, contiguous, ``W >= 1``: a ring of the newest
             ``W`` positions (slot ``p mod W``), full-precision rotated copies, written in place. Default: ``None``.
+        cache_seqlens (Optional[torch.Tensor]):
+            int32/int64 `[B]` on src's device: the tokens each sequence already holds, i.e. its own
+            write position (``write_pos`` must then be 0). Read by the kernel, not the host, so a
+            captured CUDA graph replays correctly as the lengths advance. The CPU ops check the
+            values; device kernels cannot without a synchronisation, so there a global write past C
+            is the caller's error (it is skipped, never written out of bounds). Default: ``None``.
     """
     _dispatch("hadamard_quantize_kv", src.device)(src, codes, norms, write_pos, is_sliding, bits, signs, offset,
-                                                  norm_correction, sink, recent)
+                                                  norm_correction, sink, recent, cache_seqlens)
 
 
 def dequantize_kv(
@@ -180,6 +188,7 @@ def flash_attn_vec_tq(
     v_sink: Optional[torch.Tensor] = None,
     k_recent: Optional[torch.Tensor] = None,
     v_recent: Optional[torch.Tensor] = None,
+    cache_seqlens: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     r"""Decode attention over a TurboQuant-compressed KV cache, computed in the rotated domain.
 
@@ -220,13 +229,17 @@ def flash_attn_vec_tq(
             ``S <= C``: positions ``0 … S-1`` in full precision, rotated. Both or neither. Default: ``None``.
         k_recent, v_recent (Optional[torch.Tensor]): `[B, Hkv, W, D]`, contiguous, ``1 <= W <= C``: the
             newest ``W`` positions, slot ``p mod W``, rotated. Both or neither. Default: ``None``.
+        cache_seqlens (Optional[torch.Tensor]): int32/int64 `[B]` on q's device: each sequence's own
+            ``kv_len`` (tokens written, its Lq queries included), read by the kernel so that a CUDA
+            graph replays as the lengths advance; ``kv_len`` is then an upper bound of every entry
+            (e.g. the capacity) that sizes the launch. Default: ``None`` (every sequence has ``kv_len``).
 
     Returns:
         `[B, Hq, Lq, D]` in q's dtype.
     """
     return _dispatch("flash_attn_vec_tq", q.device)(
         q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, bits, sliding_window, softcap, kv_start, signs, lse,
-        v_bits, k_sink, v_sink, k_recent, v_recent,
+        v_bits, k_sink, v_sink, k_recent, v_recent, cache_seqlens,
     )
 
 

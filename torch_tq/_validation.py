@@ -126,6 +126,27 @@ def _check_write(op: str, write_pos: int, num_tokens: int, capacity: int, is_sli
         )
 
 
+def _check_cache_seqlens(op: str, cache_seqlens: Optional[torch.Tensor], batch: int) -> None:
+    """Structure only: the values live on the op's device (CPU ops check them with
+    :func:`check_cache_seqlens_values`)."""
+    if cache_seqlens is None:
+        return
+    if cache_seqlens.dim() != 1 or cache_seqlens.shape[0] != batch:
+        _fail(op, f"cache_seqlens must have shape [B] = [{batch}], got {_shape(cache_seqlens)}")
+    if cache_seqlens.dtype not in (torch.int32, torch.int64):
+        _fail(op, f"cache_seqlens must be int32 or int64, got {cache_seqlens.dtype}")
+
+
+def check_cache_seqlens_values(op: str, lengths: list, kv_len: Optional[int] = None, q_len: int = 0) -> None:
+    """The per-sequence lengths read on the host: >= 0 (>= Lq for the attention, whose queries are
+    the last Lq positions), and <= ``kv_len`` (the attention's bound)."""
+    for b, n in enumerate(lengths):
+        if n < q_len:
+            _fail(op, f"cache_seqlens[{b}] must be >= {q_len}{' (Lq)' if q_len else ''}, got {n}")
+        if kv_len is not None and n > kv_len:
+            _fail(op, f"cache_seqlens[{b}]={n} exceeds kv_len={kv_len}, the upper bound of every sequence's length")
+
+
 def _check_float32_buffer(op: str, name: str, t: torch.Tensor, letters: str, shape: tuple) -> None:
     """A contiguous float32 side tensor of an exact shape (an offset, an lse output)."""
     if tuple(t.shape) != shape:
@@ -169,7 +190,7 @@ class WriteGeometry(NamedTuple):
 
 
 def check_hadamard_quantize_kv(src, codes, norms, write_pos: int, is_sliding: bool, bits: int, signs, offset=None,
-                               sink=None, recent=None) -> WriteGeometry:
+                               sink=None, recent=None, cache_seqlens=None) -> WriteGeometry:
     op = "hadamard_quantize_kv"
     _check_bits(op, bits)
     _check_rank(op, "src", src, 4, "[B, T, Hkv, D]")
@@ -177,7 +198,7 @@ def check_hadamard_quantize_kv(src, codes, norms, write_pos: int, is_sliding: bo
     B, T, Hkv, D = src.shape
     _check_head_dim(op, D)
     _check_same_device(op, {"src": src, "codes": codes, "norms": norms, "signs": signs, "offset": offset,
-                            "sink": sink, "recent": recent})
+                            "sink": sink, "recent": recent, "cache_seqlens": cache_seqlens})
     cB, cH, C = _check_packed_cache(op, "", codes, norms, D, bits)
     if (cB, cH) != (B, Hkv):
         _fail_if_src_transposed(op, src, "codes", cB, cH)
@@ -189,6 +210,9 @@ def check_hadamard_quantize_kv(src, codes, norms, write_pos: int, is_sliding: bo
         _check_full_precision(op, "sink", sink, B, Hkv, D, C, 0)
     if recent is not None:
         _check_full_precision(op, "recent", recent, B, Hkv, D, C, 1)
+    _check_cache_seqlens(op, cache_seqlens, B)
+    if cache_seqlens is not None and write_pos != 0:
+        _fail(op, f"write_pos must be 0 when cache_seqlens gives each sequence's write position, got {write_pos}")
     _check_write(op, write_pos, T, C, is_sliding)
     return WriteGeometry(B, T, Hkv, D, C)
 
@@ -228,7 +252,7 @@ class AttentionGeometry(NamedTuple):
 
 def check_flash_attn_vec_tq(q, k_codes, k_norms, v_codes, v_norms, kv_len: int, scale: float, bits: int,
                             sliding_window: int, softcap: float, kv_start, signs, lse=None, v_bits=None, k_sink=None,
-                            v_sink=None, k_recent=None, v_recent=None) -> AttentionGeometry:
+                            v_sink=None, k_recent=None, v_recent=None, cache_seqlens=None) -> AttentionGeometry:
     op = "flash_attn_vec_tq"
     _check_bits(op, bits)
     if v_bits is not None and v_bits not in SUPPORTED_BITS:
@@ -239,7 +263,8 @@ def check_flash_attn_vec_tq(q, k_codes, k_norms, v_codes, v_norms, kv_len: int, 
     _check_head_dim(op, D)
     _check_same_device(op, {"q": q, "k_codes": k_codes, "k_norms": k_norms, "v_codes": v_codes,
                             "v_norms": v_norms, "kv_start": kv_start, "signs": signs, "lse": lse, "k_sink": k_sink,
-                            "v_sink": v_sink, "k_recent": k_recent, "v_recent": v_recent})
+                            "v_sink": v_sink, "k_recent": k_recent, "v_recent": v_recent,
+                            "cache_seqlens": cache_seqlens})
     kB, Hkv, C = _check_packed_cache(op, "k_", k_codes, k_norms, D, bits)
     _check_packed_cache(op, "v_", v_codes, v_norms, D, bits if v_bits is None else v_bits)
     if tuple(v_codes.shape[:3]) != tuple(k_codes.shape[:3]):
@@ -277,6 +302,7 @@ def check_flash_attn_vec_tq(q, k_codes, k_norms, v_codes, v_norms, kv_len: int, 
         _check_float32_buffer(op, "lse", lse, "[B, Hq, Lq]", (B, Hq, Lq))
     _check_window_pair(op, "sink", k_sink, v_sink, B, Hkv, D, C, 0)
     _check_window_pair(op, "recent", k_recent, v_recent, B, Hkv, D, C, 1)
+    _check_cache_seqlens(op, cache_seqlens, B)
     return AttentionGeometry(B, Hq, Hkv, Lq, D, C)
 
 

@@ -230,13 +230,18 @@ class TurboQuantKVCache(nn.Module):
         recent = getattr(self, f"recent_{which}") if self.recent_tokens else None
         return sink, recent
 
-    def append(self, k: torch.Tensor, v: torch.Tensor, position: Optional[int] = None) -> None:
+    def append(self, k: torch.Tensor, v: torch.Tensor, position: Optional[int] = None,
+               cache_seqlens: Optional[torch.Tensor] = None) -> None:
         r"""Add ``T`` new tokens (positions ``seq_len … seq_len+T-1``): one quantize launch per tensor.
 
         Args:
             k, v (torch.Tensor): ``[B, T, Hkv, D]``, float32/float16/bfloat16.
             position (Optional[int]): ``seq_len``, passed by a caller that keeps the count itself (see
                 "torch.compile" below). Default: ``None`` (read ``seq_len``).
+            cache_seqlens (Optional[torch.Tensor]): int32 ``[B]`` on the cache's device, the tokens each
+                sequence holds before this call: the kernels read the write positions from it instead
+                of ``position`` (which still drives the host-side checks), so a captured CUDA graph
+                replays correctly. Default: ``None``.
 
         Raises ``ValueError`` when a global cache would overflow its capacity (see :meth:`grow`).
 
@@ -263,10 +268,11 @@ class TurboQuantKVCache(nn.Module):
         k_sink, k_recent = self._windows("k")
         v_sink, v_recent = self._windows("v")
         offset = self.k_mean if self.center_keys else None
-        _ops.hadamard_quantize_kv(k, self.k_codes, self.k_norms, pos, self.is_sliding, self.bits, self.signs,
-                                  offset, self.norm_correction, k_sink, k_recent)
-        _ops.hadamard_quantize_kv(v, self.v_codes, self.v_norms, pos, self.is_sliding, self.v_bits, self.signs,
-                                  None, self.norm_correction, v_sink, v_recent)
+        write_pos = pos if cache_seqlens is None else 0
+        _ops.hadamard_quantize_kv(k, self.k_codes, self.k_norms, write_pos, self.is_sliding, self.bits, self.signs,
+                                  offset, self.norm_correction, k_sink, k_recent, cache_seqlens)
+        _ops.hadamard_quantize_kv(v, self.v_codes, self.v_norms, write_pos, self.is_sliding, self.v_bits, self.signs,
+                                  None, self.norm_correction, v_sink, v_recent, cache_seqlens)
         self.seq_len = pos + T
 
     def _start(self, k: torch.Tensor) -> None:
@@ -291,6 +297,7 @@ class TurboQuantKVCache(nn.Module):
         sliding_window: Optional[int] = None,
         kv_start: Optional[torch.Tensor] = None,
         kv_len: Optional[int] = None,
+        cache_seqlens: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         r"""Attention of the last ``Lq`` positions over the cache: one ``tq.flash_attn_vec_tq`` launch that reads
         the sinks, the codes and the recent window (one exact softmax over all of them).
@@ -305,6 +312,9 @@ class TurboQuantKVCache(nn.Module):
                 padding). Default: ``None``.
             kv_len (Optional[int]): ``seq_len``, passed by a caller that keeps the count itself (see
                 :meth:`append`). Default: ``None`` (read ``seq_len``).
+            cache_seqlens (Optional[torch.Tensor]): int32 ``[B]`` on the cache's device, each sequence's
+                token count (its queries included), read by the kernel; ``kv_len`` is then an upper
+                bound (e.g. the capacity). Default: ``None``.
 
         Returns:
             ``[B, Hq, Lq, D]`` in q's dtype.
@@ -325,7 +335,7 @@ class TurboQuantKVCache(nn.Module):
         kv_len = self.seq_len if kv_len is None else kv_len
         return _ops.flash_attn_vec_tq(q, self.k_codes, self.k_norms, self.v_codes, self.v_norms, kv_len, scale,
                                       self.bits, window, softcap, kv_start, self.signs, None, self.v_bits, k_sink,
-                                      v_sink, k_recent, v_recent)
+                                      v_sink, k_recent, v_recent, cache_seqlens)
 
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The K/V :meth:`attend` uses for the positions still held: ``(k, v)``, float32 ``[B, Hkv, N, D]``

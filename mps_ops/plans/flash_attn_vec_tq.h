@@ -47,10 +47,16 @@ inline FlashAttnVecTqPlan plan_flash_attn_vec_tq(const TensorDesc& q, const Tens
                                                  const TensorDesc& k_sink = TensorDesc(),
                                                  const TensorDesc& v_sink = TensorDesc(),
                                                  const TensorDesc& k_recent = TensorDesc(),
-                                                 const TensorDesc& v_recent = TensorDesc()) {
+                                                 const TensorDesc& v_recent = TensorDesc(),
+                                                 const TensorDesc& cache_seqlens = TensorDesc()) {
   FlashAttnVecTqPlan plan;
   Checker check("flash_attn_vec_tq");
   [&] {
+    if (cache_seqlens.defined) {
+      check.fail("cache_seqlens (per-sequence lengths read on the device) is not supported by the Metal kernels yet; "
+                 "pass the lengths as host integers (kv_len)");
+      return;
+    }
     if (!check.bits(bits)) return;
     if (v_bits_arg.has_value() && !one_of(*v_bits_arg, kSupportedBits)) {
       check.fail("v_bits must be one of " + tuple_of(kSupportedBits, 6) + " (or None = bits), got " + str(*v_bits_arg));

@@ -23,10 +23,16 @@ inline HadamardQuantizeKvPlan plan_hadamard_quantize_kv(const TensorDesc& src, c
                                                         const TensorDesc& offset = TensorDesc(),
                                                         bool norm_correction = false,
                                                         const TensorDesc& sink = TensorDesc(),
-                                                        const TensorDesc& recent = TensorDesc()) {
+                                                        const TensorDesc& recent = TensorDesc(),
+                                                        const TensorDesc& cache_seqlens = TensorDesc()) {
   HadamardQuantizeKvPlan plan;
   Checker check("hadamard_quantize_kv");
   [&] {
+    if (cache_seqlens.defined) {
+      check.fail("cache_seqlens (per-sequence lengths read on the device) is not supported by the Metal kernels yet; "
+                 "pass the lengths as host integers (write_pos)");
+      return;
+    }
     if (!check.bits(bits)) return;
     if (!check.rank("src", src, 4, "[B, T, Hkv, D]")) return;
     if (!check.floating("src", src)) return;

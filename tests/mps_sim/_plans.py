@@ -54,14 +54,14 @@ KERNEL_SOURCES = {
 OP_ARGS = {
     "kv_cache_copy": ("src", "cache", "write_pos", "is_sliding"),
     "hadamard_quantize_kv": ("src", "codes", "norms", "write_pos", "is_sliding", "bits", "signs", "offset",
-                             "norm_correction", "sink", "recent"),
+                             "norm_correction", "sink", "recent", "cache_seqlens"),
     "dequantize_kv": ("codes", "norms", "start", "length", "bits", "rotated", "signs"),
     "recompute_w_u": ("k", "v", "beta", "A", "g", "cu_seqlens"),
     "chunk_fwd_h": ("k", "w", "u", "g", "initial_state", "cu_seqlens"),
     "chunk_fwd_o": ("q", "k", "v", "h", "g", "scale", "cu_seqlens"),
     "flash_attn_vec_tq": ("q", "k_codes", "k_norms", "v_codes", "v_norms", "kv_len", "scale", "bits",
                           "sliding_window", "softcap", "kv_start", "signs", "lse", "v_bits", "k_sink", "v_sink",
-                          "k_recent", "v_recent"),
+                          "k_recent", "v_recent", "cache_seqlens"),
     "fused_recurrent_gated_delta_rule": ("q", "k", "v", "g", "beta", "scale", "initial_state", "output_final_state",
                                          "use_qk_l2norm_in_kernel", "cu_seqlens"),
     "chunk_gated_delta_rule": ("q", "k", "v", "g", "beta", "scale", "initial_state", "output_final_state",
@@ -74,13 +74,13 @@ OP_ARGS = {
 OP_DEFAULTS = {
     "kv_cache_copy": dict(is_sliding=False),
     "hadamard_quantize_kv": dict(is_sliding=False, bits=4, signs=None, offset=None, norm_correction=False, sink=None,
-                                 recent=None),
+                                 recent=None, cache_seqlens=None),
     "dequantize_kv": dict(bits=4, rotated=False, signs=None),
     "recompute_w_u": dict(cu_seqlens=None),
     "chunk_fwd_h": dict(initial_state=None, cu_seqlens=None),
     "chunk_fwd_o": dict(scale=None, cu_seqlens=None),
     "flash_attn_vec_tq": dict(bits=4, sliding_window=0, softcap=0.0, kv_start=None, signs=None, lse=None, v_bits=None,
-                              k_sink=None, v_sink=None, k_recent=None, v_recent=None),
+                              k_sink=None, v_sink=None, k_recent=None, v_recent=None, cache_seqlens=None),
     "fused_recurrent_gated_delta_rule": dict(scale=None, initial_state=None, output_final_state=False,
                                              use_qk_l2norm_in_kernel=False, cu_seqlens=None),
     "chunk_gated_delta_rule": dict(scale=None, initial_state=None, output_final_state=False,
@@ -183,10 +183,11 @@ def _library() -> ctypes.CDLL:
     out = ctypes.POINTER(PlanC)
     i64, i32, f64 = ctypes.c_int64, ctypes.c_int32, ctypes.c_double
     dll.tq_plan_kv_cache_copy.argtypes = [desc, desc, i64, i32, out]
-    dll.tq_plan_hadamard_quantize_kv.argtypes = [desc, desc, desc, i64, i32, i64, desc, desc, i32, desc, desc, out]
+    dll.tq_plan_hadamard_quantize_kv.argtypes = [desc, desc, desc, i64, i32, i64, desc, desc, i32, desc, desc, desc,
+                                                 out]
     dll.tq_plan_dequantize_kv.argtypes = [desc, desc, i64, i64, i64, i32, desc, out]
     dll.tq_plan_flash_attn_vec_tq.argtypes = [desc, desc, desc, desc, desc, i64, f64, i64, i64, f64, desc, desc, desc,
-                                              i32, i64, desc, desc, desc, desc, out]
+                                              i32, i64, desc, desc, desc, desc, desc, out]
     i64p = ctypes.POINTER(ctypes.c_int64)
     dll.tq_plan_fused_recurrent_gated_delta_rule.argtypes = [desc, desc, desc, desc, desc, i32, f64, desc, i32, i32,
                                                              desc, i64p, i32, out]
@@ -241,7 +242,7 @@ def plan(op: str, **kwargs) -> dict:
     elif op == "hadamard_quantize_kv":
         dll.tq_plan_hadamard_quantize_kv(D("src"), D("codes"), D("norms"), int(a["write_pos"]), int(a["is_sliding"]),
                                          a["bits"], D("signs"), D("offset"), int(a["norm_correction"]), D("sink"),
-                                         D("recent"), ctypes.byref(out))
+                                         D("recent"), D("cache_seqlens"), ctypes.byref(out))
     elif op == "dequantize_kv":
         dll.tq_plan_dequantize_kv(D("codes"), D("norms"), a["start"], a["length"], a["bits"], int(a["rotated"]),
                                   D("signs"), ctypes.byref(out))
@@ -250,7 +251,7 @@ def plan(op: str, **kwargs) -> dict:
                                       float(a["scale"]), a["bits"], a["sliding_window"], float(a["softcap"]),
                                       D("kv_start"), D("signs"), D("lse"), int(a["v_bits"] is not None),
                                       a["v_bits"] if a["v_bits"] is not None else 0, D("k_sink"), D("v_sink"),
-                                      D("k_recent"), D("v_recent"), ctypes.byref(out))
+                                      D("k_recent"), D("v_recent"), D("cache_seqlens"), ctypes.byref(out))
     elif op == "fused_recurrent_gated_delta_rule":
         cu_values, num_cu_values = values(a["cu_seqlens"])
         dll.tq_plan_fused_recurrent_gated_delta_rule(

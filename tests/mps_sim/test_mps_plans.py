@@ -109,3 +109,16 @@ def test_gqa_group_reads_its_kv_head_once(D, group, tiles):
     args = attention_args(B=1, Hq=2 * group, Hkv=2, Lq=1, D=D, C=512, kv_len=512, bits=4)
     grid = _plans.plan("flash_attn_vec_tq", **args)["launches"][0]["grid"]
     assert grid[1] == 2 * tiles
+
+
+def test_per_sequence_device_lengths_are_refused_with_a_clear_error():
+    """cache_seqlens (CUDA graphs) is not implemented by the Metal kernels: the plans say so."""
+    k_codes, k_norms = torch_tq.allocate_quantized_kv(2, 2, 16, 64, 4)
+    lens = torch.zeros(2, dtype=torch.int32)
+    p = _plans.plan("hadamard_quantize_kv", src=torch.randn(2, 1, 2, 64), codes=k_codes, norms=k_norms, write_pos=0,
+                    cache_seqlens=lens)
+    assert p["error"].startswith("tq.hadamard_quantize_kv: cache_seqlens (per-sequence lengths read on the device) "
+                                 "is not supported by the Metal kernels yet"), p["error"]
+    p = _plans.plan("flash_attn_vec_tq", q=torch.randn(2, 4, 1, 64), k_codes=k_codes, k_norms=k_norms, v_codes=k_codes,
+                    v_norms=k_norms, kv_len=16, scale=0.125, cache_seqlens=lens)
+    assert "cache_seqlens (per-sequence lengths read on the device) is not supported by the Metal kernels" in p["error"]

@@ -85,6 +85,7 @@ from .gated_delta import use_tq_gated_delta
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
+    "DeviceLengths",
     "TurboQuantCache",
     "cache_kwargs",
     "TurboQuantLayer",
@@ -105,6 +106,32 @@ _CACHE_ARGUMENT = ("cache" if "cache" in inspect.signature(GenerationMixin.prepa
                    else "past_key_values")
 # Initial slots of a global layer without max_cache_len; growth rounds up to a multiple of this.
 _GROWTH_STEP = 256
+
+
+class DeviceLengths:
+    """Each sequence's token count on the device, shared by the layers of one :class:`TurboQuantCache`.
+
+    ``written`` is the count before the current forward call's tokens (where they are written),
+    ``total`` the count after them (what the attention reads). The first layer of every forward call
+    advances both: two tiny launches per call, which a CUDA graph captures with the rest of the step,
+    so a replayed step writes and reads at the right positions although no host code runs.
+    """
+
+    def __init__(self) -> None:
+        self.written: Optional[torch.Tensor] = None
+        self.total: Optional[torch.Tensor] = None
+
+    def advance(self, batch_size: int, num_tokens: int, device: torch.device) -> None:
+        if self.total is None:
+            self.total = torch.zeros(batch_size, dtype=torch.int32, device=device)
+            self.written = torch.zeros_like(self.total)
+        self.written.copy_(self.total)
+        self.total.add_(num_tokens)
+
+    def reset(self) -> None:
+        if self.total is not None:
+            self.total.zero_()
+            self.written.zero_()
 
 
 def cache_kwargs(cache) -> dict:
@@ -165,11 +192,16 @@ class TurboQuantLayer(CacheLayerMixin):
         # Tokens held before the latest update, and the mask offset transformers used for that call.
         self.past_len = 0
         self.mask_kv_offset = 0
+        # Set by TurboQuantCache(device_lengths=True): the counts the kernels read (CUDA graphs).
+        self.lengths: Optional[DeviceLengths] = None
+        self.advances_lengths = False
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}({self.kv.extra_repr() if self.kv is not None else 'uninitialized'})"
 
     def _initial_capacity(self, num_tokens: int) -> int:
+        if self.lengths is not None:  # fixed: _reserve refuses more
+            return self.max_cache_len
         return max(self.max_cache_len or _GROWTH_STEP, num_tokens, 1)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -189,6 +221,9 @@ class TurboQuantLayer(CacheLayerMixin):
 
     def _reserve(self, num_tokens: int) -> None:
         needed = self.seq_len + num_tokens
+        if needed > self.kv.capacity and self.lengths is not None:
+            raise ValueError(f"TurboQuantCache(device_lengths=True): {needed} tokens exceed max_cache_len="
+                             f"{self.kv.capacity} (the buffers of a capturable cache never move)")
         if needed > self.kv.capacity:
             grown = max(needed, 2 * self.kv.capacity)
             self.kv.grow(-(-grown // _GROWTH_STEP) * _GROWTH_STEP)
@@ -208,7 +243,13 @@ class TurboQuantLayer(CacheLayerMixin):
         self.mask_kv_offset = self.get_mask_sizes(T)[1]
         if not self.is_sliding:
             self._reserve(T)
-        self.kv.append(key_states.transpose(1, 2), value_states.transpose(1, 2), position=self.seq_len)
+        written = None
+        if self.lengths is not None:
+            if self.advances_lengths:
+                self.lengths.advance(key_states.shape[0], T, key_states.device)
+            written = self.lengths.written
+        self.kv.append(key_states.transpose(1, 2), value_states.transpose(1, 2), position=self.seq_len,
+                       cache_seqlens=written)
         self.seq_len += T
         if self.fused or self.past_len == 0:
             key_states._tq_layer = self
@@ -246,6 +287,8 @@ class TurboQuantLayer(CacheLayerMixin):
     def reset(self) -> None:
         if self.kv is not None:
             self.kv.reset()
+        if self.lengths is not None and self.advances_lengths:
+            self.lengths.reset()
         self.seq_len = 0
         self.past_len = 0
 
@@ -253,11 +296,17 @@ class TurboQuantLayer(CacheLayerMixin):
         if self.kv is not None:
             self.kv.index_batch(beam_idx)
 
+    def _refuse_with_device_lengths(self, what: str) -> None:
+        if self.lengths is not None:
+            raise ValueError(f"TurboQuantCache(device_lengths=True) does not support {what}")
+
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._refuse_with_device_lengths("batch_select_indices (the batch size is fixed)")
         if self.kv is not None:
             self.kv.index_batch(torch.as_tensor(indices).reshape(-1))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        self._refuse_with_device_lengths("batch_repeat_interleave (the batch size is fixed)")
         if self.kv is not None:
             self.kv.repeat_batch(repeats)
 
@@ -267,6 +316,7 @@ class TurboQuantLayer(CacheLayerMixin):
             raise ValueError(f"TurboQuantCache.crop: pass a negative number of tokens to remove, got {tokens_to_remove}")
         if tokens_to_remove == 0 or self.kv is None:
             return
+        self._refuse_with_device_lengths("crop")
         self.kv.truncate(self.seq_len + tokens_to_remove)
         self.seq_len = self.kv.seq_len
 
@@ -366,6 +416,11 @@ class TurboQuantCache(Cache):
         recent_tokens (int): the newest positions of each layer, kept in full precision as well (a
             ring). Default: ``32``.
         v_bits (Optional[int]): code width of the values. Default: ``None`` (= ``bits``).
+        device_lengths (bool): keep each sequence's token count in a device tensor that the kernels
+            read (:class:`DeviceLengths`), so a decode step can be captured once in a CUDA graph and
+            replayed (``benchmarks/cuda_generate.py``); needs ``max_cache_len`` (buffers never move),
+            global layers only, a backend that implements ``cache_seqlens`` (CPU, CUDA), no crop or
+            batch resizing. Default: ``False``.
 
     Examples::
 
@@ -385,6 +440,7 @@ class TurboQuantCache(Cache):
         sink_tokens: int = DEFAULT_SINK_TOKENS,
         recent_tokens: int = DEFAULT_RECENT_TOKENS,
         v_bits: Optional[int] = None,
+        device_lengths: bool = False,
     ):
         for name, value in (("bits", bits), ("v_bits", bits if v_bits is None else v_bits)):
             if value not in SUPPORTED_BITS:
@@ -402,6 +458,11 @@ class TurboQuantCache(Cache):
             raise ValueError(
                 f"TurboQuantCache supports full_attention and sliding_attention layers only, the config has {unsupported}"
             )
+        if device_lengths and max_cache_len is None:
+            raise ValueError("TurboQuantCache(device_lengths=True) needs max_cache_len: a capturable cache never reallocates")
+        if device_lengths and "sliding_attention" in layer_types:
+            raise ValueError("TurboQuantCache(device_lengths=True) supports full_attention layers only, the config has "
+                             "sliding_attention layers")
         impl = attn_implementation or getattr(text_config, "_attn_implementation", None) or getattr(config, "_attn_implementation", None)
         fused = impl == ATTN_IMPLEMENTATION
         if not fused:
@@ -426,6 +487,12 @@ class TurboQuantCache(Cache):
                 layers.append(TurboQuantLayer(bits=bits, max_cache_len=max_cache_len, signs=signs, fused=fused,
                                               center_keys=center, sink_tokens=sink_tokens, recent_tokens=recent_tokens,
                                               v_bits=v_bits))
+        if device_lengths:
+            lengths = DeviceLengths()
+            for layer in layers:
+                layer.lengths = lengths
+            layers[0].advances_lengths = True  # the first layer of every forward call
+        self.device_lengths = device_lengths
         super().__init__(layers=layers)
 
     @property
@@ -525,8 +592,12 @@ def turboquant_attention_forward(
     kv = layer.kv
     window = kv.sliding_window if kv.is_sliding else (sliding_window or 0)
     kv_start = _kv_start_from_mask(attention_mask, layer.mask_kv_offset, query.shape[0])
-    out = kv.attend(query, scale=scaling, softcap=float(softcap or 0.0), sliding_window=window, kv_start=kv_start,
-                    kv_len=layer.seq_len)
+    if layer.lengths is not None:  # read by the kernel; the capacity bounds the launch
+        out = kv.attend(query, scale=scaling, softcap=float(softcap or 0.0), sliding_window=window, kv_start=kv_start,
+                        kv_len=kv.capacity, cache_seqlens=layer.lengths.total)
+    else:
+        out = kv.attend(query, scale=scaling, softcap=float(softcap or 0.0), sliding_window=window,
+                        kv_start=kv_start, kv_len=layer.seq_len)
     return out.transpose(1, 2), None
 
 
