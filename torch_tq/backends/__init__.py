@@ -1,6 +1,7 @@
 """Which implementation of each ``torch.ops.tq`` op runs on which device, and why one is missing.
 
-* ``cpu`` — the pure-PyTorch reference (``torch_tq.backends.cpu``), always available.
+* ``cpu`` — native C++ kernels built just in time (``torch_tq.backends.cpu_native``), or the pure-PyTorch
+  reference (``torch_tq.backends.cpu``) where they cannot be built; always available.
 * ``mps`` — the native Objective-C++/Metal extension (``torch_tq.backends.mps``), built on macOS only.
 * ``cuda`` — Triton kernels (``torch_tq.backends.cuda``): available when ``triton`` imports and
   ``torch.cuda.is_available()``.
@@ -15,10 +16,10 @@ import torch
 
 def backend_status() -> dict[str, tuple[bool, str]]:
     """``{device type: (available, reason)}`` for every backend torch_tq knows."""
-    from . import cuda, mps
+    from . import cpu_native, cuda, mps
 
     return {
-        "cpu": (True, "pure-PyTorch reference"),
+        "cpu": (True, cpu_native.status()[1]),
         "mps": mps.status(),
         "cuda": cuda.status(),
     }
