@@ -122,7 +122,7 @@ def run_variant(model, name: str, ctx: int, args) -> tuple[float, int]:
     @torch.inference_mode()
     def step(i: int) -> None:
         position = torch.tensor([ctx + i], device=DEVICE)
-        forward(input_ids=token, cache_position=position, use_cache=True, **kwargs)
+        forward(input_ids=token, cache_position=position, position_ids=position.view(1, 1), use_cache=True, **kwargs)
 
     ms = time_decode(step, args.steps)
     del cache, forward
@@ -137,7 +137,10 @@ def time_graph_decode(model, cache, token, ctx: int, args) -> float:
     """Capture one decode step (model + TurboQuantCache(device_lengths=True)) and time its replays.
 
     The warm-up steps run eagerly on a side stream (as torch.cuda.graphs requires); the captured
-    step's inputs (token, position) are static tensors updated in place before each replay.
+    step's inputs (token, position) are static tensors updated in place before each replay. The
+    position ids are passed explicitly: transformers derives them from the cache's host-side length
+    otherwise, which a replay would freeze (the rotary embedding of every replayed step would be the
+    captured one's).
     """
     import torch_tq.integrations.transformers as tqhf
 
@@ -147,12 +150,12 @@ def time_graph_decode(model, cache, token, ctx: int, args) -> float:
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(3):
-            model(input_ids=token, cache_position=position, use_cache=True, **kwargs)
+            model(input_ids=token, cache_position=position, position_ids=position.view(1, 1), use_cache=True, **kwargs)
             position += 1
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        logits = model(input_ids=token, cache_position=position, use_cache=True, **kwargs).logits
+        logits = model(input_ids=token, cache_position=position, position_ids=position.view(1, 1), use_cache=True, **kwargs).logits
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -218,7 +221,7 @@ def check_ops_graph_replay() -> str:
         ", ".join(f"{d:.3g}" for d in diffs)
 
 
-def check_graph_replay_matches_eager(model, ctx: int, args) -> str:
+def check_graph_replay_matches_eager(model, ctx: int, args, **cache_options) -> str:
     """Identical caches: host-length eager, device-length eager, device-length CUDA-graph replays; max |Δlogit| per step."""
     import torch_tq.integrations.transformers as tqhf
 
@@ -226,26 +229,28 @@ def check_graph_replay_matches_eager(model, ctx: int, args) -> str:
     config._attn_implementation = "tq"
     caches = []
     for device_lengths in (False, True, True):
-        cache = tqhf.TurboQuantCache(config, bits=4, max_cache_len=ctx + 16, device_lengths=device_lengths)
+        cache = tqhf.TurboQuantCache(config, bits=4, max_cache_len=ctx + 16, device_lengths=device_lengths,
+                                     **cache_options)
         fill(cache, config, ctx, torch.Generator(device=DEVICE).manual_seed(1))
         caches.append(cache)
     tokens = torch.randint(0, config.vocab_size, (4, 1, 1), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(2))
 
     def eager(cache):
-        return [model(input_ids=tokens[i], cache_position=torch.tensor([ctx + i], device=DEVICE), use_cache=True,
-                      **tqhf.cache_kwargs(cache)).logits.float() for i in range(4)]
+        positions = [torch.tensor([ctx + i], device=DEVICE) for i in range(4)]
+        return [model(input_ids=tokens[i], cache_position=positions[i], position_ids=positions[i].view(1, 1),
+                      use_cache=True, **tqhf.cache_kwargs(cache)).logits.float() for i in range(4)]
 
     with torch.inference_mode():
         host, device = eager(caches[0]), eager(caches[1])
         token, position = tokens[0].clone(), torch.tensor([ctx], device=DEVICE)
         kwargs = tqhf.cache_kwargs(caches[2])
         # One eager step (also the warm-up), then capture the next step and replay it for steps 1-3.
-        first = model(input_ids=token, cache_position=position, use_cache=True, **kwargs).logits.float()
+        first = model(input_ids=token, cache_position=position, position_ids=position.view(1, 1), use_cache=True, **kwargs).logits.float()
         graph = torch.cuda.CUDAGraph()
         token.copy_(tokens[1])
         position += 1
         with torch.cuda.graph(graph):
-            logits = model(input_ids=token, cache_position=position, use_cache=True, **kwargs).logits
+            logits = model(input_ids=token, cache_position=position, position_ids=position.view(1, 1), use_cache=True, **kwargs).logits
         replayed = [first]
         for i in range(1, 4):
             token.copy_(tokens[i])
@@ -253,8 +258,17 @@ def check_graph_replay_matches_eager(model, ctx: int, args) -> str:
             graph.replay()
             replayed.append(logits.float().clone())
     fmt = lambda xs, ys: ", ".join(f"{(a - b).abs().max().item():.3g}" for a, b in zip(xs, ys))  # noqa: E731
-    return (f"model at context {ctx}, max |Δlogit| per step: device-length eager vs host-length eager {fmt(device, host)}; "
-            f"CUDA-graph replay vs device-length eager {fmt(replayed, device)}")
+    state = []
+    for layer in (0, len(caches[1].layers) - 1):
+        a, b = caches[1].layers[layer].kv, caches[2].layers[layer].kv
+        for name in ("k_codes", "k_norms", "v_codes", "v_norms", "sink_k", "recent_k", "recent_v", "k_mean"):
+            x, y = getattr(a, name), getattr(b, name)
+            if not torch.equal(x, y):
+                state.append(f"layer {layer} {name} differs")
+    lengths = (caches[1].layers[0].lengths.total.tolist(), caches[2].layers[0].lengths.total.tolist())
+    return (f"model at context {ctx} {cache_options}, max |Δlogit| per step: device-length eager vs host-length eager "
+            f"{fmt(device, host)}; CUDA-graph replay vs device-length eager {fmt(replayed, device)}; cache state after: "
+            f"{'; '.join(state) or 'identical'}; lengths {lengths}")
 
 
 def main() -> None:
@@ -284,7 +298,8 @@ def main() -> None:
     print("\n".join(lines), flush=True)
     model = build_model(llama8b_config(args.layers, max(args.contexts) + args.steps + 16, args.tiny_cpu_smoke_test))
     if DEVICE == "cuda" and any(v.endswith("-graph") for v in args.variants):
-        for line in (check_ops_graph_replay(), check_graph_replay_matches_eager(model, min(args.contexts), args)):
+        for line in (check_ops_graph_replay(), check_graph_replay_matches_eager(model, min(args.contexts), args),
+                     check_graph_replay_matches_eager(model, min(args.contexts), args, sink_tokens=0, recent_tokens=0)):
             lines.append(line)
             print(line, flush=True)
     for ctx in args.contexts:
