@@ -420,7 +420,9 @@ class TurboQuantCache(Cache):
             read (:class:`DeviceLengths`), so a decode step can be captured once in a CUDA graph and
             replayed (``benchmarks/cuda_generate.py``); needs ``max_cache_len`` (buffers never move),
             global layers only, a backend that implements ``cache_seqlens`` (CPU, CUDA), no crop or
-            batch resizing. Default: ``False``.
+            batch resizing. A captured step must get ``position_ids`` (and ``cache_position``) as static
+            tensors updated before each replay: transformers otherwise derives them from the host-side
+            length, which a replay freezes. Default: ``False``.
 
     Examples::
 
