@@ -99,6 +99,20 @@ def test_matches_the_recurrent_form():
     assert_close("vs-recurrent-state", ref_state, state, 1e-5)
 
 
+def test_float32_kernel_against_the_float64_reference_over_many_chunks():
+    """Five chunks of state carried in float32 (two sequences, one of them a single token), GVA,
+    l2norm, against the CPU op run in float64 on the same values: float32 rounding only."""
+    args = entry_inputs(1, 300, 2, 4, 64, 128, F32, True, seed=17, cu_seqlens=[0, 1, 300])
+    args.update(output_final_state=True)
+    o, state = _plans.run(OP, **args)
+    ref_o, ref_state = torch.ops.tq.chunk_gated_delta_rule(
+        **{k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in args.items()})
+    _max_errors("vs-float64-o", ref_o, o)
+    _max_errors("vs-float64-state", ref_state, state)
+    assert_close("vs-float64-o", ref_o, o.double(), 2e-6)
+    assert_close("vs-float64-state", ref_state, state.double(), 2e-6)
+
+
 # Every rule of the entry ops in the shared table; rows written for the recurrent op are checked
 # against the chunked op's own CPU message (same rule, other op name).
 ENTRY_BAD = [c for c in BAD_INPUTS if c[1] in ("chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule")]
