@@ -76,7 +76,8 @@ struct SolveTrilParams {
 // columns (chunk_fwd_o: each such tile of all V columns in turn; chunk_fwd_h: one sequence's chunks
 // in order, TQ_GDR_FWD_H_SIMDGROUPS simdgroups x TQ_GDR_FWD_H_COLUMNS columns); simdgroup s owns
 // columns 8s .. 8s+7.
-// One Params struct serves the three kernels (fields a kernel does not use are 0).
+// One Params struct serves the three kernels and the fused entry kernel below (fields a kernel does
+// not use are 0).
 //
 // recompute_w_u: grid (NT, HV, 1). Buffers: 0 k [B, T, H, K], 1 v [B, T, HV, V] (each in its own
 //   dtype), 2 beta [B, T, HV], 3 A [B, T, HV, 64], 4 g [B, T, HV] (float32), 5 cu_seqlens [N+1] int32
@@ -88,7 +89,7 @@ struct SolveTrilParams {
 //   float32, 8 final_state [N, HV, K, V] float32 (dummy when has_final_state = 0), 9 params.
 // chunk_fwd_o: grid (NT, HV, 1), each threadgroup walking all V / 32 column tiles. Buffers: 0 q,
 //   1 k [B, T, H, K] (one dtype), 2 v (v_new) [B, T, HV, V], 3 h [NT, HV, K, V], 4 g [B, T, HV]
-//   (float32), 5 cu_seqlens (dummy), 6 o [B, T, HV, V] (float32, or q's dtype for the entry op),
+//   (float32), 5 cu_seqlens (dummy), 6 o [B, T, HV, V] float32,
 //   7 params.
 TQ_CONSTEXPR tq_uint TQ_GDR_CHUNK_SIMDGROUPS = 4;
 TQ_CONSTEXPR tq_uint TQ_GDR_CHUNK_COLUMNS = 32;
