@@ -45,18 +45,14 @@ once, in the dtypes the plan binds (float32 gates/beta/state, codes as packed by
   chunk_gated_delta_rule (op)        q, k (B T H K) + v (B T HV V) read, o (B T HV V) written, dtype el
                                      + g, beta (float32, B T HV each) + initial state read + final state
                                      written (float32, N HV K V each)
-  chunk_gated_delta_rule stages      each stage's own operands read once and results written once
-                                     (table below; float32 scratch: q_n/k_n the l2-normalised q/k
-                                     [B T H K], G [B T HV], w [B T HV K], u/v_new [B T HV V], h the
-                                     chunk states [NT HV K V]; A and Ai are stored dense [B T HV 64]
-                                     but counted as their triangles, strictly lower resp. with the
-                                     diagonal: L(L-1)/2 resp. L(L+1)/2 entries per chunk of L tokens)
+                                     -- one fused launch (gated_delta_fused.h), no scratch
 
 Each op, and each launch of the chunked op, also lists per operand the counted bytes over that
-operand's logical size ("k_n 2.00x" = k_n was read twice over; split-KV partials, which are not
-part of the minimum, in KiB). The chunked op's per-launch table splits each stage's counted bytes
+operand's logical size ("k 4.00x" = k was read four times over; split-KV partials, which are not
+part of the minimum, in KiB). The chunked op's per-launch table splits each launch's counted bytes
 by binding kind (op inputs read, scratch read, scratch written, op outputs written), next to the
-stage's own minimum, and lists the scratch buffers the plan allocates. Each output
+launch's own minimum, and lists the scratch buffers the plan allocates (none since the fused
+kernel). Each output
 is also compared with the CPU reference op (relative RMS error, or the share of differing codes
 for the quantizer, where ulp-level norm differences may flip a code at a decision boundary).
 Never asserts.
@@ -91,11 +87,9 @@ from torch_tq.layout import unpack_codes  # noqa: E402
 
 KIND_NAMES = {_plans.ARG_INPUT: "input", _plans.ARG_OUTPUT: "output", _plans.ARG_SCRATCH: "scratch"}
 
-# Names of the chunked op's bindings: Arg::Input / Arg::Output index (mps_ops/plans/chunk_gated_delta_rule.h)
-# and Arg::Scratch index (GdrEntryScratch). Scratch 1 holds A until solve_tril, then v_new.
+# Names of the chunked op's bindings: Arg::Input / Arg::Output index (mps_ops/plans/chunk_gated_delta_rule.h).
 CHUNK_INPUTS = ["q", "k", "v", "g", "beta", "initial_state", "cu_seqlens"]
 CHUNK_OUTPUTS = ["o", "final_state"]
-CHUNK_SCRATCH = ["G", "A|v_new", "Ai", "w", "u", "h", "q_n", "k_n"]
 
 
 def rel_rms(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -247,23 +241,13 @@ def recurrent_decode(H: int, HV: int, K: int, V: int, dtype: torch.dtype) -> dic
                f"rel err {err:.1e}", seconds)
 
 
-def chunk_logical_sizes(B, T, H, HV, K, V, NT, N, e) -> dict:
-    """Bytes of each operand of the chunked op, read or written once (e: q/k/v/o element size).
-
-    A and Ai are stored dense, [B, T, HV, 64] with zeros above the diagonal, but only their
-    triangles carry information: the minimum counts the triangles (a 64-token chunk: 2016 and 2080
-    of its 4096 entries), so a stage that writes the zeros shows about 2x on them.
-    """
+def chunk_logical_sizes(B, T, H, HV, K, V, N, e) -> dict:
+    """Bytes of each operand of the chunked op, read or written once (e: q/k/v/o element size)."""
     rows = B * T
-    lengths = [64] * (T // 64) + ([T % 64] if T % 64 else [])
     return {
         "q": rows * H * K * e, "k": rows * H * K * e, "v": rows * HV * V * e, "g": rows * HV * 4,
         "beta": rows * HV * 4, "initial_state": N * HV * K * V * 4, "o": rows * HV * V * e,
-        "final_state": N * HV * K * V * 4, "q_n": rows * H * K * 4, "k_n": rows * H * K * 4, "G": rows * HV * 4,
-        "A": B * HV * 4 * sum(L * (L - 1) // 2 for L in lengths),  # strictly lower triangle of each chunk
-        "Ai": B * HV * 4 * sum(L * (L + 1) // 2 for L in lengths),  # lower triangle with the diagonal
-        "w": rows * HV * K * 4, "u": rows * HV * V * 4,
-        "v_new": rows * HV * V * 4, "h": NT * HV * K * V * 4,
+        "final_state": N * HV * K * V * 4,
     }
 
 
@@ -272,17 +256,11 @@ def chunk_binding_name(kernel: str, kind: int, index: int) -> str | None:
         return CHUNK_INPUTS[index]
     if kind == _plans.ARG_OUTPUT:
         return CHUNK_OUTPUTS[index]
-    if kind == _plans.ARG_SCRATCH:
-        name = CHUNK_SCRATCH[index]
-        if name == "A|v_new":
-            return "A" if kernel.startswith(("chunk_scaled_dot_kkt", "solve_tril")) else "v_new"
-        return name
     return None
 
 
 def chunk(T: int, H: int, HV: int, K: int, V: int, dtype: torch.dtype) -> tuple[dict, list, list]:
     B = N = 1
-    NT = B * -(-T // 64)
     args = entry_inputs(B, T, H, HV, K, V, dtype, True, seed=11)
     args.update(output_final_state=True)
     ref_o, ref_state = torch.ops.tq.chunk_gated_delta_rule(**args)
@@ -291,8 +269,8 @@ def chunk(T: int, H: int, HV: int, K: int, V: int, dtype: torch.dtype) -> tuple[
     t0 = time.perf_counter()
     o, state = _plans.run("chunk_gated_delta_rule", **args, stats=stats)
     seconds = time.perf_counter() - t0
-    size = chunk_logical_sizes(B, T, H, HV, K, V, NT, N, el(dtype))
-    op_size = {n: size[n] for n in ("q", "k", "v", "g", "beta", "initial_state", "o", "final_state")}
+    size = chunk_logical_sizes(B, T, H, HV, K, V, N, el(dtype))
+    op_size = dict(size)
     err = max(rel_rms(ref_o.float(), o.float()), rel_rms(ref_state, state))
     op_row = row("chunk_gated_delta_rule", f"B{B} T{T} H{H} HV{HV} K{K} V{V} {str(dtype)[6:]} l2norm, state in/out",
                  stats, op_size, chunk_binding_name, f"rel err {err:.1e}", seconds,
@@ -302,13 +280,12 @@ def chunk(T: int, H: int, HV: int, K: int, V: int, dtype: torch.dtype) -> tuple[
     for s in stats:
         per = per_operand([s], lambda *b: None if chunk_binding_name(*b) == "cu_seqlens" else chunk_binding_name(*b),
                           size)
-        # The two l2norm launches normalise q and k: label them.
-        label = s["kernel"] + ((" (q)" if "q" in per else " (k)") if s["kernel"].startswith("gdr_l2norm") else "")
+        label = s["kernel"]
         stage_min = sum(size[name] for name in per)
         moved = _plans.device_bytes([s])
         stages.append(dict(stage=label, grid=s["grid"], moved=moved, minimum=stage_min, ratio=moved / stage_min,
                            **split([s]), per_operand=per))
-    scratch = [dict(buffer=CHUNK_SCRATCH[i], bytes=b) for i, b in enumerate(p["scratch_bytes"])]
+    scratch = [dict(buffer=f"scratch {i}", bytes=b) for i, b in enumerate(p["scratch_bytes"])]
     return op_row, stages, scratch
 
 
@@ -400,8 +377,8 @@ def main() -> None:
           f"{kib(chunk_row['scratch_written']):>8}{kib(chunk_row['output_written']):>8}"
           f"{kib(chunk_row['moved']):>8}{kib(total_stage_min):>8}{chunk_row['moved'] / total_stage_min:>7.2f}"
           f"  (op minimum {kib(chunk_row['minimum'])} KiB: ratio {chunk_row['ratio']:.2f})")
-    print("scratch allocated by the plan: " + ", ".join(f"{s['buffer']} {s['bytes'] / 2**10:.0f} KiB" for s in scratch)
-          + f" = {mib(chunk_row['scratch_bytes'])} MiB")
+    print("scratch allocated by the plan: " + (", ".join(f"{s['buffer']} {s['bytes'] / 2**10:.0f} KiB" for s in scratch)
+                                               + " = " if scratch else "none, ") + f"{mib(chunk_row['scratch_bytes'])} MiB")
     print()
     print(f"simulation wall time {wall:.0f} s on this CPU (simulator speed only; says nothing about GPU time)")
 

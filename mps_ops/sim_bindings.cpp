@@ -208,11 +208,6 @@ void tq_plan_solve_tril(const tq_tensor_desc* A, const tq_tensor_desc* cu_seqlen
   copy_plan(plan, out);
 }
 
-// Test-only: the internal l2norm launch of the chunked entry op on its own (x [..., dim] -> float32).
-void tq_plan_gdr_l2norm(const tq_tensor_desc* x, double scale, tq_plan_result* out) {
-  copy_plan(tq_plan::plan_gdr_l2norm(to_desc(x), scale), out);
-}
-
 void tq_plan_recompute_w_u(const tq_tensor_desc* k, const tq_tensor_desc* v, const tq_tensor_desc* beta,
                            const tq_tensor_desc* A, const tq_tensor_desc* g, const tq_tensor_desc* cu_seqlens,
                            const int64_t* cu_seqlens_values, int32_t num_cu_seqlens_values, tq_plan_result* out) {

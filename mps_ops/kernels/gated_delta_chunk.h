@@ -338,7 +338,7 @@ template <typename TK, int K>
 
 // ---- chunk_fwd_o --------------------------------------------------------------------------------
 // One threadgroup per (chunk, value head), covering all V columns in 32-column tiles t; simdgroup s
-// owns the tile's columns 8s .. 8s+7. q and k are read once, in 32-column key slices: over them
+// owns the tile's columns 8s .. 8s+7. q and k are read once, in 16-column key slices: over them
 // simdgroup s accumulates the 9 blocks of the lower triangle of q k^T in row blocks s and 7 - s
 // (every simdgroup has the same share) and, while q is staged anyway, tile 0's q S (S = h[chunk],
 // its columns read straight from device memory). The triangle is masked and decayed in registers,
@@ -346,13 +346,14 @@ template <typename TK, int K>
 // stored once as A [64, 64] (16 KB); each tile is o = scale exp(G) (q S) + A v_new, v_new read for
 // the simdgroup's columns from device memory.
 // q S needs q again for every tile after the first. q as float32 is 64 x K x 4 bytes (32 KB at
-// K = 128) and does not fit next to A in 32 KB, but two of its 32-column slices do (A 16 KB + 2 x
-// 8 KB, the gates living in A's space until A is stored), so the tiles walk the slices in snake
-// order (forward, backward, ...): the two slices a tile ends with are still resident for the next,
-// and only the K / 32 - 2 others are read again: q is read 1 + (V / 32 - 1) (K - 64) / K times
-// (once at K = 64; 2.5 times instead of 4 at K = V = 128), k once. Keeping all of q instead would
-// need o for all V columns in registers (8 V / 32 matrices per simdgroup: too many at V = 256), or
-// q in half precision next to A.
+// K = 128) and does not fit next to A in the 28 KB this kernel allows itself (Apple's 32 KB less a
+// margin for the compiler), but three of its 16-column slices do (A 16 KB + 3 x 4 KB, the gates
+// living in A's space until A is stored), so the tiles walk the slices in snake order (forward,
+// backward, ...): the three slices a tile ends with are still resident for the next, and only the
+// K / 16 - 3 others are read again: q is read 1 + (V / 32 - 1) (K - 48) / K times (1.75 at K = 64;
+// 2.9 instead of 4 at K = V = 128), k once. Keeping all of q instead would need o for all V columns
+// in registers (8 V / 32 matrices per simdgroup: too many at V = 256), or q in half precision next
+// to A.
 template <typename T, typename O>
 [[kernel, max_total_threads_per_threadgroup(TQ_GDR_CHUNK_SIMDGROUPS * 32)]] void chunk_fwd_o(
     device const T* q [[buffer(0)]],
@@ -369,8 +370,8 @@ template <typename T, typename O>
     uint lane [[thread_index_in_simdgroup]]) {
   constexpr uint BT = TQ_GDR_CHUNK;
   constexpr uint COLS = TQ_GDR_CHUNK_COLUMNS;
-  constexpr uint SLICE = 32;  // key columns of q and k staged at once
-  constexpr uint SLOTS = 2;   // q slices kept in threadgroup memory
+  constexpr uint SLICE = 16;  // key columns of q and k staged at once
+  constexpr uint SLOTS = 3;   // q slices kept in threadgroup memory (any 3 consecutive slices: distinct slots)
   constexpr uint PAIRS = 9;   // lower-triangle blocks per simdgroup: (s + 1) + (8 - s)
   static_assert(TQ_GDR_CHUNK_SIMDGROUPS == 4, "the triangle split pairs row blocks s and 7 - s");
   // A [64, 64]; until A is stored: the k slice [64, SLICE], then the chunk's 64 gates.

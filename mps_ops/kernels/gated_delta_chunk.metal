@@ -1,8 +1,8 @@
 // Instantiations of the chunked gated-delta-rule stages (beta, A, g, w, u, v_new, h and the states
 // are always float32: the host converts them; V is a runtime size):
-//   recompute_w_u_<k dtype>_<v dtype>   chunk_fwd_h_<k dtype>_k<K>   chunk_fwd_o_<q/k dtype>_<o dtype>
-// (o in float32 for tq.chunk_fwd_o; the entry op chunk_gated_delta_rule writes q's dtype, possibly
-// from float32 copies of q and k).
+//   recompute_w_u_<k dtype>_<v dtype>   chunk_fwd_h_<k dtype>_k<K>   chunk_fwd_o_<q/k dtype>_float32
+// (tq.chunk_fwd_o writes float32; the entry op chunk_gated_delta_rule has its own fused kernel,
+// gated_delta_fused.metal, so no other output dtype is instantiated).
 #include "utils.h"
 #include "gated_delta_chunk.h"
 
@@ -25,10 +25,6 @@
 #define instantiate_chunk_fwd_o(tname, type, oname, otype) \
   instantiate_kernel("chunk_fwd_o_" #tname "_" #oname, chunk_fwd_o, type, otype)
 
-#define instantiate_chunk_fwd_o_out(tname, type)         \
-  instantiate_chunk_fwd_o(tname, type, float32, float)   \
-  instantiate_chunk_fwd_o(tname, type, float16, half)    \
-  TQ_IF_BFLOAT(instantiate_chunk_fwd_o(tname, type, bfloat16, bfloat))
 
 instantiate_recompute_w_u_k(float32, float)
 instantiate_recompute_w_u_k(float16, half)
@@ -38,6 +34,6 @@ instantiate_chunk_fwd_h_dims(float32, float)
 instantiate_chunk_fwd_h_dims(float16, half)
 TQ_IF_BFLOAT(instantiate_chunk_fwd_h_dims(bfloat16, bfloat))
 
-instantiate_chunk_fwd_o_out(float32, float)
-instantiate_chunk_fwd_o_out(float16, half)
-TQ_IF_BFLOAT(instantiate_chunk_fwd_o_out(bfloat16, bfloat))
+instantiate_chunk_fwd_o(float32, float, float32, float)
+instantiate_chunk_fwd_o(float16, half, float32, float)
+TQ_IF_BFLOAT(instantiate_chunk_fwd_o(bfloat16, bfloat, float32, float))

@@ -1,10 +1,9 @@
 // The first stages of the chunked gated delta rule (DESIGN §5; CPU reference:
-// torch_tq/backends/cpu/gated_delta_rule.py) and the q/k l2-normalisation of the chunked entry op:
+// torch_tq/backends/cpu/gated_delta_rule.py):
 //
 //   chunk_local_cumsum    G = cumsum of g within each chunk (restarting at every sequence start)
 //   chunk_scaled_dot_kkt  A_ij = beta_i (k_i . k_j) exp(G_i - G_j) for i > j in a chunk, else 0
 //   solve_tril            (I + A)^-1 of every chunk's 64 x 64 block
-//   gdr_l2norm            x * (scale / sqrt(sum x^2 + 1e-6)) per row
 //
 // Rows of A follow FLA: token t's row of its chunk's matrix, column j = the chunk's j-th token. A
 // partial last chunk of L tokens is an L x L problem; its rows hold zeros from column L on (as the
@@ -152,55 +151,11 @@ template <typename T>
 
 // ---- solve_tril -------------------------------------------------------------------------------
 
-// One merge level of the blocked inverse, in place in `m` (64 x 64, holding T - I: the strictly
-// lower part of the inverse where already known, of A elsewhere below the diagonal). For every
-// pair of S x S diagonal blocks with inverses T1 (top) and T2 (bottom),
-//   [[I + L11, 0], [A21, I + L22]]^-1 = [[T1, 0], [-T2 A21 T1, T2]],
-// so A21 is replaced by -T2 A21 T1. The 4 work units are 8-row strips of the A21 blocks (64 / (2S)
-// pairs x S / 8 strips), one per simdgroup; a strip of X = T2 A21 stays in registers across the
-// barrier that lets every strip read A21 before any is overwritten.
-template <uint S, typename M>
-inline void solve_tril_merge(M m, uint sg) {
-  constexpr uint BT = TQ_GDR_CHUNK;
-  constexpr uint TILES = S / 8;
-  const uint a = sg % TILES;           // strip within the block
-  const uint o = 2 * S * (sg / TILES);  // first row and column of the pair
-  const uint r2 = o + S;                // first row and column of T2 (= first row of A21)
-  simdgroup_float8x8 x[TILES], n, b;
-  // X[a, :] = A21[a, :] + sum_{c <= a} N2[a, c] A21[c, :], N2 = T2 - I (zero above its diagonal).
-  for (uint cb = 0; cb < TILES; ++cb) simdgroup_load(x[cb], m, BT, ulong2(o + 8 * cb, r2 + 8 * a));
-  for (uint cr = 0; cr < TILES; ++cr) {
-    if (cr <= a) {  // uniform within the simdgroup
-      simdgroup_load(n, m, BT, ulong2(r2 + 8 * cr, r2 + 8 * a));
-      for (uint cb = 0; cb < TILES; ++cb) {
-        simdgroup_load(b, m, BT, ulong2(o + 8 * cb, r2 + 8 * cr));
-        simdgroup_multiply_accumulate(x[cb], n, b, x[cb]);
-      }
-    }
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  // Y[a, cb] = -(X T1)[a, cb] = -X[a, cb] - sum_{c >= cb} X[a, c] N1[c, cb], N1 = T1 - I.
-  for (uint cb = 0; cb < TILES; ++cb) {
-    x[cb].thread_elements()[0] = -x[cb].thread_elements()[0];
-    x[cb].thread_elements()[1] = -x[cb].thread_elements()[1];
-  }
-  for (uint cb = 0; cb < TILES; ++cb) {
-    simdgroup_float8x8 y = x[cb];
-    for (uint cr = cb; cr < TILES; ++cr) {
-      simdgroup_load(n, m, BT, ulong2(o + 8 * cb, o + 8 * cr));
-      simdgroup_multiply_accumulate(y, x[cr], n, y);
-    }
-    simdgroup_store(y, m, BT, ulong2(o + 8 * cb, r2 + 8 * a));
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-}
-
-// One threadgroup per (chunk, value head), 4 simdgroups, the block in 16 KB of threadgroup memory.
-// Like the CPU reference: the eight 8 x 8 diagonal blocks are inverted by forward substitution (one
-// thread per block column, the column in registers), then merged 8 -> 16 -> 32 -> 64 with
-// simdgroup matrices. Only A's strictly lower triangle within the chunk's L x L block is read; the
-// rest of the block is 0, so the result is the L x L inverse padded with the identity. Rows < L are
-// written whole: the inverse's strictly lower part, 1 on the diagonal, 0 above.
+// One threadgroup per (chunk, value head), 4 simdgroups, the block in 16 KB of threadgroup memory,
+// inverted in place by gdr_solve_tril_in_place (gated_delta_utils.h). Only A's strictly lower
+// triangle within the chunk's L x L block is read; the rest of the block is 0, so the result is the
+// L x L inverse padded with the identity. Rows < L are written whole: the inverse's strictly lower
+// part, 1 on the diagonal, 0 above.
 [[kernel, max_total_threads_per_threadgroup(TQ_GDR_SOLVE_SIMDGROUPS * 32)]] void solve_tril(
     device const float* A [[buffer(0)]],
     device const int* cu_seqlens [[buffer(1)]],
@@ -223,64 +178,10 @@ inline void solve_tril_merge(M m, uint sg) {
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
 
-  // Diagonal blocks: column j of block blk of T = (I + L)^-1, rows j+1..7 by forward substitution
-  // T[r][j] = -sum_{q < r} L[r][q] T[q][j] (T[j][j] = 1, T[q][j] = 0 above).
-  const uint blk = (tid / 8) % 8, j = tid % 8, o = 8 * blk;
-  float column[8];
-  for (uint r = 0; r < 8; ++r) column[r] = r == j ? 1.0f : 0.0f;
-  if (tid < 64) {
-    for (uint r = 1; r < 8; ++r) {
-      float s = 0.0f;
-      for (uint q = 0; q < r; ++q) s += m[(o + r) * BT + o + q] * column[q];
-      if (r > j) column[r] = -s;
-    }
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  if (tid < 64) {
-    for (uint r = 0; r < 8; ++r)
-      if (r > j) m[(o + r) * BT + o + j] = column[r];
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-
-  solve_tril_merge<8>(m, sg);
-  solve_tril_merge<16>(m, sg);
-  solve_tril_merge<32>(m, sg);
+  gdr_solve_tril_in_place(m, tid, sg);
 
   for (uint e = tid; e < c.length * BT; e += NT) {
     const uint i = e / BT, col = e % BT;
     Ai[((c.start + i) * p.value_heads + hv) * BT + col] = col < i ? m[e] : (col == i ? 1.0f : 0.0f);
-  }
-}
-
-// ---- l2norm (q/k rows of the chunked entry op) ------------------------------------------------
-
-// One simdgroup per row; lane l holds features l, l + 32, ... (dim <= 256: at most 8 in registers),
-// so loads and stores are coalesced and x is read once. As the CPU reference's factor:
-// scale * (1 / sqrt(sum x^2 + 1e-6)), then x * factor.
-template <typename T>
-[[kernel, max_total_threads_per_threadgroup(TQ_GDR_L2NORM_SIMDGROUPS * 32)]] void gdr_l2norm(
-    device const T* x [[buffer(0)]],
-    device float* out [[buffer(1)]],
-    constant GdrL2normParams& p [[buffer(2)]],
-    uint tgid [[threadgroup_position_in_grid]],
-    uint sg [[simdgroup_index_in_threadgroup]],
-    uint lane [[thread_index_in_simdgroup]]) {
-  constexpr uint VALUES = TQ_GDR_L2NORM_MAX_DIM / 32;
-  constexpr float eps = 1e-6f;
-  const uint row = tgid * TQ_GDR_L2NORM_SIMDGROUPS + sg;
-  if (row >= p.rows) return;  // the whole simdgroup
-  const uint base = row * p.dim;
-  float v[VALUES];
-  float sum = 0.0f;
-  for (uint i = 0; i < VALUES; ++i) {
-    const uint d = lane + 32 * i;
-    v[i] = d < p.dim ? static_cast<float>(x[base + d]) : 0.0f;
-    sum += v[i] * v[i];
-  }
-  sum = simd_sum(sum);
-  const float factor = (1.0f / sqrt(sum + eps)) * p.scale;
-  for (uint i = 0; i < VALUES; ++i) {
-    const uint d = lane + 32 * i;
-    if (d < p.dim) out[base + d] = v[i] * factor;
   }
 }

@@ -26,7 +26,7 @@ struct FusedRecurrentGdrParams {
   float scale;                // resolved by the plan (K^-0.5 for None)
 };
 
-// ---- chunk_local_cumsum, chunk_scaled_dot_kkt, solve_tril, l2norm ---------------------------
+// ---- chunk_local_cumsum, chunk_scaled_dot_kkt, solve_tril ---------------------------------
 // Kernels: mps_ops/kernels/gated_delta_chunk_prep.h.
 
 // tq.chunk_local_cumsum: grid (NT chunks of chunk_size tokens, ceil(HV / heads per threadgroup)),
@@ -70,24 +70,14 @@ struct SolveTrilParams {
   tq_uint has_cu_seqlens;
 };
 
-// l2norm of q/k rows for the chunked entry op (no op of its own): out = x * (scale / sqrt(sum x^2 + 1e-6)).
-// Grid ceil(rows / TQ_GDR_L2NORM_SIMDGROUPS), one simdgroup per row.
-// Buffers: 0 x [rows, dim] (as given), 1 out [rows, dim] float32, 2 params.
-TQ_CONSTEXPR tq_uint TQ_GDR_L2NORM_SIMDGROUPS = 4;
-TQ_CONSTEXPR tq_uint TQ_GDR_L2NORM_MAX_DIM = 256;  // values kept in registers: dim / 32 <= 8 per lane
-struct GdrL2normParams {
-  tq_uint rows;
-  tq_uint dim;             // <= TQ_GDR_L2NORM_MAX_DIM
-  float scale;             // 1 for k; the query scale for q (the CPU reference folds it into the factor)
-};
-
 // ---- recompute_w_u, chunk_fwd_h, chunk_fwd_o -----------------------------------------------
 // The three matrix stages of the chunked form (gated_delta_chunk.h). A threadgroup is
 // TQ_GDR_CHUNK_SIMDGROUPS simdgroups working on one 64-token chunk x TQ_GDR_CHUNK_COLUMNS output
 // columns (chunk_fwd_o: each such tile of all V columns in turn; chunk_fwd_h: one sequence's chunks
 // in order, TQ_GDR_FWD_H_SIMDGROUPS simdgroups x TQ_GDR_FWD_H_COLUMNS columns); simdgroup s owns
 // columns 8s .. 8s+7.
-// One Params struct serves the three kernels (fields a kernel does not use are 0).
+// One Params struct serves the three kernels and the fused entry kernel below (fields a kernel does
+// not use are 0).
 //
 // recompute_w_u: grid (NT, HV, 1). Buffers: 0 k [B, T, H, K], 1 v [B, T, HV, V] (each in its own
 //   dtype), 2 beta [B, T, HV], 3 A [B, T, HV, 64], 4 g [B, T, HV] (float32), 5 cu_seqlens [N+1] int32
@@ -99,7 +89,7 @@ struct GdrL2normParams {
 //   float32, 8 final_state [N, HV, K, V] float32 (dummy when has_final_state = 0), 9 params.
 // chunk_fwd_o: grid (NT, HV, 1), each threadgroup walking all V / 32 column tiles. Buffers: 0 q,
 //   1 k [B, T, H, K] (one dtype), 2 v (v_new) [B, T, HV, V], 3 h [NT, HV, K, V], 4 g [B, T, HV]
-//   (float32), 5 cu_seqlens (dummy), 6 o [B, T, HV, V] (float32, or q's dtype for the entry op),
+//   (float32), 5 cu_seqlens (dummy), 6 o [B, T, HV, V] float32,
 //   7 params.
 TQ_CONSTEXPR tq_uint TQ_GDR_CHUNK_SIMDGROUPS = 4;
 TQ_CONSTEXPR tq_uint TQ_GDR_CHUNK_COLUMNS = 32;
@@ -118,4 +108,17 @@ struct GdrChunkParams {
   tq_uint has_initial_state;  // chunk_fwd_h
   tq_uint has_final_state;    // chunk_fwd_h
   float scale;                // chunk_fwd_o, resolved by the plan (K^-0.5 for None)
+  tq_uint use_qk_l2norm;      // chunk_gated_delta_rule: 1 = q and k are l2-normalised in the kernel
 };
+
+// ---- chunk_gated_delta_rule (the entry op, one fused kernel) --------------------------------
+// gated_delta_fused.h. One threadgroup of TQ_GDR_FUSED_SIMDGROUPS simdgroups per (128 value
+// columns, value head, sequence) walks the sequence's chunks in order; simdgroup s owns value
+// columns 8s .. 8s+7 of the tile (V = 64: simdgroups 8 .. 15 own none). Grid (ceil(V / 128), HV, N).
+// Buffers: 0 q, 1 k [B, T, H, K], 2 v [B, T, HV, V] (one dtype), 3 g [B, T, HV] float32 (the raw
+// log decays: the kernel sums them per chunk), 4 beta [B, T, HV] float32, 5 initial_state
+// [N, HV, K, V] float32 (dummy when has_initial_state = 0), 6 cu_seqlens [N+1] int32 (dummy when
+// has_cu_seqlens = 0), 7 o [B, T, HV, V] (q's dtype), 8 final_state [N, HV, K, V] float32 (dummy
+// when has_final_state = 0), 9 GdrChunkParams (scale, use_qk_l2norm; chunks_per_row unused).
+TQ_CONSTEXPR tq_uint TQ_GDR_FUSED_SIMDGROUPS = 16;
+TQ_CONSTEXPR tq_uint TQ_GDR_FUSED_COLUMNS = TQ_GDR_FUSED_SIMDGROUPS * 8;

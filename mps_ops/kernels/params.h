@@ -107,6 +107,7 @@ struct HadamardQuantizeKvParams {
   tq_uint recent_first;  // first token written to the ring: max(0, T - W)
   tq_uint recent_first_slot;  // (write_pos + recent_first) mod W
   tq_uint recent_dtype;  // TQ_WINDOW_*
+  tq_uint blocks_per_threadgroup;  // row blocks (TQ_QUANT_SIMDGROUPS x 256 / D rows) each threadgroup walks
 };
 
 // tq.dequantize_kv: decode `length` positions starting at `start` (slot p mod C).

@@ -30,78 +30,90 @@ template <typename T, int D, int BITS>
   constexpr uint ROW_BYTES = D * BITS / 8;
   threadgroup float tg_signs[D];
   tq::load_signs<D, TQ_QUANT_SIMDGROUPS * 32>(tg_signs, signs, tid);
-  const uint simd_row0 = (tgid.x * TQ_QUANT_SIMDGROUPS + sg) * L::ROWS;
-  if (simd_row0 >= p.num_rows) {
-    return;  // the whole simdgroup is past the end
-  }
-  // Vector row = (b * tokens_written + i) * Hkv + h over the processed tokens i: the head tokens
-  // 0 .. head_tokens-1, then first .. T-1 (see HadamardQuantizeKvParams).
-  const uint row = simd_row0 + lane / L::LANES;
-  const bool active = row < p.num_rows;
-  const uint d0 = (lane % L::LANES) * L::VPL;
-
-  const uint h = row % p.kv_heads;
-  const uint bt = row / p.kv_heads;
-  const uint i_tok = bt % p.tokens_written;
-  const uint b = bt / p.tokens_written;
-  const uint t = i_tok < p.head_tokens ? i_tok : p.first + (i_tok - p.head_tokens);
-  const ulong bh = ulong(b) * p.kv_heads + h;
-  const ulong src_row = (ulong(b) * p.tokens + t) * p.kv_heads + h;
-
-  float y[L::VPL];
-  for (int i = 0; i < L::VPL; ++i) {
-    float x = active ? float(src[src_row * D + d0 + i]) : 0.0f;
-    if (p.has_offset != 0 && active) {
-      x -= offset[bh * D + d0 + i];  // key centring, in float32 before the rotation like the reference
+  // The threadgroup walks blocks_per_threadgroup consecutive row blocks, so the sign vector it
+  // stages (and a lane's offset, while its head stays the same) is read once for all of them.
+  float off[L::VPL];
+  ulong off_bh = ~ulong(0);  // the (b, h) whose offset `off` holds
+  for (uint block = 0; block < p.blocks_per_threadgroup; ++block) {
+    const uint simd_row0 = ((tgid.x * p.blocks_per_threadgroup + block) * TQ_QUANT_SIMDGROUPS + sg) * L::ROWS;
+    if (simd_row0 >= p.num_rows) {
+      break;  // the whole simdgroup is past the end
     }
-    // x * s with s = +-1 is exact, as in the reference.
-    y[i] = x * tg_signs[d0 + i];
-  }
-  tq::fwht<L::VPL, L::R>(y, lane);
+    // Vector row = (b * tokens_written + i) * Hkv + h over the processed tokens i: the head tokens
+    // 0 .. head_tokens-1, then first .. T-1 (see HadamardQuantizeKvParams).
+    const uint row = simd_row0 + lane / L::LANES;
+    const bool active = row < p.num_rows;
+    const uint d0 = (lane % L::LANES) * L::VPL;
 
-  float sum_sq = 0.0f;
-  for (int i = 0; i < L::VPL; ++i) {
-    y[i] *= p.inv_sqrt_r;
-    sum_sq += y[i] * y[i];
-  }
-  const float norm = precise::sqrt(tq::group_sum<L::BLOCK_LANES>(sum_sq));
-  // The reference computes sqrt(R) / n as reciprocal(n) * sqrt(R); a zero block stores u = 0.
-  const float inv_norm = norm > 0.0f ? precise::divide(1.0f, norm) * p.sqrt_r : 0.0f;
+    const uint h = row % p.kv_heads;
+    const uint bt = row / p.kv_heads;
+    const uint i_tok = bt % p.tokens_written;
+    const uint b = bt / p.tokens_written;
+    const uint t = i_tok < p.head_tokens ? i_tok : p.first + (i_tok - p.head_tokens);
+    const ulong bh = ulong(b) * p.kv_heads + h;
+    const ulong src_row = (ulong(b) * p.tokens + t) * p.kv_heads + h;
 
-  device const float* boundaries = codebook + (1 << BITS);
-  uint code[L::VPL];
-  for (int i = 0; i < L::VPL; ++i) {
-    code[i] = tq::nearest_code<BITS>(y[i] * inv_norm, boundaries);
-  }
-  float stored_norm = norm;
-  if (p.norm_correction != 0) {
-    // n * sqrt(R) / ||c[code]|| of the block: the decoded block then has norm n (never 0: no
-    // centroid is 0).
-    float c_sq = 0.0f;
-    for (int i = 0; i < L::VPL; ++i) {
-      const float c = codebook[code[i]];
-      c_sq += c * c;
-    }
-    const float unit = precise::sqrt(tq::group_sum<L::BLOCK_LANES>(c_sq));
-    stored_norm = precise::divide(norm * p.sqrt_r, unit);
-  }
-  if (active) {
-    if (t >= p.first) {
-      const uint slot = (p.first_slot + (t - p.first)) % p.capacity;
-      const ulong cache_row = bh * p.capacity + slot;
-      tq::store_codes<BITS, L::VPL>(codes + cache_row * ROW_BYTES, d0, code);
-      if (d0 % L::R == 0) {
-        norms[cache_row * L::NB + d0 / L::R] = stored_norm;
+    if (p.has_offset != 0 && active && bh != off_bh) {
+      for (int i = 0; i < L::VPL; ++i) {
+        off[i] = offset[bh * D + d0 + i];
       }
+      off_bh = bh;
     }
-    // The full-precision windows get the rotated vector itself, cast to their dtype.
-    if (t < p.sink_tokens) {
-      tq::store_window<L::VPL>(sink, p.sink_dtype, (bh * p.sink_len + p.sink_pos + t) * D + d0, y);
+    float y[L::VPL];
+    for (int i = 0; i < L::VPL; ++i) {
+      float x = active ? float(src[src_row * D + d0 + i]) : 0.0f;
+      if (p.has_offset != 0 && active) {
+        x -= off[i];  // key centring, in float32 before the rotation like the reference
+      }
+      // x * s with s = +-1 is exact, as in the reference.
+      y[i] = x * tg_signs[d0 + i];
     }
-    if (p.recent_len != 0 && t >= p.recent_first) {
-      uint slot = p.recent_first_slot + (t - p.recent_first);  // < 2W: wraps at most once
-      slot = slot >= p.recent_len ? slot - p.recent_len : slot;
-      tq::store_window<L::VPL>(recent, p.recent_dtype, (bh * p.recent_len + slot) * D + d0, y);
+    tq::fwht<L::VPL, L::R>(y, lane);
+
+    float sum_sq = 0.0f;
+    for (int i = 0; i < L::VPL; ++i) {
+      y[i] *= p.inv_sqrt_r;
+      sum_sq += y[i] * y[i];
+    }
+    const float norm = precise::sqrt(tq::group_sum<L::BLOCK_LANES>(sum_sq));
+    // The reference computes sqrt(R) / n as reciprocal(n) * sqrt(R); a zero block stores u = 0.
+    const float inv_norm = norm > 0.0f ? precise::divide(1.0f, norm) * p.sqrt_r : 0.0f;
+
+    device const float* boundaries = codebook + (1 << BITS);
+    uint code[L::VPL];
+    for (int i = 0; i < L::VPL; ++i) {
+      code[i] = tq::nearest_code<BITS>(y[i] * inv_norm, boundaries);
+    }
+    float stored_norm = norm;
+    if (p.norm_correction != 0) {
+      // n * sqrt(R) / ||c[code]|| of the block: the decoded block then has norm n (never 0: no
+      // centroid is 0).
+      float c_sq = 0.0f;
+      for (int i = 0; i < L::VPL; ++i) {
+        const float c = codebook[code[i]];
+        c_sq += c * c;
+      }
+      const float unit = precise::sqrt(tq::group_sum<L::BLOCK_LANES>(c_sq));
+      stored_norm = precise::divide(norm * p.sqrt_r, unit);
+    }
+    if (active) {
+      if (t >= p.first) {
+        const uint slot = (p.first_slot + (t - p.first)) % p.capacity;
+        const ulong cache_row = bh * p.capacity + slot;
+        tq::store_codes<BITS, L::VPL>(codes + cache_row * ROW_BYTES, d0, code);
+        if (d0 % L::R == 0) {
+          norms[cache_row * L::NB + d0 / L::R] = stored_norm;
+        }
+      }
+      // The full-precision windows get the rotated vector itself, cast to their dtype.
+      if (t < p.sink_tokens) {
+        tq::store_window<L::VPL>(sink, p.sink_dtype, (bh * p.sink_len + p.sink_pos + t) * D + d0, y);
+      }
+      if (p.recent_len != 0 && t >= p.recent_first) {
+        uint slot = p.recent_first_slot + (t - p.recent_first);  // < 2W: wraps at most once
+        slot = slot >= p.recent_len ? slot - p.recent_len : slot;
+        tq::store_window<L::VPL>(recent, p.recent_dtype, (bh * p.recent_len + slot) * D + d0, y);
+      }
     }
   }
 }

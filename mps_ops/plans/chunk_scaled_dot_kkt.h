@@ -1,6 +1,5 @@
 // Launch plan of tq.chunk_scaled_dot_kkt(k, g, beta, cu_seqlens): one launch of the
-// chunk_scaled_dot_kkt kernel (mps_ops/kernels/gated_delta_chunk_prep.h). Also the l2norm launch
-// of q/k rows (append_l2norm_launch) that the chunked entry op's plan uses.
+// chunk_scaled_dot_kkt kernel (mps_ops/kernels/gated_delta_chunk_prep.h).
 // Inputs (Arg::Input index): 0 k [B, T, H, K] (read in its own dtype), 1 g, 2 beta [B, T, HV]
 // (read as float32), 3 cu_seqlens (optional, read as int32).
 // Output: 0 A [B, T, HV, 64] float32.
@@ -55,54 +54,6 @@ inline ChunkScaledDotKktPlan plan_chunk_scaled_dot_kkt(const TensorDesc& k, cons
     l.params = params_bytes(p);
     if (!check_launch(check, l)) return;
     plan.launches.push_back(std::move(l));
-  }();
-  plan.finish(check.error());
-  return plan;
-}
-
-// ---- l2norm of q/k rows (no op of its own) -----------------------------------------------------
-
-// Appends the launch of gdr_l2norm: out = x * (scale / sqrt(sum x^2 + 1e-6)) for each of the `rows`
-// rows of `dim` values of x (contiguous, read in `dtype`), written as float32 [rows, dim] to `out`
-// (an Arg::Output or Arg::Scratch of rows * dim * 4 bytes). scale = 1 for k; the chunked entry op
-// passes its query scale for q, as the CPU reference folds it into q's factor. Returns false (with
-// an internal error in `check`) if the sizes are out of the kernel's range.
-inline bool append_l2norm_launch(Checker& check, Plan& plan, const std::string& dtype, int64_t rows, int64_t dim,
-                                 Binding x, Binding out, double scale = 1.0) {
-  if (dim < 1 || dim > TQ_GDR_L2NORM_MAX_DIM)
-    return check.fail("internal: l2norm rows of " + str(dim) + " values (at most " + str(TQ_GDR_L2NORM_MAX_DIM) + ")");
-  if (!check.fits_u32("l2norm elements", uint64_t(rows) * dim)) return false;
-  if (rows == 0) return true;
-  GdrL2normParams p{};
-  p.rows = static_cast<tq_uint>(rows);
-  p.dim = static_cast<tq_uint>(dim);
-  p.scale = static_cast<float>(scale);
-  Launch l;
-  l.kernel = "gdr_l2norm_" + dtype;
-  l.grid = {ceil_div(rows, TQ_GDR_L2NORM_SIMDGROUPS), 1, 1};
-  l.threads = {TQ_GDR_L2NORM_SIMDGROUPS * kSimdWidth, 1, 1};
-  l.bindings = {x, out, {Arg::Params, 0}};
-  l.params = params_bytes(p);
-  if (!check_launch(check, l)) return false;
-  plan.launches.push_back(std::move(l));
-  return true;
-}
-
-// For the simulator tests only: the l2norm launch alone, over the rows of x [..., dim]
-// (Arg::Input 0) into a float32 output of x's shape.
-inline Plan plan_gdr_l2norm(const TensorDesc& x, double scale) {
-  Plan plan;
-  Checker check("gdr_l2norm");
-  [&] {
-    if (x.dim() < 1) {
-      check.fail("x must have rank >= 1, got shape " + shape_str(x.sizes));
-      return;
-    }
-    int64_t rows = 1;
-    for (int64_t d = 0; d + 1 < x.dim(); ++d) rows *= x.sizes[d];
-    plan.outputs = {{x.sizes, "float32"}};
-    plan.input_dtypes = {x.dtype};
-    append_l2norm_launch(check, plan, x.dtype, rows, x.sizes.back(), {Arg::Input, 0}, {Arg::Output, 0}, scale);
   }();
   plan.finish(check.error());
   return plan;

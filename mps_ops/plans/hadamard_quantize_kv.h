@@ -11,6 +11,13 @@ namespace tq_plan {
 
 struct HadamardQuantizeKvPlan : Plan {};
 
+// Row blocks per threadgroup of the quantizer: blocks / kQuantMinThreadgroups, clamped to
+// [1, kQuantMaxBlocksPerThreadgroup]. 64 threadgroups of 128 threads still fill a GPU of a few tens
+// of cores; 16 blocks bound the serial work of one threadgroup. At 256 blocks (T = 256, Hkv = 8,
+// D = 128) that is 4 blocks each, and the staged sign vector adds ~5% to the bytes instead of ~20%.
+constexpr uint64_t kQuantMinThreadgroups = 64;
+constexpr uint64_t kQuantMaxBlocksPerThreadgroup = 16;
+
 // Vectors (rows) per threadgroup: TQ_QUANT_SIMDGROUPS simdgroups x 256 / D vectors each.
 inline uint32_t quant_rows_per_threadgroup(int64_t head_dim) {
   const int64_t lanes_per_row = head_dim / TQ_LANE_VALUES(head_dim);
@@ -111,9 +118,16 @@ inline HadamardQuantizeKvPlan plan_hadamard_quantize_kv(const TensorDesc& src, c
     p.recent_first_slot = static_cast<tq_uint>(recent_first_slot);
     p.recent_dtype = recent.defined ? window_dtype(recent) : TQ_WINDOW_FLOAT32;
 
+    // Each threadgroup stages the sign vector (D floats) once: with many rows it walks several row
+    // blocks, so the signs are read about once per 4 blocks, while the grid keeps at least
+    // kQuantMinThreadgroups threadgroups (a decode step's few rows stay one block each).
+    const uint64_t blocks = ceil_div(rows, quant_rows_per_threadgroup(D));
+    p.blocks_per_threadgroup = static_cast<tq_uint>(
+        std::clamp<uint64_t>(blocks / kQuantMinThreadgroups, 1, kQuantMaxBlocksPerThreadgroup));
+
     Launch l;
     l.kernel = "hadamard_quantize_kv_" + src.dtype + "_d" + str(D) + "_b" + str(bits);
-    l.grid = {ceil_div(rows, quant_rows_per_threadgroup(D)), 1, 1};
+    l.grid = {static_cast<uint32_t>(ceil_div(blocks, p.blocks_per_threadgroup)), 1, 1};
     l.threads = {TQ_QUANT_SIMDGROUPS * kSimdWidth, 1, 1};
     l.threadgroup_memory = static_cast<uint32_t>(D * 4);  // the sign vector
     l.bindings = {{Arg::Input, 0},

@@ -1,8 +1,8 @@
 // Launch plan of tq.recompute_w_u(k, v, beta, A, g, cu_seqlens): one launch of the recompute_w_u
 // kernel (mps_ops/kernels/gated_delta_chunk.h). Also the launch vocabulary of the three chunk
-// stages (recompute_w_u, chunk_fwd_h, chunk_fwd_o): their geometry, Params and size checks, and an
-// append_<stage>_launch helper per stage that takes the buffer bindings, so the entry op
-// chunk_gated_delta_rule can chain the stages on scratch buffers.
+// stages (recompute_w_u, chunk_fwd_h, chunk_fwd_o): their geometry, Params and size checks (the
+// entry op chunk_gated_delta_rule uses the geometry and Params for its fused kernel), and an
+// append_<stage>_launch helper per stage that takes the buffer bindings.
 // Inputs (Arg::Input index): 0 k, 1 v [each read in its own dtype], 2 beta, 3 A, 4 g [read as
 // float32], 5 cu_seqlens (optional, read as int32).
 // Outputs: 0 w [B, T, HV, K] float32, 1 u [B, T, HV, V] float32.

@@ -43,11 +43,11 @@ KERNEL_SOURCES = {
     "recompute_w_u_": "gated_delta_chunk.metal",
     "chunk_fwd_h_": "gated_delta_chunk.metal",
     "chunk_fwd_o_": "gated_delta_chunk.metal",
+    "chunk_gated_delta_rule_": "gated_delta_fused.metal",
     "fused_recurrent_gated_delta_rule_": "gated_delta_recurrent.metal",
     "chunk_local_cumsum_": "gated_delta_chunk_prep.metal",
     "chunk_scaled_dot_kkt_": "gated_delta_chunk_prep.metal",
     "solve_tril": "gated_delta_chunk_prep.metal",
-    "gdr_l2norm_": "gated_delta_chunk_prep.metal",
 }
 
 # Schema order of each op's arguments and which of them are tensors (Arg::Input indices).
@@ -69,7 +69,6 @@ OP_ARGS = {
     "chunk_local_cumsum": ("g", "chunk_size", "reverse", "scale", "cu_seqlens"),
     "chunk_scaled_dot_kkt": ("k", "g", "beta", "cu_seqlens"),
     "solve_tril": ("A", "cu_seqlens"),
-    "gdr_l2norm": ("x", "scale"),  # internal launch of the chunked entry op, not a torch op
 }
 OP_DEFAULTS = {
     "kv_cache_copy": dict(is_sliding=False),
@@ -88,7 +87,6 @@ OP_DEFAULTS = {
     "chunk_local_cumsum": dict(chunk_size=64, reverse=False, scale=None, cu_seqlens=None),
     "chunk_scaled_dot_kkt": dict(cu_seqlens=None),
     "solve_tril": dict(cu_seqlens=None),
-    "gdr_l2norm": dict(scale=1.0),
 }
 OP_TENSORS = {
     "kv_cache_copy": ("src", "cache"),
@@ -104,7 +102,6 @@ OP_TENSORS = {
     "chunk_local_cumsum": ("g", "cu_seqlens"),
     "chunk_scaled_dot_kkt": ("k", "g", "beta", "cu_seqlens"),
     "solve_tril": ("A", "cu_seqlens"),
-    "gdr_l2norm": ("x",),
 }
 # Inputs the .mm passes through .contiguous() (read-only inputs the validation accepts strided).
 CONTIGUOUS_COPY = {"src", "q", "kv_start"}
@@ -196,7 +193,6 @@ def _library() -> ctypes.CDLL:
     dll.tq_plan_chunk_local_cumsum.argtypes = [desc, i64, i32, i32, f64, desc, i64p, i32, out]
     dll.tq_plan_chunk_scaled_dot_kkt.argtypes = [desc, desc, desc, desc, i64p, i32, out]
     dll.tq_plan_solve_tril.argtypes = [desc, desc, i64p, i32, out]
-    dll.tq_plan_gdr_l2norm.argtypes = [desc, f64, out]
     dll.tq_plan_recompute_w_u.argtypes = [desc, desc, desc, desc, desc, desc, i64p, i32, out]
     dll.tq_plan_chunk_fwd_h.argtypes = [desc, desc, desc, desc, desc, desc, i64p, i32, out]
     dll.tq_plan_chunk_fwd_o.argtypes = [desc, desc, desc, desc, desc, i32, f64, desc, i64p, i32, out]
@@ -289,8 +285,6 @@ def plan(op: str, **kwargs) -> dict:
         dll.tq_plan_chunk_fwd_o(D("q"), D("k"), D("v"), D("h"), D("g"), int(a["scale"] is not None),
                                 float(a["scale"] if a["scale"] is not None else 0.0), D("cu_seqlens"), cu_values,
                                 num_cu_values, ctypes.byref(out))
-    elif op == "gdr_l2norm":
-        dll.tq_plan_gdr_l2norm(D("x"), float(a["scale"]), ctypes.byref(out))
     else:
         raise KeyError(op)
     launches = []

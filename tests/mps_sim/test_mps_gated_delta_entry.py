@@ -1,9 +1,10 @@
 """chunk_gated_delta_rule (the chunked entry op) through its launch plan and the MSL simulator, against
 the CPU reference.
 
-The plan chains the stage kernels (l2norm, cumsum, kkt, solve_tril, recompute_w_u, chunk_fwd_h,
-chunk_fwd_o) on float32 scratch; the CPU reference runs the same math in a fused, segmented pass.
-Both accumulate in float32 in a different order, so float32 outputs agree to float32 tolerances;
+The plan launches one fused kernel (gated_delta_fused.h: the cumsum, the l2norm, k k^T, its inverse,
+v_new, o and the state update per chunk, no scratch); the CPU reference runs the same math in a
+fused, segmented pass. Both accumulate in float32 in a different order, so float32 outputs agree to
+float32 tolerances;
 float16/bfloat16 o is rounded to its dtype on both sides, where a float32 difference may flip the
 last bit, so the bound is about one ulp of that dtype (as in test_mps_gated_delta_recurrent.py).
 
@@ -56,6 +57,9 @@ CASES = [
     ("T65-k256-v64-f16-l2-init", 1, 65, 1, 1, 256, 64, F16, True, True, True, None, None),
     ("T130-varlen-k64-bf16-nol2-nofinal", 1, 130, 1, 2, 64, 64, BF16, False, True, False, 0.5, CU),
     ("T1-k256-v256-l2-init", 1, 1, 1, 1, 256, 256, F32, True, True, True, None, None),
+    # Every simdgroup owns value columns (V = 128) over three chunks, GVA; two column tiles (V = 256).
+    ("T130-gva-k128-v128-l2-init", 1, 130, 1, 2, 128, 128, F32, True, True, True, None, None),
+    ("T70-k64-v256-bf16-l2-init", 1, 70, 1, 1, 64, 256, BF16, True, True, True, 0.7, None),
 ]
 
 
@@ -95,6 +99,20 @@ def test_matches_the_recurrent_form():
     assert_close("vs-recurrent-state", ref_state, state, 1e-5)
 
 
+def test_float32_kernel_against_the_float64_reference_over_many_chunks():
+    """Five chunks of state carried in float32 (two sequences, one of them a single token), GVA,
+    l2norm, against the CPU op run in float64 on the same values: float32 rounding only."""
+    args = entry_inputs(1, 300, 2, 4, 64, 128, F32, True, seed=17, cu_seqlens=[0, 1, 300])
+    args.update(output_final_state=True)
+    o, state = _plans.run(OP, **args)
+    ref_o, ref_state = torch.ops.tq.chunk_gated_delta_rule(
+        **{k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in args.items()})
+    _max_errors("vs-float64-o", ref_o, o)
+    _max_errors("vs-float64-state", ref_state, state)
+    assert_close("vs-float64-o", ref_o, o.double(), 2e-6)
+    assert_close("vs-float64-state", ref_state, state.double(), 2e-6)
+
+
 # Every rule of the entry ops in the shared table; rows written for the recurrent op are checked
 # against the chunked op's own CPU message (same rule, other op name).
 ENTRY_BAD = [c for c in BAD_INPUTS if c[1] in ("chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule")]
@@ -112,30 +130,27 @@ def test_plan_rejects_float64_on_this_device():
         "got torch.float64")
 
 
-def scratch_formula(B, T, H, HV, K, V, NT, l2):
-    """4 * [B T HV (1 + 64 + K + 2V) + NT HV K V (+ 2 B T H K with l2norm)] bytes (A shares v_new's buffer)."""
-    return 4 * (B * T * HV * (1 + 64 + K + 2 * V) + NT * HV * K * V + (2 * B * T * H * K if l2 else 0))
-
-
 @pytest.mark.parametrize("l2", [False, True])
-def test_plan_shapes_launches_and_scratch(l2):
+def test_plan_is_one_fused_launch_without_scratch(l2):
     """Qwen3-Next-like prefill (B=1, T=4096, H=16, HV=32, K=V=128, bfloat16): plan only."""
     B, T, H, HV, K, V = 1, 4096, 16, 32, 128, 128
     args = rule_args(B=B, T=T, H=H, HV=HV, K=K, V=V, dtype=BF16, initial_state=True)
-    args["g"] = args["g"].to(BF16)  # read as given, by the cumsum only
+    args["g"] = args["g"].to(BF16)  # converted to float32 by the host, like beta
     p = _plans.plan(OP, **dict(args, use_qk_l2norm_in_kernel=l2, output_final_state=False))
     assert p["error"] == ""
     assert p["outputs"] == [([B, T, HV, V], BF16), ([0, HV, K, V], F32)]
-    assert p["input_dtypes"] == ["bfloat16"] * 4 + ["float32"] * 2 + ["int32"]
-    kernels = [launch["kernel"] for launch in p["launches"]]
-    qk = "float32" if l2 else "bfloat16"
-    assert kernels == (["gdr_l2norm_bfloat16"] * 2 if l2 else []) + [
-        "chunk_local_cumsum_bfloat16", f"chunk_scaled_dot_kkt_{qk}", "solve_tril", f"recompute_w_u_{qk}_bfloat16",
-        f"chunk_fwd_h_{qk}_k128", f"chunk_fwd_o_{qk}_bfloat16"]
-    assert all(launch["threadgroup_memory"] <= 32 * 1024 for launch in p["launches"])
-    assert len(p["scratch_bytes"]) == (8 if l2 else 6)
-    assert sum(p["scratch_bytes"]) == scratch_formula(B, T, H, HV, K, V, T // 64, l2)
-    assert sum(p["scratch_bytes"]) == (436_731_904 if l2 else 369_623_040)  # 416.5 / 352.5 MiB
+    assert p["input_dtypes"] == ["bfloat16"] * 3 + ["float32"] * 3 + ["int32"]
+    [launch] = p["launches"]
+    assert launch["kernel"] == "chunk_gated_delta_rule_bfloat16_k128"
+    assert launch["grid"] == (1, HV, B) and launch["threads"] == (512, 1, 1)
+    assert launch["threadgroup_memory"] == (64 * 64 + 4 * 64) * 4 <= 28 * 1024
+    assert p["scratch_bytes"] == []
+
+
+def test_plan_tiles_v256_and_walks_each_sequence():
+    p = _plans.plan(OP, **rule_args(B=3, K=64, V=256))
+    assert p["error"] == ""
+    assert [launch["grid"] for launch in p["launches"]] == [(2, 4, 3)]
 
 
 def test_plan_empty_batch_launches_nothing():

@@ -118,7 +118,7 @@ def test_plan_shapes_and_launch():
     (launch,) = p["launches"]
     assert launch["kernel"] == "fused_recurrent_gated_delta_rule_bfloat16_k256"
     assert launch["grid"] == (4, 4, 2) and launch["threads"] == (256, 1, 1)
-    assert launch["threadgroup_memory"] <= 32 * 1024
+    assert launch["threadgroup_memory"] <= 28 * 1024
     assert '"fused_recurrent_gated_delta_rule_"' in (_plans.KERNELS / "gated_delta_recurrent.metal").read_text()
     # B = 0: empty outputs, nothing to launch.
     empty = _plans.plan(OP, **rule_args(B=0))

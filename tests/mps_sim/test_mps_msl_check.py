@@ -87,7 +87,9 @@ def test_every_planned_kernel_is_checked_with_the_memory_its_plan_declares(check
     kernels = report["kernels"]
     assert sorted(set(declared) - set(kernels)) == []  # every kernel a plan launches was compiled and checked
     assert {k: declared[k] for k in declared} == {k: kernels[k]["threadgroup_bytes"] for k in declared}
-    assert max(k["threadgroup_bytes"] for k in kernels.values()) <= 32 * 1024
+    # Apple's limit is 32 KiB; 4 KiB are left to the compiler.
+    assert max(k["threadgroup_bytes"] for k in kernels.values()) <= 28 * 1024
+    assert sorted(set(kernels) - set(declared)) == []  # no instantiation that no plan launches
 
 
 def test_every_planned_kernel_is_in_the_family_the_simulator_compiles_it_from(declared):

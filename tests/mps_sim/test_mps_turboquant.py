@@ -172,6 +172,9 @@ DECODE_PATH_CASES = [
     ("empty-sink-buffer", 1, 2, 2, 64, 8, 0, False, 4, F32, False, True, 0, 1, F32, F32),
     ("offset-only", 2, 3, 2, 256, 6, 1, False, 4, F32, True, False, None, None, None, None),
     ("norm-correction-only", 1, 3, 3, 128, 6, 2, False, 2, BF16, False, True, None, None, None, None),
+    # 226 row blocks of 16 rows: 3 blocks per threadgroup (the last threadgroup 1, its block partial);
+    # a lane's head (and offset) and batch row change between the blocks it walks.
+    ("prefill-several-blocks-per-threadgroup", 2, 601, 3, 64, 640, 0, False, 4, F16, True, True, 4, 8, F16, BF16),
 ]
 # Every (D, bits) pair with every option on, dtypes and ring geometry varying along.
 for _i, (_D, _bits) in enumerate(itertools.product(DIMS, BITS)):
@@ -247,3 +250,15 @@ def test_quantize_with_windows_and_no_tokens_launches_nothing():
                 sink=torch.zeros(1, 2, 4, 64), recent=torch.zeros(1, 2, 4, 64), norm_correction=True,
                 offset=torch.zeros(1, 2, 64))
     assert _plans.plan("hadamard_quantize_kv", **args)["launches"] == []
+
+
+@pytest.mark.parametrize("T, Hkv, D, grid", [(1, 8, 128, 1), (256, 8, 128, 64), (601 * 2, 3, 64, 76), (8192, 8, 128, 512)],
+                         ids=["decode", "T256", "T1202-Hkv3", "T8192"])
+def test_quantize_grid_walks_several_blocks_per_threadgroup(T, Hkv, D, grid):
+    """The sign vector is staged once per threadgroup: blocks / 64 row blocks per threadgroup (1 .. 16)."""
+    codes, norms = torch_tq.allocate_quantized_kv(1, Hkv, T, D, 4)
+    p = _plans.plan("hadamard_quantize_kv", **dict(_plans.OP_DEFAULTS["hadamard_quantize_kv"], src=torch.randn(1, T, Hkv, D),
+                                                   codes=codes, norms=norms, write_pos=0, bits=4,
+                                                   signs=torch_tq.hadamard_signs(D)))
+    assert p["error"] == ""
+    assert p["launches"][0]["grid"] == (grid, 1, 1)
