@@ -890,8 +890,11 @@ class AttnConfig:
 
 
 DEFAULT_ATTN_CONFIG = AttnConfig()
-# v2 tiles by head_dim: (block_n, num_warps), from the sm_90 compiles (no spills); to be tuned by the sweep.
-_V2_TILE = {32: (64, 4), 64: (64, 4), 128: (64, 4), 256: (32, 4)}
+# v2 tiles by head_dim: (block_n, num_warps). Compiled for sm_90 (Triton 3.9's ptxas, pointers and C divisible
+# by 16 as at a real launch), 4-bit K and V, bf16 q, no spills: D64 64/4 128 registers (4 programs of 4 warps per
+# SM), D128 64/8 118 (2 programs of 8 warps), D256 32/8 141; 3-bit D128 64/8 158. v1 at D128 (32/8) needed 248,
+# i.e. one program of 8 warps per SM. To be tuned by timing: benchmarks/cuda_ops.py --sweep.
+_V2_TILE = {32: (64, 4), 64: (64, 4), 128: (64, 8), 256: (32, 8)}
 _HMAT: dict = {}
 
 
