@@ -240,8 +240,147 @@ def hadamard_quantize_kv_fwd_kernel(
         tl.store(p_recent, _cast(y_rows, recent_ptr.dtype.element_ty), mask=recent_ok[:, None])
 
 
+@triton.jit
+def hadamard_quantize_kv_fwd2_kernel(
+    src_ptr, hmat_ptr, codes_ptr, norms_ptr, signs_ptr, offset_ptr, bounds_ptr, codebook_ptr, sink_ptr, recent_ptr,
+    seqlens_ptr, n_rows, n_tiles, t_lo, T, Hkv, C, S, W, write_pos, first_code, first_recent, sqrt_r, inv_sqrt_r,
+    stride_sb, stride_st, stride_sh, stride_sd,
+    D: tl.constexpr, ROWS: tl.constexpr, IS_SLIDING: tl.constexpr, USE_OFFSET: tl.constexpr,
+    NORM_CORRECTION: tl.constexpr, HAS_SINK: tl.constexpr, HAS_RECENT: tl.constexpr, HAS_SEQLENS: tl.constexpr,
+    PRECISION: tl.constexpr, TRANS: tl.constexpr,
+):
+    """4-bit quantize for NB = 1 (D <= 128): persistent programs over tiles of ROWS rows; the rotation is a dot
+    with the even and odd columns of the ±1 Hadamard matrix (exact products: bf16/fp16 sources are exact in tf32,
+    float32 or offset sources go through tf32x3), so the even/odd codes pack into bytes without any reshape.
+    The norm of the rotated row is that of the signed row (H/sqrt(R) is orthogonal)."""
+    DH: tl.constexpr = D // 2
+    i = tl.arange(0, DH)
+    d = tl.arange(0, D)
+    sg = tl.load(signs_ptr + d)
+    n_t = T - t_lo
+    for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+        rows = (tile * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+        row_ok = rows < n_rows
+        h = rows % Hkv
+        t = (rows // Hkv) % n_t + t_lo
+        b = rows // Hkv // n_t
+        bh = b * Hkv + h
+        p_src = (src_ptr + b[:, None] * stride_sb + t[:, None] * stride_st + h[:, None] * stride_sh
+                 + d[None, :] * stride_sd)
+        x = tl.load(p_src, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        if USE_OFFSET:
+            x = x - tl.load(offset_ptr + bh[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0)
+        x = x * sg[None, :]
+        norm = tl.sqrt(tl.sum(x * x, axis=1))  # [ROWS]
+        inv = tl.where(norm > 0, sqrt_r / tl.where(norm > 0, norm, 1.0), 0.0)
+        # H is re-read per tile (L1/L2 hits): held across the loop as dot operands it would take ~128 registers.
+        if TRANS:
+            # Transposed: y^T = H_half^T x^T, both operands in shared memory, the [DH, ROWS] results in registers.
+            xt = tl.trans(x)
+            ya = tl.dot(tl.load(hmat_ptr + (2 * i)[:, None] * D + d[None, :]), xt, input_precision=PRECISION)
+            ua = ya * (inv * inv_sqrt_r)[None, :]
+            ca = tl.zeros((DH, ROWS), dtype=tl.int32)
+            for k in tl.static_range(15):
+                ca += (ua > tl.load(bounds_ptr + k)).to(tl.int32)
+            yb = tl.dot(tl.load(hmat_ptr + (2 * i + 1)[:, None] * D + d[None, :]), xt, input_precision=PRECISION)
+            ub = yb * (inv * inv_sqrt_r)[None, :]
+            cb = tl.zeros((DH, ROWS), dtype=tl.int32)
+            for k in tl.static_range(15):
+                cb += (ub > tl.load(bounds_ptr + k)).to(tl.int32)
+            ya = ya * inv_sqrt_r
+            yb = yb * inv_sqrt_r
+            if NORM_CORRECTION:
+                va = tl.load(codebook_ptr + ca)
+                vb = tl.load(codebook_ptr + cb)
+                norm = norm * sqrt_r / tl.sqrt(tl.sum(va * va + vb * vb, axis=0))
+        else:
+            ha = tl.load(hmat_ptr + d[:, None] * D + (2 * i)[None, :])
+            hb = tl.load(hmat_ptr + d[:, None] * D + (2 * i + 1)[None, :])
+            ya = tl.dot(x, ha, input_precision=PRECISION) * inv_sqrt_r  # [ROWS, DH]: even coordinates
+            yb = tl.dot(x, hb, input_precision=PRECISION) * inv_sqrt_r  # odd coordinates
+            ua = ya * inv[:, None]
+            ub = yb * inv[:, None]
+            ca = tl.zeros((ROWS, DH), dtype=tl.int32)
+            cb = tl.zeros((ROWS, DH), dtype=tl.int32)
+            for k in tl.static_range(15):
+                bound = tl.load(bounds_ptr + k)
+                ca += (ua > bound).to(tl.int32)
+                cb += (ub > bound).to(tl.int32)
+            if NORM_CORRECTION:
+                va = tl.load(codebook_ptr + ca)
+                vb = tl.load(codebook_ptr + cb)
+                unit = tl.sqrt(tl.sum(va * va + vb * vb, axis=1))
+                norm = norm * sqrt_r / unit
+        if HAS_SEQLENS:
+            p = tl.load(seqlens_ptr + b, mask=row_ok, other=0).to(tl.int64) + t
+        else:
+            p = write_pos + t
+        if IS_SLIDING:
+            slot = p % C
+        else:
+            slot = p
+        code_ok = row_ok & (t >= first_code) & (slot < C)
+        cache_row = bh * C + slot
+        tl.store(norms_ptr + cache_row, norm, mask=code_ok)
+        if TRANS:
+            tl.store(codes_ptr + cache_row[None, :] * DH + i[:, None], (ca | (cb << 4)).to(tl.uint8),
+                     mask=code_ok[None, :])
+        else:
+            tl.store(codes_ptr + cache_row[:, None] * DH + i[None, :], (ca | (cb << 4)).to(tl.uint8),
+                     mask=code_ok[:, None])
+        # The rotated rows into the full-precision windows ([DH, ROWS] columns-by-rows when TRANS).
+        if HAS_SINK:
+            sink_ok = row_ok & (p < S)
+            if TRANS:
+                p_sink = sink_ptr + (bh * S + p)[None, :] * D
+                tl.store(p_sink + (2 * i)[:, None], _cast(ya, sink_ptr.dtype.element_ty), mask=sink_ok[None, :])
+                tl.store(p_sink + (2 * i + 1)[:, None], _cast(yb, sink_ptr.dtype.element_ty), mask=sink_ok[None, :])
+            else:
+                p_sink = sink_ptr + (bh * S + p)[:, None] * D
+                tl.store(p_sink + (2 * i)[None, :], _cast(ya, sink_ptr.dtype.element_ty), mask=sink_ok[:, None])
+                tl.store(p_sink + (2 * i + 1)[None, :], _cast(yb, sink_ptr.dtype.element_ty), mask=sink_ok[:, None])
+        if HAS_RECENT:
+            recent_ok = row_ok & (t >= first_recent)
+            if TRANS:
+                p_recent = recent_ptr + (bh * W + p % W)[None, :] * D
+                tl.store(p_recent + (2 * i)[:, None], _cast(ya, recent_ptr.dtype.element_ty),
+                         mask=recent_ok[None, :])
+                tl.store(p_recent + (2 * i + 1)[:, None], _cast(yb, recent_ptr.dtype.element_ty),
+                         mask=recent_ok[None, :])
+            else:
+                p_recent = recent_ptr + (bh * W + p % W)[:, None] * D
+                tl.store(p_recent + (2 * i)[None, :], _cast(ya, recent_ptr.dtype.element_ty),
+                         mask=recent_ok[:, None])
+                tl.store(p_recent + (2 * i + 1)[None, :], _cast(yb, recent_ptr.dtype.element_ty),
+                         mask=recent_ok[:, None])
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """Knobs of :func:`hadamard_quantize_kv_fwd` (benchmarks/cuda_ops.py --sweep times them).
+
+    variant: "v2" (4-bit, D <= 128: dot rotation, persistent programs; other cases run v1) or "v1".
+    rows: rows per tile (v2, 64 default: wgmma wants 64) or per program (v1, None = 512 // D); num_warps: None =
+        4 (v1) / 8 (v2: D128 64 rows 183 registers on sm_90, no spills; 4 warps spill).
+    programs_per_sm: v2's persistent programs per SM.
+    trans: v2 computes y^T = H^T x^T (both dot operands in shared memory, fewer registers) instead of y = x H.
+    """
+
+    variant: str = "v2"
+    rows: int | None = None
+    num_warps: int | None = None
+    programs_per_sm: int = 4
+    trans: bool = True
+    v2_inexact: bool = False  # v2 also for float32 sources / offsets (tf32x3); the tests use it to cover that path
+
+
+DEFAULT_QUANT_CONFIG = QuantConfig()
+_V2_QUANT_ROWS = 64
+
+
 def hadamard_quantize_kv_fwd(src, codes, norms, write_pos, is_sliding, bits, signs, offset, norm_correction, sink,
-                             recent, cache_seqlens=None) -> None:
+                             recent, cache_seqlens=None, config: QuantConfig | None = None) -> None:
+    cfg = DEFAULT_QUANT_CONFIG if config is None else config
     B, T, Hkv, D = src.shape
     C = codes.shape[2]
     first_code = max(0, T - C) if is_sliding else 0
@@ -255,44 +394,61 @@ def hadamard_quantize_kv_fwd(src, codes, norms, write_pos, is_sliding, bits, sig
         return
     R = rotation_block(D)
     codebook, bounds = _codebook(bits, src.device)
-    rows = _rows_per_program(D)
-    grid = (triton.cdiv(n_rows, rows),)
-    hadamard_quantize_kv_fwd_kernel[grid](
-        src, codes, norms, signs,
-        offset if offset is not None else norms,
-        bounds,
-        codebook,
-        sink if sink is not None else norms,
-        recent if recent is not None else norms,
-        cache_seqlens if cache_seqlens is not None else norms,
-        n_rows, t_lo, T, Hkv, C, S,
-        recent.shape[2] if recent is not None else 1,
-        write_pos, first_code, first_recent, math.sqrt(R), 1.0 / math.sqrt(R),
-        *src.stride(),
-        D=D,
-        R=R,
-        BITS=bits,
-        ROWS=rows,
+    W = recent.shape[2] if recent is not None else 1
+    buffers = (offset if offset is not None else norms, bounds, codebook, sink if sink is not None else norms,
+               recent if recent is not None else norms, cache_seqlens if cache_seqlens is not None else norms)
+    flags = dict(
         IS_SLIDING=bool(is_sliding),
         USE_OFFSET=offset is not None,
         NORM_CORRECTION=bool(norm_correction),
         HAS_SINK=sink is not None,
         HAS_RECENT=recent is not None,
         HAS_SEQLENS=cache_seqlens is not None,
-        num_warps=4,
+    )
+    # bf16/fp16 values times ±1 are exact in tf32: one tf32 dot multiplies exactly (float32 sums). float32 sources
+    # and offsets (x - offset in float32) would need tf32x3, which spills on sm_90 (896 bytes): they run v1.
+    exact = src.dtype in (torch.bfloat16, torch.float16) and offset is None
+    if cfg.variant == "v2" and bits == 4 and R == D and 32 <= D <= 128 and (exact or cfg.v2_inexact):
+        rows = cfg.rows or _V2_QUANT_ROWS
+        n_tiles = triton.cdiv(n_rows, rows)
+        programs = max(1, min(n_tiles, cfg.programs_per_sm * _sm_count(src.device)))
+        hadamard_quantize_kv_fwd2_kernel[(programs,)](
+            src, _hadamard_matrix(D, torch.float32, src.device), codes, norms, signs, *buffers,
+            n_rows, n_tiles, t_lo, T, Hkv, C, S, W, write_pos, first_code, first_recent, math.sqrt(R),
+            1.0 / math.sqrt(R), *src.stride(),
+            D=D,
+            ROWS=rows,
+            PRECISION="tf32" if exact else "tf32x3",
+            TRANS=bool(cfg.trans),
+            num_warps=cfg.num_warps or 8,
+            **flags,
+        )
+        return
+    rows = cfg.rows or _rows_per_program(D)
+    grid = (triton.cdiv(n_rows, rows),)
+    hadamard_quantize_kv_fwd_kernel[grid](
+        src, codes, norms, signs, *buffers,
+        n_rows, t_lo, T, Hkv, C, S, W, write_pos, first_code, first_recent, math.sqrt(R), 1.0 / math.sqrt(R),
+        *src.stride(),
+        D=D,
+        R=R,
+        BITS=bits,
+        ROWS=rows,
+        num_warps=cfg.num_warps or 4,
+        **flags,
     )
 
 
 def hadamard_quantize_kv(src, codes, norms, write_pos: int, is_sliding: bool = False, bits: int = 4, signs=None,
                          offset=None, norm_correction: bool = False, sink=None, recent=None,
-                         cache_seqlens=None) -> None:
+                         cache_seqlens=None, config: QuantConfig | None = None) -> None:
     # cache_seqlens values live on the device: they are not checked (that would synchronize); a write past a
     # global cache is dropped.
     _validation.check_hadamard_quantize_kv(src, codes, norms, write_pos, is_sliding, bits, signs, offset, sink, recent,
                                            cache_seqlens)
     signs = resolve_signs(signs, src.shape[-1], src.device)
     hadamard_quantize_kv_fwd(src, codes, norms, int(write_pos), is_sliding, bits, signs, offset, norm_correction, sink,
-                             recent, cache_seqlens)
+                             recent, cache_seqlens, config=config)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
