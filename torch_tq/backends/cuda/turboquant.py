@@ -1102,12 +1102,19 @@ def flash_attn_vec_tq_fwd(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, 
     v_bits = bits if v_bits is None else v_bits
     half = q.dtype != torch.float32
     dot_dtype = torch.float16 if half else torch.float32
-    # v2: one norm per row (R = D), halves of at least 16 coordinates, and a KV head's code slab under 2^31 bytes.
+    GL = G * Lq
+    block_m = min(max(16, triton.next_power_of_2(GL)), _MAX_BLOCK_M[D])
+    # v2: one norm per row (R = D), halves of at least 16 coordinates, a KV head's code slab under 2^31 bytes;
+    # float32 queries (exact float32 dots, on the CUDA cores) only for decode row tiles at D <= 128: larger ones
+    # spill on sm_90 and keep v1.
     use_v2 = (cfg.variant == "v2" and R == D and D >= 32 and C * D * max(k_bits, v_bits) // 8 < 2**31
-              and C * (D // R) < 2**31)
+              and (half or (block_m <= 16 and D <= 128)))
     if use_v2:
         block_n, warps = _V2_TILE[D]
-        fold_q = (D <= 128) if cfg.fold_q is None else cfg.fold_q
+        if block_m > 16:
+            block_n = min(block_n, 32)  # prefill row tiles: D128 BM64 BN64 spilled, BN32 does not
+        # The folded rotation holds the [D, D/2] Hadamard halves as dot operands: float32 ones spill at D128.
+        fold_q = (half and D <= 128) if cfg.fold_q is None else cfg.fold_q
         stages = 1 if cfg.num_stages is None else cfg.num_stages
         lut_pair = bool(cfg.lut_pair) and half
     else:
@@ -1148,13 +1155,11 @@ def flash_attn_vec_tq_fwd(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, 
                                            cfg.min_split_positions)
     chunk = triton.cdiv(triton.cdiv(max(num_positions, 1), num_splits), block_n) * block_n
     num_splits = max(1, triton.cdiv(num_positions, chunk))
-    GL = G * Lq
     part_acc = _empty((B * Hkv, num_splits, GL, D), torch.float32, device)
     part_m = _empty((B * Hkv, num_splits, GL), torch.float32, device)
     part_l = _empty((B * Hkv, num_splits, GL), torch.float32, device)
     S = k_sink.shape[2] if k_sink is not None else 0
     W = k_recent.shape[2] if k_recent is not None else 0
-    block_m = min(max(16, triton.next_power_of_2(GL)), _MAX_BLOCK_M[D])
     windows = (k_sink if k_sink is not None else part_m, v_sink if v_sink is not None else part_m,
                k_recent if k_recent is not None else part_m, v_recent if v_recent is not None else part_m,
                kv_start if kv_start is not None else k_norms, cache_seqlens if cache_seqlens is not None else k_norms)
