@@ -1,7 +1,7 @@
 """The CUDA (Triton) TurboQuant ops on a GPU: correctness against the CPU reference, then timings.
 
     PYTHONPATH=. python benchmarks/cuda_ops.py [--quick] [--out FILE] [--skip-big]
-    PYTHONPATH=. python benchmarks/cuda_ops.py --sweep [--out FILE]
+    PYTHONPATH=. python benchmarks/cuda_ops.py --sweep [all|attn|quant] [--out FILE]
 
 1. Correctness (fails loudly, exit status 1, on any mismatch): every op on CUDA tensors through
    ``torch.ops.tq`` (the Triton kernels) against the CPU reference on the same inputs: quantize for
@@ -41,9 +41,15 @@ from torch_tq.layout import rotation_block, unpack_codes
 LINES: list[str] = []
 
 
+OUT_FILE: list = []  # the --out path: every line is appended as it is printed (a run cut short keeps its lines)
+
+
 def say(line: str = "") -> None:
     print(line, flush=True)
     LINES.append(line)
+    if OUT_FILE:
+        with open(OUT_FILE[0], "a") as f:
+            f.write(line + "\n")
 
 
 class Mismatch(AssertionError):
@@ -551,9 +557,12 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, no big-cache test")
     parser.add_argument("--skip-big", action="store_true", help="leave out the > 4 GiB cache test")
     parser.add_argument("--out", help="also write the report to this file")
-    parser.add_argument("--sweep", action="store_true",
-                        help="only time kernel configurations side by side (attention and quantize variants)")
+    parser.add_argument("--sweep", nargs="?", const="all", choices=("all", "attn", "quant"),
+                        help="only time kernel configurations side by side (attention and/or quantize variants)")
     args = parser.parse_args()
+    if args.out:
+        open(args.out, "w").close()
+        OUT_FILE.append(args.out)
     if not torch.cuda.is_available():
         print("benchmarks/cuda_ops.py needs a CUDA device", file=sys.stderr)
         return 2
@@ -568,8 +577,10 @@ def main() -> int:
     try:
         say()
         if args.sweep:
-            sweep_attention(dev, [(1, 4096), (1, 32768), (1, 131072), (8, 32768)])
-            sweep_quantize(dev, [(8, 32768), (1, 32768), (1, 1)])
+            if args.sweep in ("all", "attn"):
+                sweep_attention(dev, [(1, 4096), (1, 32768), (1, 131072), (8, 32768)])
+            if args.sweep in ("all", "quant"):
+                sweep_quantize(dev, [(8, 32768), (1, 32768), (1, 1)])
         else:
             say("correctness against the CPU reference (CUDA tensors through torch.ops.tq):")
             for part in (check_quantize, check_dequantize, check_copy, check_attention):
@@ -590,9 +601,6 @@ def main() -> int:
     except Exception:  # noqa: BLE001  (report everything, fail loudly)
         say("ERROR:\n" + traceback.format_exc())
         status = 1
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(LINES) + "\n")
     return status
 
 
