@@ -94,16 +94,23 @@ def reference_u(x, signs):
 def check_quantize(dev) -> list[str]:
     rows = []
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
-    for i, (D, bits) in enumerate((D, b) for D in (64, 128, 256, 512) for b in (2, 3, 4, 5, 6, 8)):
+    # Every (D, bits) with an offset (the v1 kernel), then 4-bit bf16/fp16 sources without an offset at D <= 128
+    # (the v2 kernel: dot rotation), with and without windows, over enough rows for several tiles.
+    cases = [(D, b, True, None) for D in (64, 128, 256, 512) for b in (2, 3, 4, 5, 6, 8)]
+    cases += [(64, 4, False, torch.bfloat16), (128, 4, False, torch.bfloat16), (128, 4, False, torch.float16),
+              (128, 4, False, torch.bfloat16)]
+    for i, (D, bits, use_offset, src_dtype) in enumerate(cases):
         B, T, Hkv, C, S, W = 2, 9, 2, 8, 3, 4
         sliding = i % 2 == 1
         write_pos = 5 if sliding else 0
         if not sliding:
             T = 7
-        dtype = dtypes[i % 3]
+        if not use_offset and i % 2 == 0:
+            B, T, Hkv, C, write_pos = 3, 100, 4, 128, 20  # 1200 rows: 19 tiles of 64
+        dtype = dtypes[i % 3] if src_dtype is None else src_dtype
         signs = torch_tq.hadamard_signs(D)
         src = (torch.randn(B, T, Hkv, D) * 2 + 0.5).to(dtype)
-        offset = torch.randn(B, Hkv, D)
+        offset = torch.randn(B, Hkv, D) if use_offset else torch.zeros(B, Hkv, D)
         bufs = [*torch_tq.allocate_quantized_kv(B, Hkv, C, D, bits), torch.full((B, Hkv, S, D), float("nan"),
                 dtype=dtypes[(i + 1) % 3]), torch.full((B, Hkv, W, D), float("nan"), dtype=dtypes[(i + 2) % 3])]
         bufs[0].fill_(0xA5)
@@ -112,7 +119,7 @@ def check_quantize(dev) -> list[str]:
         torch.ops.tq.hadamard_quantize_kv(src, bufs[0], bufs[1], write_pos, sliding, bits, signs, offset, True,
                                           bufs[2], bufs[3])
         torch.ops.tq.hadamard_quantize_kv(src.to(dev), gpu[0], gpu[1], write_pos, sliding, bits, signs.to(dev),
-                                          offset.to(dev), True, gpu[2], gpu[3])
+                                          offset.to(dev) if use_offset else None, True, gpu[2], gpu[3])
         first = max(0, T - C) if sliding else 0
         slots = torch.arange(write_pos + first, write_pos + T) % C
         x = (src.float() - offset.unsqueeze(1))[:, first:].transpose(1, 2)
@@ -127,7 +134,8 @@ def check_quantize(dev) -> list[str]:
             tol = {torch.float32: (1e-5, 2e-6), torch.float16: (2**-10, 1e-5), torch.bfloat16: (2**-7, 1e-4)}[r.dtype]
             torch.testing.assert_close(g.cpu(), r, rtol=tol[0], atol=tol[1], equal_nan=True,
                                        msg=lambda m: f"quantize D{D} b{bits} {name}: {m}")
-        rows.append(f"hadamard_quantize_kv D{D:<3} b{bits} {str(dtype)[6:]:<8} {'ring' if sliding else 'global':<6} {note}")
+        rows.append(f"hadamard_quantize_kv D{D:<3} b{bits} {str(dtype)[6:]:<8} {'ring' if sliding else 'global':<6} "
+                    f"{'offset' if use_offset else 'no offset'} {note}")
     return rows
 
 
