@@ -1,6 +1,7 @@
 """The CUDA (Triton) TurboQuant ops on a GPU: correctness against the CPU reference, then timings.
 
     PYTHONPATH=. python benchmarks/cuda_ops.py [--quick] [--out FILE] [--skip-big]
+    PYTHONPATH=. python benchmarks/cuda_ops.py --sweep [all|attn|quant] [--out FILE]
 
 1. Correctness (fails loudly, exit status 1, on any mismatch): every op on CUDA tensors through
    ``torch.ops.tq`` (the Triton kernels) against the CPU reference on the same inputs: quantize for
@@ -17,6 +18,9 @@
    written and read back through dequantize and through attention (64-bit offsets).
 
 Prints aligned tables and writes them to --out. --quick: small sizes for a first smoke test (no big cache).
+--sweep (instead of 1.-4.): every kernel configuration of ``attn_variants()`` / ``quant_variants()`` checked
+against the CPU reference on small cases and against the default variant on the timed inputs, and timed at
+B1 ctx 4k/32k/128k and B8 32k (4 and 3 bits) and quantize B8/B1 T32768, B1 T1: one table to pick from.
 """
 
 from __future__ import annotations
@@ -37,9 +41,15 @@ from torch_tq.layout import rotation_block, unpack_codes
 LINES: list[str] = []
 
 
+OUT_FILE: list = []  # the --out path: every line is appended as it is printed (a run cut short keeps its lines)
+
+
 def say(line: str = "") -> None:
     print(line, flush=True)
     LINES.append(line)
+    if OUT_FILE:
+        with open(OUT_FILE[0], "a") as f:
+            f.write(line + "\n")
 
 
 class Mismatch(AssertionError):
@@ -84,16 +94,23 @@ def reference_u(x, signs):
 def check_quantize(dev) -> list[str]:
     rows = []
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
-    for i, (D, bits) in enumerate((D, b) for D in (64, 128, 256, 512) for b in (2, 3, 4, 5, 6, 8)):
+    # Every (D, bits) with an offset (the v1 kernel), then 4-bit bf16/fp16 sources without an offset at D <= 128
+    # (the v2 kernel: dot rotation), with and without windows, over enough rows for several tiles.
+    cases = [(D, b, True, None) for D in (64, 128, 256, 512) for b in (2, 3, 4, 5, 6, 8)]
+    cases += [(64, 4, False, torch.bfloat16), (128, 4, False, torch.bfloat16), (128, 4, False, torch.float16),
+              (128, 4, False, torch.bfloat16)]
+    for i, (D, bits, use_offset, src_dtype) in enumerate(cases):
         B, T, Hkv, C, S, W = 2, 9, 2, 8, 3, 4
         sliding = i % 2 == 1
         write_pos = 5 if sliding else 0
         if not sliding:
             T = 7
-        dtype = dtypes[i % 3]
+        if not use_offset and i % 2 == 0:
+            B, T, Hkv, C, write_pos = 3, 100, 4, 128, 20  # 1200 rows: 19 tiles of 64
+        dtype = dtypes[i % 3] if src_dtype is None else src_dtype
         signs = torch_tq.hadamard_signs(D)
         src = (torch.randn(B, T, Hkv, D) * 2 + 0.5).to(dtype)
-        offset = torch.randn(B, Hkv, D)
+        offset = torch.randn(B, Hkv, D) if use_offset else torch.zeros(B, Hkv, D)
         bufs = [*torch_tq.allocate_quantized_kv(B, Hkv, C, D, bits), torch.full((B, Hkv, S, D), float("nan"),
                 dtype=dtypes[(i + 1) % 3]), torch.full((B, Hkv, W, D), float("nan"), dtype=dtypes[(i + 2) % 3])]
         bufs[0].fill_(0xA5)
@@ -102,7 +119,7 @@ def check_quantize(dev) -> list[str]:
         torch.ops.tq.hadamard_quantize_kv(src, bufs[0], bufs[1], write_pos, sliding, bits, signs, offset, True,
                                           bufs[2], bufs[3])
         torch.ops.tq.hadamard_quantize_kv(src.to(dev), gpu[0], gpu[1], write_pos, sliding, bits, signs.to(dev),
-                                          offset.to(dev), True, gpu[2], gpu[3])
+                                          offset.to(dev) if use_offset else None, True, gpu[2], gpu[3])
         first = max(0, T - C) if sliding else 0
         slots = torch.arange(write_pos + first, write_pos + T) % C
         x = (src.float() - offset.unsqueeze(1))[:, first:].transpose(1, 2)
@@ -117,7 +134,8 @@ def check_quantize(dev) -> list[str]:
             tol = {torch.float32: (1e-5, 2e-6), torch.float16: (2**-10, 1e-5), torch.bfloat16: (2**-7, 1e-4)}[r.dtype]
             torch.testing.assert_close(g.cpu(), r, rtol=tol[0], atol=tol[1], equal_nan=True,
                                        msg=lambda m: f"quantize D{D} b{bits} {name}: {m}")
-        rows.append(f"hadamard_quantize_kv D{D:<3} b{bits} {str(dtype)[6:]:<8} {'ring' if sliding else 'global':<6} {note}")
+        rows.append(f"hadamard_quantize_kv D{D:<3} b{bits} {str(dtype)[6:]:<8} {'ring' if sliding else 'global':<6} "
+                    f"{'offset' if use_offset else 'no offset'} {note}")
     return rows
 
 
@@ -338,6 +356,156 @@ def time_quantize(dev, sizes) -> None:
                 f"{gbs / 1e9:>7.0f} {gbs / bw:>7.0%}")
 
 
+# ---- --sweep: kernel configurations side by side ----------------------------------------------------------------------
+
+
+def attn_variants():
+    from torch_tq.backends.cuda.turboquant import AttnConfig as A
+
+    return [
+        ("v1 (previous kernel)", A(variant="v1")),
+        ("v2 default", A()),
+        ("v2 bn32 w4", A(block_n=32, num_warps=4)),
+        ("v2 bn32 w8", A(block_n=32, num_warps=8)),
+        ("v2 bn64 w4", A(block_n=64, num_warps=4)),
+        ("v2 bn128 w8", A(block_n=128, num_warps=8)),
+        ("v2 bn128 w4", A(block_n=128, num_warps=4)),
+        ("v2 no prefetch", A(prefetch=False)),
+        ("v2 no prefetch st2", A(prefetch=False, num_stages=2)),
+        ("v2 no prefetch st3", A(prefetch=False, num_stages=3)),
+        ("v2 st2", A(num_stages=2)),
+        ("v2 pair-lut", A(lut_pair=True)),
+        ("v2 pair-lut bn128 w8", A(lut_pair=True, block_n=128, num_warps=8)),
+        ("v2 pair-lut nopf st2", A(lut_pair=True, prefetch=False, num_stages=2)),
+        ("v2 q-rotate launch", A(fold_q=False)),
+        ("v2 2 prog/SM", A(programs_per_sm=2)),
+        ("v2 8 prog/SM", A(programs_per_sm=8)),
+        ("v2 16 prog/SM", A(programs_per_sm=16)),
+        ("v2 min split 1024", A(min_split_positions=1024)),
+        ("v2 bn128 w8 8 prog/SM", A(block_n=128, num_warps=8, programs_per_sm=8)),
+    ]
+
+
+def sweep_attention(dev, shapes) -> None:
+    import triton.testing
+
+    from torch_tq.backends.cuda import turboquant as tk
+
+    variants = attn_variants()
+    # Each variant against the CPU reference on two small cases (4-bit GQA bf16; 3-bit with windows fp16).
+    say()
+    say("sweep: every variant against the CPU reference (rel rms of the output)")
+    for case in ATTN_CASES[:2]:
+        (name, B, Hq, Hkv, Lq, D, C, kv_len, bits, v_bits, window, softcap, kv_start, S, W, dtype, wdtype) = case
+        cache = write_cache(B, Hkv, D, C, bits, v_bits, kv_len, kv_len > C, S, W, wdtype)
+        q = torch.randn(B, Hq, Lq, D).to(dtype)
+        ref = torch.ops.tq.flash_attn_vec_tq(q, *cache[:4], kv_len, D**-0.5, bits, window, softcap, None, None, None,
+                                             v_bits, *cache[4:])
+        g = [None if t is None else t.to(dev) for t in cache]
+        errs = []
+        for vname, cfg in variants:
+            try:
+                out = tk.flash_attn_vec_tq(q.to(dev), *g[:4], kv_len, D**-0.5, bits, window, softcap, None, None,
+                                           None, v_bits, *g[4:], config=cfg)
+                err = rel_rms(ref.float(), out.float())
+                errs.append(f"{vname}: {err:.1e}" + ("" if err <= OUT_RATIO_GPU[dtype] else " MISMATCH"))
+            except Exception as exc:  # noqa: BLE001  (a variant that fails is reported, the others still run)
+                errs.append(f"{vname}: {type(exc).__name__}: {str(exc)[:200]}")
+        say(f"  {name}: " + "; ".join(errs))
+
+    Hq, Hkv, D = 32, 8, 128
+    say()
+    say("sweep: decode attention, Hq32/Hkv8/D128, Lq=1, bf16 q; ms medians (do_bench | CUDA graph); x sdpa = "
+        "SDPA eager / tq eager; err = rel rms against 'v2 default' on the same random cache")
+    head = (f"{'variant':<24} {'B':>2} {'ctx':>7} {'bits':>4} {'tq ms':>8} {'tq g':>8} {'x sdpa':>7} {'x sdpa g':>8} "
+            f"{'GB/s':>6} {'err':>8}")
+    say(head)
+    say("-" * len(head))
+    for B, ctx in shapes:
+        q = torch.randn(B, Hq, 1, D, device=dev, dtype=torch.bfloat16)
+        k = torch.randn(B, Hkv, ctx, D, device=dev, dtype=torch.bfloat16)
+        v = torch.randn(B, Hkv, ctx, D, device=dev, dtype=torch.bfloat16)
+        sdpa_ms, sdpa_g = bench(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+        say(f"{'bf16 SDPA':<24} {B:>2} {ctx:>7} {'-':>4} {sdpa_ms:>8.4f} {sdpa_g:>8.4f}")
+        del k, v
+        for bits in (4, 3):
+            cache = [*random_cache(B, Hkv, ctx, D, bits, dev), *random_cache(B, Hkv, ctx, D, bits, dev)]
+            nbytes = sum(t.numel() * t.element_size() for t in cache) + 2 * q.numel() * 2
+            ref = tk.flash_attn_vec_tq(q, *cache, ctx, D**-0.5, bits).float()
+            for vname, cfg in variants:
+                fn = lambda cfg=cfg: tk.flash_attn_vec_tq(q, *cache, ctx, D**-0.5, bits, config=cfg)  # noqa: E731
+                try:
+                    err = rel_rms(ref, fn().float())
+                    ms = triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+                    try:
+                        g = triton.testing.do_bench_cudagraph(fn, rep=60, return_mode="median")
+                    except Exception:  # noqa: BLE001
+                        g = float("nan")
+                    say(f"{vname:<24} {B:>2} {ctx:>7} {bits:>4} {ms:>8.4f} {g:>8.4f} {sdpa_ms / ms:>6.2f}x "
+                        f"{sdpa_g / g:>7.2f}x {nbytes / ms / 1e6:>6.0f} {err:>8.1e}")
+                except Exception as exc:  # noqa: BLE001
+                    say(f"{vname:<24} {B:>2} {ctx:>7} {bits:>4} failed: {type(exc).__name__}: {str(exc)[:300]}")
+            del cache
+        del q
+        torch.cuda.empty_cache()
+
+
+def quant_variants():
+    from torch_tq.backends.cuda.turboquant import QuantConfig as Q
+
+    return [
+        ("v1 (previous kernel)", Q(variant="v1")),
+        ("v1 rows16 w4", Q(variant="v1", rows=16, num_warps=4)),
+        ("v2 default", Q()),
+        ("v2 w4", Q(num_warps=4)),
+        ("v2 no-trans w8", Q(trans=False)),
+        ("v2 2 prog/SM", Q(programs_per_sm=2)),
+        ("v2 8 prog/SM", Q(programs_per_sm=8)),
+        ("v2 32 prog/SM", Q(programs_per_sm=32)),
+    ]
+
+
+def sweep_quantize(dev, sizes) -> None:
+    import triton.testing
+
+    from torch_tq.backends.cuda import turboquant as tk
+
+    bw = copy_bandwidth(dev)
+    say()
+    say(f"sweep: hadamard_quantize_kv, bf16 src [B, T, Hkv=8, D=128]; copy {bw / 1e12:.2f} TB/s; codes = share of "
+        "codes that differ from v1's (near ties only), norms = max rel diff from v1's")
+    head = (f"{'variant':<22} {'B':>2} {'T':>6} {'bits':>4} {'ms':>8} {'GB/s':>7} {'of copy':>8} {'codes':>8} "
+            f"{'norms':>8}")
+    say(head)
+    say("-" * len(head))
+    D, Hkv = 128, 8
+    signs = torch_tq.hadamard_signs(D, device=dev)
+    for B, T in sizes:
+        for bits in (4, 3):
+            src = torch.randn(B, T, Hkv, D, device=dev, dtype=torch.bfloat16)
+            ref_codes, ref_norms = torch_tq.allocate_quantized_kv(B, Hkv, max(T, 1), D, bits, device=dev)
+            tk.hadamard_quantize_kv(src, ref_codes, ref_norms, 0, False, bits, signs,
+                                    config=tk.QuantConfig(variant="v1"))
+            codes, norms = torch.empty_like(ref_codes), torch.empty_like(ref_norms)
+            rows = B * T * Hkv
+            nbytes = src.numel() * 2 + rows * (D * bits // 8 + 4)
+            for vname, cfg in quant_variants():
+                fn = lambda cfg=cfg: tk.hadamard_quantize_kv(src, codes, norms, 0, False, bits, signs,  # noqa: E731
+                                                             config=cfg)
+                try:
+                    fn()
+                    diff = (unpack_codes(codes, bits) != unpack_codes(ref_codes, bits)).float().mean().item()
+                    ndiff = ((norms - ref_norms).abs() / ref_norms.abs().clamp_min(1e-30)).max().item()
+                    ms = triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+                    gbs = nbytes / (ms * 1e-3)
+                    say(f"{vname:<22} {B:>2} {T:>6} {bits:>4} {ms:>8.4f} {gbs / 1e9:>7.0f} {gbs / bw:>7.0%} "
+                        f"{diff:>8.1e} {ndiff:>8.1e}")
+                except Exception as exc:  # noqa: BLE001
+                    say(f"{vname:<22} {B:>2} {T:>6} {bits:>4} failed: {type(exc).__name__}: {str(exc)[:300]}")
+            del src, codes, norms, ref_codes, ref_norms
+        torch.cuda.empty_cache()
+
+
 # ---- 4. a cache above 4 GiB -------------------------------------------------------------------------------------------
 
 
@@ -397,7 +565,12 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, no big-cache test")
     parser.add_argument("--skip-big", action="store_true", help="leave out the > 4 GiB cache test")
     parser.add_argument("--out", help="also write the report to this file")
+    parser.add_argument("--sweep", nargs="?", const="all", choices=("all", "attn", "quant"),
+                        help="only time kernel configurations side by side (attention and/or quantize variants)")
     args = parser.parse_args()
+    if args.out:
+        open(args.out, "w").close()
+        OUT_FILE.append(args.out)
     if not torch.cuda.is_available():
         print("benchmarks/cuda_ops.py needs a CUDA device", file=sys.stderr)
         return 2
@@ -411,28 +584,31 @@ def main() -> int:
     status = 0
     try:
         say()
-        say("correctness against the CPU reference (CUDA tensors through torch.ops.tq):")
-        for part in (check_quantize, check_dequantize, check_copy, check_attention):
-            for row in part(dev):
-                say("  " + row)
-        say("correctness: all ops match")
-        if args.quick:
-            time_attention(dev, [(1, 4096), (1, 16384)])
-            time_quantize(dev, [(1, 1), (1, 4096)])
+        if args.sweep:
+            if args.sweep in ("all", "attn"):
+                sweep_attention(dev, [(1, 4096), (1, 32768), (1, 131072), (8, 32768)])
+            if args.sweep in ("all", "quant"):
+                sweep_quantize(dev, [(8, 32768), (1, 32768), (1, 1)])
         else:
-            time_attention(dev, [(1, 4096), (1, 32768), (1, 131072), (8, 32768)])
-            time_quantize(dev, [(1, 1), (8, 1), (1, 32768), (8, 32768)])
-            if not args.skip_big:
-                check_big_cache(dev)
+            say("correctness against the CPU reference (CUDA tensors through torch.ops.tq):")
+            for part in (check_quantize, check_dequantize, check_copy, check_attention):
+                for row in part(dev):
+                    say("  " + row)
+            say("correctness: all ops match")
+            if args.quick:
+                time_attention(dev, [(1, 4096), (1, 16384)])
+                time_quantize(dev, [(1, 1), (1, 4096)])
+            else:
+                time_attention(dev, [(1, 4096), (1, 32768), (1, 131072), (8, 32768)])
+                time_quantize(dev, [(1, 1), (8, 1), (1, 32768), (8, 32768)])
+                if not args.skip_big:
+                    check_big_cache(dev)
     except Mismatch as exc:
         say(f"MISMATCH: {exc}")
         status = 1
     except Exception:  # noqa: BLE001  (report everything, fail loudly)
         say("ERROR:\n" + traceback.format_exc())
         status = 1
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(LINES) + "\n")
     return status
 
 

@@ -39,10 +39,12 @@ def status() -> tuple[bool, str]:
 def op_impl(op: str):
     """The CUDA-key implementation of ``tq.<op>``: imports its kernel module on first use."""
     module_name = _KERNEL_MODULE[op]
+    resolved = []  # the kernel module's function, looked up once (a decode step calls this per layer)
 
     def impl(*args, **kwargs):
-        module = importlib.import_module(f"{__name__}.{module_name}")
-        return getattr(module, op)(*args, **kwargs)
+        if not resolved:
+            resolved.append(getattr(importlib.import_module(f"{__name__}.{module_name}"), op))
+        return resolved[0](*args, **kwargs)
 
     impl.__name__ = f"{op}_cuda"
     return impl

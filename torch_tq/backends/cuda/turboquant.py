@@ -25,6 +25,7 @@ Every offset into a cache tensor is computed in int64 (program ids are cast firs
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -239,8 +240,147 @@ def hadamard_quantize_kv_fwd_kernel(
         tl.store(p_recent, _cast(y_rows, recent_ptr.dtype.element_ty), mask=recent_ok[:, None])
 
 
+@triton.jit
+def hadamard_quantize_kv_fwd2_kernel(
+    src_ptr, hmat_ptr, codes_ptr, norms_ptr, signs_ptr, offset_ptr, bounds_ptr, codebook_ptr, sink_ptr, recent_ptr,
+    seqlens_ptr, n_rows, n_tiles, t_lo, T, Hkv, C, S, W, write_pos, first_code, first_recent, sqrt_r, inv_sqrt_r,
+    stride_sb, stride_st, stride_sh, stride_sd,
+    D: tl.constexpr, ROWS: tl.constexpr, IS_SLIDING: tl.constexpr, USE_OFFSET: tl.constexpr,
+    NORM_CORRECTION: tl.constexpr, HAS_SINK: tl.constexpr, HAS_RECENT: tl.constexpr, HAS_SEQLENS: tl.constexpr,
+    PRECISION: tl.constexpr, TRANS: tl.constexpr,
+):
+    """4-bit quantize for NB = 1 (D <= 128): persistent programs over tiles of ROWS rows; the rotation is a dot
+    with the even and odd columns of the ±1 Hadamard matrix (exact products: bf16/fp16 sources are exact in tf32,
+    float32 or offset sources go through tf32x3), so the even/odd codes pack into bytes without any reshape.
+    The norm of the rotated row is that of the signed row (H/sqrt(R) is orthogonal)."""
+    DH: tl.constexpr = D // 2
+    i = tl.arange(0, DH)
+    d = tl.arange(0, D)
+    sg = tl.load(signs_ptr + d)
+    n_t = T - t_lo
+    for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+        rows = (tile * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+        row_ok = rows < n_rows
+        h = rows % Hkv
+        t = (rows // Hkv) % n_t + t_lo
+        b = rows // Hkv // n_t
+        bh = b * Hkv + h
+        p_src = (src_ptr + b[:, None] * stride_sb + t[:, None] * stride_st + h[:, None] * stride_sh
+                 + d[None, :] * stride_sd)
+        x = tl.load(p_src, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        if USE_OFFSET:
+            x = x - tl.load(offset_ptr + bh[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0)
+        x = x * sg[None, :]
+        norm = tl.sqrt(tl.sum(x * x, axis=1))  # [ROWS]
+        inv = tl.where(norm > 0, sqrt_r / tl.where(norm > 0, norm, 1.0), 0.0)
+        # H is re-read per tile (L1/L2 hits): held across the loop as dot operands it would take ~128 registers.
+        if TRANS:
+            # Transposed: y^T = H_half^T x^T, both operands in shared memory, the [DH, ROWS] results in registers.
+            xt = tl.trans(x)
+            ya = tl.dot(tl.load(hmat_ptr + (2 * i)[:, None] * D + d[None, :]), xt, input_precision=PRECISION)
+            ua = ya * (inv * inv_sqrt_r)[None, :]
+            ca = tl.zeros((DH, ROWS), dtype=tl.int32)
+            for k in tl.static_range(15):
+                ca += (ua > tl.load(bounds_ptr + k)).to(tl.int32)
+            yb = tl.dot(tl.load(hmat_ptr + (2 * i + 1)[:, None] * D + d[None, :]), xt, input_precision=PRECISION)
+            ub = yb * (inv * inv_sqrt_r)[None, :]
+            cb = tl.zeros((DH, ROWS), dtype=tl.int32)
+            for k in tl.static_range(15):
+                cb += (ub > tl.load(bounds_ptr + k)).to(tl.int32)
+            ya = ya * inv_sqrt_r
+            yb = yb * inv_sqrt_r
+            if NORM_CORRECTION:
+                va = tl.load(codebook_ptr + ca)
+                vb = tl.load(codebook_ptr + cb)
+                norm = norm * sqrt_r / tl.sqrt(tl.sum(va * va + vb * vb, axis=0))
+        else:
+            ha = tl.load(hmat_ptr + d[:, None] * D + (2 * i)[None, :])
+            hb = tl.load(hmat_ptr + d[:, None] * D + (2 * i + 1)[None, :])
+            ya = tl.dot(x, ha, input_precision=PRECISION) * inv_sqrt_r  # [ROWS, DH]: even coordinates
+            yb = tl.dot(x, hb, input_precision=PRECISION) * inv_sqrt_r  # odd coordinates
+            ua = ya * inv[:, None]
+            ub = yb * inv[:, None]
+            ca = tl.zeros((ROWS, DH), dtype=tl.int32)
+            cb = tl.zeros((ROWS, DH), dtype=tl.int32)
+            for k in tl.static_range(15):
+                bound = tl.load(bounds_ptr + k)
+                ca += (ua > bound).to(tl.int32)
+                cb += (ub > bound).to(tl.int32)
+            if NORM_CORRECTION:
+                va = tl.load(codebook_ptr + ca)
+                vb = tl.load(codebook_ptr + cb)
+                unit = tl.sqrt(tl.sum(va * va + vb * vb, axis=1))
+                norm = norm * sqrt_r / unit
+        if HAS_SEQLENS:
+            p = tl.load(seqlens_ptr + b, mask=row_ok, other=0).to(tl.int64) + t
+        else:
+            p = write_pos + t
+        if IS_SLIDING:
+            slot = p % C
+        else:
+            slot = p
+        code_ok = row_ok & (t >= first_code) & (slot < C)
+        cache_row = bh * C + slot
+        tl.store(norms_ptr + cache_row, norm, mask=code_ok)
+        if TRANS:
+            tl.store(codes_ptr + cache_row[None, :] * DH + i[:, None], (ca | (cb << 4)).to(tl.uint8),
+                     mask=code_ok[None, :])
+        else:
+            tl.store(codes_ptr + cache_row[:, None] * DH + i[None, :], (ca | (cb << 4)).to(tl.uint8),
+                     mask=code_ok[:, None])
+        # The rotated rows into the full-precision windows ([DH, ROWS] columns-by-rows when TRANS).
+        if HAS_SINK:
+            sink_ok = row_ok & (p < S)
+            if TRANS:
+                p_sink = sink_ptr + (bh * S + p)[None, :] * D
+                tl.store(p_sink + (2 * i)[:, None], _cast(ya, sink_ptr.dtype.element_ty), mask=sink_ok[None, :])
+                tl.store(p_sink + (2 * i + 1)[:, None], _cast(yb, sink_ptr.dtype.element_ty), mask=sink_ok[None, :])
+            else:
+                p_sink = sink_ptr + (bh * S + p)[:, None] * D
+                tl.store(p_sink + (2 * i)[None, :], _cast(ya, sink_ptr.dtype.element_ty), mask=sink_ok[:, None])
+                tl.store(p_sink + (2 * i + 1)[None, :], _cast(yb, sink_ptr.dtype.element_ty), mask=sink_ok[:, None])
+        if HAS_RECENT:
+            recent_ok = row_ok & (t >= first_recent)
+            if TRANS:
+                p_recent = recent_ptr + (bh * W + p % W)[None, :] * D
+                tl.store(p_recent + (2 * i)[:, None], _cast(ya, recent_ptr.dtype.element_ty),
+                         mask=recent_ok[None, :])
+                tl.store(p_recent + (2 * i + 1)[:, None], _cast(yb, recent_ptr.dtype.element_ty),
+                         mask=recent_ok[None, :])
+            else:
+                p_recent = recent_ptr + (bh * W + p % W)[:, None] * D
+                tl.store(p_recent + (2 * i)[None, :], _cast(ya, recent_ptr.dtype.element_ty),
+                         mask=recent_ok[:, None])
+                tl.store(p_recent + (2 * i + 1)[None, :], _cast(yb, recent_ptr.dtype.element_ty),
+                         mask=recent_ok[:, None])
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """Knobs of :func:`hadamard_quantize_kv_fwd` (benchmarks/cuda_ops.py --sweep times them).
+
+    variant: "v2" (4-bit, D <= 128: dot rotation, persistent programs; other cases run v1) or "v1".
+    rows: rows per tile (v2, 64 default: wgmma wants 64) or per program (v1, None = 512 // D); num_warps: None =
+        4 (v1) / 8 (v2: D128 64 rows 183 registers on sm_90, no spills; 4 warps spill).
+    programs_per_sm: v2's persistent programs per SM.
+    trans: v2 computes y^T = H^T x^T (both dot operands in shared memory, fewer registers) instead of y = x H.
+    """
+
+    variant: str = "v2"
+    rows: int | None = None
+    num_warps: int | None = None
+    programs_per_sm: int = 4
+    trans: bool = True
+    v2_inexact: bool = False  # v2 also for float32 sources / offsets (tf32x3); the tests use it to cover that path
+
+
+DEFAULT_QUANT_CONFIG = QuantConfig()
+_V2_QUANT_ROWS = 64
+
+
 def hadamard_quantize_kv_fwd(src, codes, norms, write_pos, is_sliding, bits, signs, offset, norm_correction, sink,
-                             recent, cache_seqlens=None) -> None:
+                             recent, cache_seqlens=None, config: QuantConfig | None = None) -> None:
+    cfg = DEFAULT_QUANT_CONFIG if config is None else config
     B, T, Hkv, D = src.shape
     C = codes.shape[2]
     first_code = max(0, T - C) if is_sliding else 0
@@ -254,44 +394,61 @@ def hadamard_quantize_kv_fwd(src, codes, norms, write_pos, is_sliding, bits, sig
         return
     R = rotation_block(D)
     codebook, bounds = _codebook(bits, src.device)
-    rows = _rows_per_program(D)
-    grid = (triton.cdiv(n_rows, rows),)
-    hadamard_quantize_kv_fwd_kernel[grid](
-        src, codes, norms, signs,
-        offset if offset is not None else norms,
-        bounds,
-        codebook,
-        sink if sink is not None else norms,
-        recent if recent is not None else norms,
-        cache_seqlens if cache_seqlens is not None else norms,
-        n_rows, t_lo, T, Hkv, C, S,
-        recent.shape[2] if recent is not None else 1,
-        write_pos, first_code, first_recent, math.sqrt(R), 1.0 / math.sqrt(R),
-        *src.stride(),
-        D=D,
-        R=R,
-        BITS=bits,
-        ROWS=rows,
+    W = recent.shape[2] if recent is not None else 1
+    buffers = (offset if offset is not None else norms, bounds, codebook, sink if sink is not None else norms,
+               recent if recent is not None else norms, cache_seqlens if cache_seqlens is not None else norms)
+    flags = dict(
         IS_SLIDING=bool(is_sliding),
         USE_OFFSET=offset is not None,
         NORM_CORRECTION=bool(norm_correction),
         HAS_SINK=sink is not None,
         HAS_RECENT=recent is not None,
         HAS_SEQLENS=cache_seqlens is not None,
-        num_warps=4,
+    )
+    # bf16/fp16 values times ±1 are exact in tf32: one tf32 dot multiplies exactly (float32 sums). float32 sources
+    # and offsets (x - offset in float32) would need tf32x3, which spills on sm_90 (896 bytes): they run v1.
+    exact = src.dtype in (torch.bfloat16, torch.float16) and offset is None
+    if cfg.variant == "v2" and bits == 4 and R == D and 32 <= D <= 128 and (exact or cfg.v2_inexact):
+        rows = cfg.rows or _V2_QUANT_ROWS
+        n_tiles = triton.cdiv(n_rows, rows)
+        programs = max(1, min(n_tiles, cfg.programs_per_sm * _sm_count(src.device)))
+        hadamard_quantize_kv_fwd2_kernel[(programs,)](
+            src, _hadamard_matrix(D, torch.float32, src.device), codes, norms, signs, *buffers,
+            n_rows, n_tiles, t_lo, T, Hkv, C, S, W, write_pos, first_code, first_recent, math.sqrt(R),
+            1.0 / math.sqrt(R), *src.stride(),
+            D=D,
+            ROWS=rows,
+            PRECISION="tf32" if exact else "tf32x3",
+            TRANS=bool(cfg.trans),
+            num_warps=cfg.num_warps or 8,
+            **flags,
+        )
+        return
+    rows = cfg.rows or _rows_per_program(D)
+    grid = (triton.cdiv(n_rows, rows),)
+    hadamard_quantize_kv_fwd_kernel[grid](
+        src, codes, norms, signs, *buffers,
+        n_rows, t_lo, T, Hkv, C, S, W, write_pos, first_code, first_recent, math.sqrt(R), 1.0 / math.sqrt(R),
+        *src.stride(),
+        D=D,
+        R=R,
+        BITS=bits,
+        ROWS=rows,
+        num_warps=cfg.num_warps or 4,
+        **flags,
     )
 
 
 def hadamard_quantize_kv(src, codes, norms, write_pos: int, is_sliding: bool = False, bits: int = 4, signs=None,
                          offset=None, norm_correction: bool = False, sink=None, recent=None,
-                         cache_seqlens=None) -> None:
+                         cache_seqlens=None, config: QuantConfig | None = None) -> None:
     # cache_seqlens values live on the device: they are not checked (that would synchronize); a write past a
     # global cache is dropped.
     _validation.check_hadamard_quantize_kv(src, codes, norms, write_pos, is_sliding, bits, signs, offset, sink, recent,
                                            cache_seqlens)
     signs = resolve_signs(signs, src.shape[-1], src.device)
     hadamard_quantize_kv_fwd(src, codes, norms, int(write_pos), is_sliding, bits, signs, offset, norm_correction, sink,
-                             recent, cache_seqlens)
+                             recent, cache_seqlens, config=config)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -522,6 +679,309 @@ def flash_attn_vec_tq_reduce_kernel(
         tl.store(lse_ptr + rows, tl.log(l_sum) + m_max, mask=row_ok)
 
 
+# ---- version 2 of the main kernel (NB = 1, i.e. D <= 256; every bit width) -----------------------------------------
+#
+# Why: v1 ran at ~0.3 TB/s on the H200 because it was latency-bound: 248 registers per thread at 8 warps
+# allow ONE program per SM, which keeps only one 32-position tile (4 KB of codes) in flight per SM with no
+# pipelining (Little's law wants ~30 KB per SM at 4 TB/s). v2 cuts the per-element work and the registers:
+#   * one 64-bit base pointer per program and 32-bit in-slab offsets (v1: 64-bit pointers per element);
+#   * the norm scales the [M, N] scores and probabilities after/before the dots instead of every element
+#     of the [N, D] tiles (NB = 1: one norm per row);
+#   * the codebook is gathered in the dot's operand dtype (float16 for half-precision queries: no convert);
+#   * a row is split into two halves of D/2 coordinates that need no join/reshape: even/odd coordinates
+#     for 4 bits (low/high nibble of each byte), first/second half for other widths; the scores are the
+#     sum of two dots and the output keeps two accumulators, stored to their coordinates at the end;
+#   * the next tile's 4-bit codes are loaded while the current one is computed (PREFETCH);
+#   * the q rotation is folded in (FOLD_Q: q·diag(signs)·H as a dot with the ±1 Hadamard matrix, exact
+#     products, float32 sums), saving a launch.
+
+
+@triton.jit
+def _col_map(i, half: tl.constexpr, EO: tl.constexpr, DH: tl.constexpr):
+    """Coordinate of column ``i`` of half ``half`` of a row: even/odd coordinates (EO) or first/second half."""
+    if EO:
+        return 2 * i + half
+    else:
+        return half * DH + i
+
+
+@triton.jit
+def _unpack_off(base_ptr, off, ok, N: tl.constexpr, DC: tl.constexpr, BITS: tl.constexpr):
+    """Codes ``[N, DC]`` int32 of DC consecutive coordinates packed from byte offsets ``off [N]`` (int32) of base_ptr."""
+    if BITS == 8:
+        d = tl.arange(0, DC)
+        codes = tl.load(base_ptr + (off[:, None] + d[None, :]), mask=ok[:, None], other=0).to(tl.int32)
+    elif BITS == 4:
+        k = tl.arange(0, DC // 2)
+        byte = tl.load(base_ptr + (off[:, None] + k[None, :]), mask=ok[:, None], other=0).to(tl.int32)
+        codes = tl.reshape(tl.join(byte & 15, byte >> 4), (N, DC))
+    elif BITS == 2:
+        k = tl.arange(0, DC // 4)
+        byte = tl.load(base_ptr + (off[:, None] + k[None, :]), mask=ok[:, None], other=0).to(tl.int32)
+        codes = tl.join(tl.join(byte & 3, (byte >> 4) & 3), tl.join((byte >> 2) & 3, byte >> 6))
+        codes = tl.reshape(codes, (N, DC))
+    elif BITS == 3:
+        # 3 bytes per 8 codes, assembled into one 24-bit int32 word.
+        g = tl.arange(0, DC // 8)
+        p = base_ptr + (off[:, None] + (g * 3)[None, :])
+        w = tl.load(p, mask=ok[:, None], other=0).to(tl.int32)
+        w = w | (tl.load(p + 1, mask=ok[:, None], other=0).to(tl.int32) << 8)
+        w = w | (tl.load(p + 2, mask=ok[:, None], other=0).to(tl.int32) << 16)
+        r = tl.arange(0, 8)
+        codes = tl.reshape((w[:, :, None] >> (r * 3)[None, None, :]) & 7, (N, DC))
+    else:
+        g = tl.arange(0, DC // 8)
+        j = tl.arange(0, 8)
+        ptr = base_ptr + (off[:, None, None] + (g * BITS)[None, :, None] + j[None, None, :])
+        byte = tl.load(ptr, mask=ok[:, None, None] & (j < BITS)[None, None, :], other=0).to(tl.int64)
+        word = tl.sum(byte << (j * 8).to(tl.int64)[None, None, :], axis=2)
+        codes = (word[:, :, None] >> (j * BITS).to(tl.int64)[None, None, :]) & ((1 << BITS) - 1)
+        codes = tl.reshape(codes.to(tl.int32), (N, DC))
+    return codes
+
+
+@triton.jit
+def _codes_halves(base_ptr, off, ok, N: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
+    """(codes_a, codes_b) ``[N, D/2]`` int32 of the rows at byte offsets ``off``, split as :func:`_col_map` says."""
+    DH: tl.constexpr = D // 2
+    if BITS == 4:
+        k = tl.arange(0, DH)
+        byte = tl.load(base_ptr + (off[:, None] + k[None, :]), mask=ok[:, None], other=0).to(tl.int32)
+        a = byte & 15
+        b = byte >> 4
+    else:
+        HALF_BYTES: tl.constexpr = DH * BITS // 8
+        a = _unpack_off(base_ptr, off, ok, N, DH, BITS)
+        b = _unpack_off(base_ptr, off + HALF_BYTES, ok, N, DH, BITS)
+    return a, b
+
+
+@triton.jit
+def _pair_index(base_ptr, off, ok, N: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
+    """``[N, D/2]`` int32: column i holds the 2·BITS-bit field of codes (2i, 2i+1) of the rows at byte offsets ``off``."""
+    DH: tl.constexpr = D // 2
+    if BITS == 4:
+        k = tl.arange(0, DH)
+        idx = tl.load(base_ptr + (off[:, None] + k[None, :]), mask=ok[:, None], other=0).to(tl.int32)
+    elif BITS == 2:
+        k = tl.arange(0, DH // 2)
+        byte = tl.load(base_ptr + (off[:, None] + k[None, :]), mask=ok[:, None], other=0).to(tl.int32)
+        idx = tl.reshape(tl.join(byte & 15, byte >> 4), (N, DH))
+    else:
+        g = tl.arange(0, DH // 4)
+        p = base_ptr + (off[:, None] + (g * 3)[None, :])
+        w = tl.load(p, mask=ok[:, None], other=0).to(tl.int32)
+        w = w | (tl.load(p + 1, mask=ok[:, None], other=0).to(tl.int32) << 8)
+        w = w | (tl.load(p + 2, mask=ok[:, None], other=0).to(tl.int32) << 16)
+        t = tl.arange(0, 4)
+        idx = tl.reshape((w[:, :, None] >> (t * 6)[None, None, :]) & 63, (N, DH))
+    return idx
+
+
+@triton.jit
+def _pair_values(table_ptr, idx):
+    """(even, odd) float16 values of the pair indices ``idx`` from a table of int32 = two float16 bit patterns."""
+    w = tl.load(table_ptr + idx)
+    lo = (w & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+    hi = ((w >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+    return lo, hi
+
+
+@triton.jit
+def _attend2(qa, qb, ka, kb, va, vb, kscale, vscale, j, j_ok, q_pos, m_i, l_i, acc_a, acc_b, window, softcap,
+             SCALED: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+    """One online-softmax step over ``j [N]`` with split keys/values (operand dtype) and per-row scales."""
+    s = tl.dot(qa, tl.trans(ka), input_precision=PRECISION)
+    s = tl.dot(qb, tl.trans(kb), acc=s, input_precision=PRECISION)  # [M, N]; q carries the softmax scale
+    if SCALED:
+        s = s * kscale[None, :]
+    if USE_SOFTCAP:
+        s = softcap * _tanh(s / softcap)
+    visible = j_ok[None, :] & (j[None, :] <= q_pos[:, None])
+    if USE_WINDOW:
+        visible = visible & (j[None, :] > q_pos[:, None] - window)
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if SCALED:
+        p = p * vscale[None, :]
+    p = p.to(qa.dtype)
+    acc_a = tl.dot(p, va, acc=acc_a * alpha[:, None], input_precision=PRECISION)
+    acc_b = tl.dot(p, vb, acc=acc_b * alpha[:, None], input_precision=PRECISION)
+    return m_new, l_i, acc_a, acc_b
+
+
+@triton.jit
+def _attend_window2(qa, qb, k_win_ptr, v_win_ptr, win_row0, win_len, lo, hi, q_pos, m_i, l_i, acc_a, acc_b, window,
+                    softcap, D: tl.constexpr, K_EO: tl.constexpr, V_EO: tl.constexpr, BLOCK_N: tl.constexpr,
+                    USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+    """Positions ``[lo, hi)`` of a full-precision window (rotated domain) at entry ``j mod win_len``."""
+    DH: tl.constexpr = D // 2
+    i = tl.arange(0, DH)
+    ck_a = _col_map(i, 0, K_EO, DH)
+    ck_b = _col_map(i, 1, K_EO, DH)
+    cv_a = _col_map(i, 0, V_EO, DH)
+    cv_b = _col_map(i, 1, V_EO, DH)
+    for start in range(lo, hi, BLOCK_N):
+        j = start + tl.arange(0, BLOCK_N).to(tl.int64)
+        j_ok = j < hi
+        row = (win_row0 + j % win_len)[:, None] * D
+        ka = tl.load(k_win_ptr + row + ck_a[None, :], mask=j_ok[:, None], other=0.0).to(tl.float32).to(qa.dtype)
+        kb = tl.load(k_win_ptr + row + ck_b[None, :], mask=j_ok[:, None], other=0.0).to(tl.float32).to(qa.dtype)
+        va = tl.load(v_win_ptr + row + cv_a[None, :], mask=j_ok[:, None], other=0.0).to(tl.float32).to(qa.dtype)
+        vb = tl.load(v_win_ptr + row + cv_b[None, :], mask=j_ok[:, None], other=0.0).to(tl.float32).to(qa.dtype)
+        m_i, l_i, acc_a, acc_b = _attend2(qa, qb, ka, kb, va, vb, j_ok, j_ok, j, j_ok, q_pos, m_i, l_i, acc_a, acc_b,
+                                          window, softcap, False, USE_WINDOW, USE_SOFTCAP, PRECISION)
+    return m_i, l_i, acc_a, acc_b
+
+
+@triton.jit
+def flash_attn_vec_tq_fwd2_kernel(
+    q_ptr, hmat_ptr, signs_ptr, k_codes_ptr, k_norms_ptr, v_codes_ptr, v_norms_ptr, k_sink_ptr, v_sink_ptr,
+    k_recent_ptr, v_recent_ptr, kv_start_ptr, seqlens_ptr, k_codebook_ptr, v_codebook_ptr, part_acc_ptr, part_m_ptr,
+    part_l_ptr,
+    Hkv, C, S, W, kv_len, vis_lo, chunk, num_splits, window, softcap, q_scale, inv_sqrt_r, GL, LQ, G,
+    stride_qb, stride_qh, stride_ql, stride_qd,
+    D: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_SINK: tl.constexpr, HAS_RECENT: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_SEQLENS: tl.constexpr,
+    USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    FOLD_Q: tl.constexpr, PREFETCH: tl.constexpr, LUT_PAIR: tl.constexpr,
+):
+    """As :func:`flash_attn_vec_tq_fwd_kernel` (same grid, partials and position logic), for NB = 1."""
+    DH: tl.constexpr = D // 2
+    K_RB: tl.constexpr = D * K_BITS // 8
+    V_RB: tl.constexpr = D * V_BITS // 8
+    PF_K: tl.constexpr = PREFETCH and K_BITS == 4
+    PF_V: tl.constexpr = PREFETCH and V_BITS == 4
+    # LUT_PAIR (float16 operands only): one gather from a 2^(2b)-entry table per pair of codes, for b = 2, 3, 4.
+    K_PAIR: tl.constexpr = LUT_PAIR and K_BITS <= 4
+    V_PAIR: tl.constexpr = LUT_PAIR and V_BITS <= 4
+    K_EO: tl.constexpr = K_BITS == 4 or K_PAIR
+    V_EO: tl.constexpr = V_BITS == 4 or V_PAIR
+    i_bh = tl.program_id(0).to(tl.int64)
+    i_s = tl.program_id(1).to(tl.int64)
+    i_m = tl.program_id(2)
+    b = i_bh // Hkv
+    m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = m < GL
+    q_i = m % LQ
+    i = tl.arange(0, DH)
+    ck_a = _col_map(i, 0, K_EO, DH)
+    ck_b = _col_map(i, 1, K_EO, DH)
+    cv_a = _col_map(i, 0, V_EO, DH)
+    cv_b = _col_map(i, 1, V_EO, DH)
+    if FOLD_Q:
+        # q_rot[:, c] = q_scale * sum_d q[:, d] s[d] H[d, c]: the ±1 entries make every product exact.
+        hq = (i_bh % Hkv) * G + m // LQ
+        d = tl.arange(0, D)
+        p_q = q_ptr + b * stride_qb + hq[:, None] * stride_qh + q_i[:, None] * stride_ql + d[None, :] * stride_qd
+        x = tl.load(p_q, mask=m_ok[:, None], other=0.0).to(tl.float32) * tl.load(signs_ptr + d)[None, :]
+        x = x.to(DOT_DTYPE)
+        ha = tl.load(hmat_ptr + d[:, None] * D + ck_a[None, :])
+        hb = tl.load(hmat_ptr + d[:, None] * D + ck_b[None, :])
+        qa = _cast(tl.dot(x, ha, input_precision=PRECISION) * q_scale, DOT_DTYPE)
+        qb = _cast(tl.dot(x, hb, input_precision=PRECISION) * q_scale, DOT_DTYPE)
+    else:
+        row = (i_bh * GL + m)[:, None] * D
+        qa = _cast(tl.load(q_ptr + row + ck_a[None, :], mask=m_ok[:, None], other=0.0), DOT_DTYPE)
+        qb = _cast(tl.load(q_ptr + row + ck_b[None, :], mask=m_ok[:, None], other=0.0), DOT_DTYPE)
+    lo = vis_lo + i_s * chunk
+    hi = lo + chunk
+    if HAS_SEQLENS:
+        n_kv = tl.load(seqlens_ptr + b).to(tl.int64)
+        lo = tl.maximum(lo, n_kv - C)
+    else:
+        n_kv = kv_len
+    q_pos = n_kv - LQ + q_i
+    hi = tl.minimum(tl.minimum(hi, n_kv), n_kv - LQ + tl.max(tl.where(m_ok, q_i, 0)) + 1)
+    if USE_WINDOW:
+        lo = tl.maximum(lo, n_kv - LQ + tl.min(tl.where(m_ok, q_i, LQ)) - window + 1)
+    if HAS_KV_START:
+        lo = tl.maximum(lo, tl.load(kv_start_ptr + b))
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc_a = tl.zeros((BLOCK_M, DH), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_M, DH), dtype=tl.float32)
+
+    code_lo = tl.maximum(lo, S)
+    code_hi = tl.minimum(hi, n_kv - W)
+    if HAS_SINK:
+        m_i, l_i, acc_a, acc_b = _attend_window2(qa, qb, k_sink_ptr, v_sink_ptr, i_bh * S, tl.maximum(S, 1), lo,
+                                                 tl.minimum(hi, S), q_pos, m_i, l_i, acc_a, acc_b, window, softcap,
+                                                 D, K_EO, V_EO, BLOCK_N, USE_WINDOW, USE_SOFTCAP, PRECISION)
+    # One 64-bit base per program; offsets inside one KV head's slab are int32.
+    k_base = k_codes_ptr + i_bh * C * K_RB
+    v_base = v_codes_ptr + i_bh * C * V_RB
+    kn_base = k_norms_ptr + i_bh * C
+    vn_base = v_norms_ptr + i_bh * C
+    jj = tl.arange(0, BLOCK_N)
+    j0 = code_lo + jj
+    # Prefetched raw 4-bit bytes of the first tile (unused placeholders otherwise).
+    if PF_K:
+        k_raw = tl.load(k_base + (((j0 % C).to(tl.int32) * K_RB)[:, None] + i[None, :]), mask=(j0 < code_hi)[:, None],
+                        other=0)
+    else:
+        k_raw = tl.zeros((BLOCK_N, DH), dtype=tl.uint8)
+    if PF_V:
+        v_raw = tl.load(v_base + (((j0 % C).to(tl.int32) * V_RB)[:, None] + i[None, :]), mask=(j0 < code_hi)[:, None],
+                        other=0)
+    else:
+        v_raw = tl.zeros((BLOCK_N, DH), dtype=tl.uint8)
+    for start in range(code_lo, code_hi, BLOCK_N):
+        j = start + jj
+        j_ok = j < code_hi
+        slot = (j % C).to(tl.int32)
+        jn = j + BLOCK_N
+        slot_n = (jn % C).to(tl.int32)
+        ok_n = jn < code_hi
+        kscale = tl.load(kn_base + slot, mask=j_ok, other=0.0) * inv_sqrt_r
+        vscale = tl.load(vn_base + slot, mask=j_ok, other=0.0) * inv_sqrt_r
+        if PF_K:
+            kc = k_raw.to(tl.int32)
+            k_raw = tl.load(k_base + ((slot_n * K_RB)[:, None] + i[None, :]), mask=ok_n[:, None], other=0)
+            if K_PAIR:
+                ka, kb = _pair_values(k_codebook_ptr, kc)
+            else:
+                ka = tl.load(k_codebook_ptr + (kc & 15))
+                kb = tl.load(k_codebook_ptr + (kc >> 4))
+        elif K_PAIR:
+            ka, kb = _pair_values(k_codebook_ptr, _pair_index(k_base, slot * K_RB, j_ok, BLOCK_N, D, K_BITS))
+        else:
+            kca, kcb = _codes_halves(k_base, slot * K_RB, j_ok, BLOCK_N, D, K_BITS)
+            ka = tl.load(k_codebook_ptr + kca)
+            kb = tl.load(k_codebook_ptr + kcb)
+        if PF_V:
+            vc = v_raw.to(tl.int32)
+            v_raw = tl.load(v_base + ((slot_n * V_RB)[:, None] + i[None, :]), mask=ok_n[:, None], other=0)
+            if V_PAIR:
+                va, vb = _pair_values(v_codebook_ptr, vc)
+            else:
+                va = tl.load(v_codebook_ptr + (vc & 15))
+                vb = tl.load(v_codebook_ptr + (vc >> 4))
+        elif V_PAIR:
+            va, vb = _pair_values(v_codebook_ptr, _pair_index(v_base, slot * V_RB, j_ok, BLOCK_N, D, V_BITS))
+        else:
+            vca, vcb = _codes_halves(v_base, slot * V_RB, j_ok, BLOCK_N, D, V_BITS)
+            va = tl.load(v_codebook_ptr + vca)
+            vb = tl.load(v_codebook_ptr + vcb)
+        m_i, l_i, acc_a, acc_b = _attend2(qa, qb, ka, kb, va, vb, kscale, vscale, j, j_ok, q_pos, m_i, l_i, acc_a,
+                                          acc_b, window, softcap, True, USE_WINDOW, USE_SOFTCAP, PRECISION)
+    if HAS_RECENT:
+        m_i, l_i, acc_a, acc_b = _attend_window2(qa, qb, k_recent_ptr, v_recent_ptr, i_bh * W, W,
+                                                 tl.maximum(tl.maximum(lo, S), n_kv - W), hi, q_pos, m_i, l_i, acc_a,
+                                                 acc_b, window, softcap, D, K_EO, V_EO, BLOCK_N, USE_WINDOW,
+                                                 USE_SOFTCAP, PRECISION)
+
+    part = (i_bh * num_splits + i_s) * GL + m
+    tl.store(part_m_ptr + part, m_i, mask=m_ok)
+    tl.store(part_l_ptr + part, l_i, mask=m_ok)
+    tl.store(part_acc_ptr + part[:, None] * D + cv_a[None, :], acc_a, mask=m_ok[:, None])
+    tl.store(part_acc_ptr + part[:, None] * D + cv_b[None, :], acc_b, mask=m_ok[:, None])
+
+
 # Positions per key/value tile of the main kernel, by head_dim, and its warps: the largest tiles that compiled
 # for sm_90 (Triton 3.9's ptxas, read with cuobjdump -res-usage) without spilling registers at a decode
 # row tile (BLOCK_M = 16): D64 32/4 warps (238 registers), D128 32/8 (248), D256 16/8 (219); D512 16/8 spills
@@ -551,35 +1011,132 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[key]
 
 
-def choose_num_splits(num_positions: int, groups: int, device: torch.device, block_n: int) -> int:
+def choose_num_splits(num_positions: int, groups: int, device: torch.device, block_n: int,
+                      programs_per_sm: int = _PROGRAMS_PER_SM, min_split_positions: int = _MIN_SPLIT_POSITIONS) -> int:
     """Splits of the visible range per KV head: enough programs to fill the GPU, each at least a few tiles long."""
     if num_positions <= 0:
         return 1
-    want = triton.cdiv(_PROGRAMS_PER_SM * _sm_count(device), groups)
-    most = triton.cdiv(num_positions, max(_MIN_SPLIT_POSITIONS, block_n))
+    want = triton.cdiv(programs_per_sm * _sm_count(device), groups)
+    most = triton.cdiv(num_positions, max(min_split_positions, block_n))
     return max(1, min(want, most))
+
+
+@dataclasses.dataclass(frozen=True)
+class AttnConfig:
+    """Knobs of :func:`flash_attn_vec_tq_fwd` (benchmarks/cuda_ops.py --sweep times them). None = the default.
+
+    variant: "v2" (the kernel for NB = 1, i.e. D <= 256; D = 512 always runs v1) or "v1" (the previous kernel).
+    block_n / num_warps / num_stages: tile positions, warps and software-pipelining stages of the main kernel.
+    prefetch: v2 loads the next tile's 4-bit codes during the current tile.
+    fold_q: v2 rotates q inside the main kernel (a dot with the ±1 Hadamard matrix) instead of a separate launch.
+    lut_pair: v2 with half-precision queries and 2-, 3- or 4-bit codes gathers two float16 values per lookup
+        from a 2^(2b)-entry table (1 KB at 4 bits) instead of one per code from the 2^b centroids.
+    programs_per_sm / min_split_positions: the split heuristic (:func:`choose_num_splits`).
+    """
+
+    variant: str = "v2"
+    block_n: int | None = None
+    num_warps: int | None = None
+    num_stages: int | None = None
+    prefetch: bool = True
+    fold_q: bool | None = None
+    lut_pair: bool = False
+    programs_per_sm: int = _PROGRAMS_PER_SM
+    min_split_positions: int = _MIN_SPLIT_POSITIONS
+
+
+DEFAULT_ATTN_CONFIG = AttnConfig()
+# v2 tiles by head_dim: (block_n, num_warps). Compiled for sm_90 (Triton 3.9's ptxas, pointers and C divisible
+# by 16 as at a real launch), 4-bit K and V, bf16 q, no spills: D64 64/4 128 registers (4 programs of 4 warps per
+# SM), D128 64/8 118 (2 programs of 8 warps), D256 32/8 141; 3-bit D128 64/8 158. v1 at D128 (32/8) needed 248,
+# i.e. one program of 8 warps per SM. To be tuned by timing: benchmarks/cuda_ops.py --sweep.
+_V2_TILE = {32: (64, 4), 64: (64, 4), 128: (64, 8), 256: (32, 8)}
+_HMAT: dict = {}
+
+
+def _hadamard_matrix(D: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The unnormalised Sylvester Hadamard matrix H_D (±1) in ``dtype`` on ``device``, cached."""
+    key = (D, dtype, str(device))
+    h = _HMAT.get(key)
+    if h is None:
+        idx = torch.arange(D)
+        bits = (idx[:, None] & idx[None, :]).to(torch.int64)
+        parity = torch.zeros_like(bits)
+        while bool(bits.any()):
+            parity ^= bits & 1
+            bits = bits >> 1
+        h = _HMAT[key] = (1 - 2 * parity).to(dtype).to(device)
+    return h
+
+
+_CODEBOOKS_DT: dict = {}
+
+
+def _codebook_dt(bits: int, dtype: torch.dtype, device: torch.device, pair: bool = False) -> torch.Tensor:
+    """The centroids in ``dtype``; with ``pair`` (float16, b <= 4), the int32 table of 2^(2b) entries whose entry
+    ``lo | hi << b`` holds the float16 bit patterns of centroid lo (low half) and centroid hi (high half)."""
+    pair = pair and bits <= 4
+    key = (bits, dtype, str(device), pair)
+    cb = _CODEBOOKS_DT.get(key)
+    if cb is None:
+        c = lloyd_max_codebook(bits).to(dtype)
+        if pair:
+            h = c.view(torch.int16).to(torch.int32) & 0xFFFF
+            n = 1 << bits
+            idx = torch.arange(n * n)
+            c = h[idx % n] | (h[idx // n] << 16)
+        cb = _CODEBOOKS_DT[key] = c.to(device)
+    return cb
 
 
 def flash_attn_vec_tq_fwd(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, bits, sliding_window, softcap,
                           kv_start, signs, lse, v_bits, k_sink, v_sink, k_recent, v_recent, geo, cache_seqlens=None,
-                          num_splits=None) -> torch.Tensor:
+                          num_splits=None, config: AttnConfig | None = None) -> torch.Tensor:
+    cfg = DEFAULT_ATTN_CONFIG if config is None else config
     B, Hq, Hkv, Lq, D, C = geo
     G = Hq // Hkv
     R = rotation_block(D)
     device = q.device
     out = _empty((B, Hq, Lq, D), q.dtype, device)
-
-    # 1. q rotated (and scaled) once.
-    q_rot = _empty((B, Hq, Lq, D), torch.float32, device)
+    k_bits = bits
+    v_bits = bits if v_bits is None else v_bits
+    half = q.dtype != torch.float32
+    dot_dtype = torch.float16 if half else torch.float32
+    GL = G * Lq
+    block_m = min(max(16, triton.next_power_of_2(GL)), _MAX_BLOCK_M[D])
+    # v2: one norm per row (R = D), halves of at least 16 coordinates, a KV head's code slab under 2^31 bytes;
+    # float32 queries (exact float32 dots, on the CUDA cores) only for decode row tiles at D <= 128: larger ones
+    # spill on sm_90 and keep v1.
+    use_v2 = (cfg.variant == "v2" and R == D and D >= 32 and C * D * max(k_bits, v_bits) // 8 < 2**31
+              and (half or (block_m <= 16 and D <= 128)))
+    if use_v2:
+        block_n, warps = _V2_TILE[D]
+        if block_m > 16:
+            block_n = min(block_n, 32)  # prefill row tiles: D128 BM64 BN64 spilled, BN32 does not
+        # The folded rotation holds the [D, D/2] Hadamard halves as dot operands: float32 ones spill at D128.
+        fold_q = (half and D <= 128) if cfg.fold_q is None else cfg.fold_q
+        stages = 1 if cfg.num_stages is None else cfg.num_stages
+        lut_pair = bool(cfg.lut_pair) and half
+    else:
+        block_n, warps = _BLOCK_N[D], None
+        fold_q = False
+        stages = _NUM_STAGES if cfg.num_stages is None else cfg.num_stages
+    block_n = cfg.block_n or block_n
     n_rows = B * Hq * Lq
     rows = _rows_per_program(D)
-    flash_attn_vec_tq_rotate_q_kernel[(triton.cdiv(n_rows, rows),)](
-        q, signs, q_rot, n_rows, Hq, Lq, float(scale), 1.0 / math.sqrt(R), *q.stride(),
-        D=D,
-        R=R,
-        ROWS=rows,
-        num_warps=4,
-    )
+
+    # 1. q rotated (and scaled) once (v2 with fold_q: inside the main kernel).
+    if fold_q:
+        q_arg = q
+    else:
+        q_arg = _empty((B, Hq, Lq, D), torch.float32, device)
+        flash_attn_vec_tq_rotate_q_kernel[(triton.cdiv(n_rows, rows),)](
+            q, signs, q_arg, n_rows, Hq, Lq, float(scale), 1.0 / math.sqrt(R), *q.stride(),
+            D=D,
+            R=R,
+            ROWS=rows,
+            num_warps=4,
+        )
 
     # 2. split-K over the visible range [vis_lo, kv_len) of each KV head (with device lengths over [0, kv_len),
     # each program cutting its split to its own sequence's range).
@@ -589,35 +1146,24 @@ def flash_attn_vec_tq_fwd(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, 
         vis_lo = max(vis_lo, kv_len - Lq - sliding_window + 1)
     if cache_seqlens is not None:
         vis_lo = 0
-    block_n = _BLOCK_N[D]
     num_positions = kv_len - vis_lo
     if num_splits is None:
-        num_splits = choose_num_splits(num_positions, B * Hkv, device, block_n)
+        if config is None:
+            num_splits = choose_num_splits(num_positions, B * Hkv, device, block_n)
+        else:
+            num_splits = choose_num_splits(num_positions, B * Hkv, device, block_n, cfg.programs_per_sm,
+                                           cfg.min_split_positions)
     chunk = triton.cdiv(triton.cdiv(max(num_positions, 1), num_splits), block_n) * block_n
     num_splits = max(1, triton.cdiv(num_positions, chunk))
-    GL = G * Lq
     part_acc = _empty((B * Hkv, num_splits, GL, D), torch.float32, device)
     part_m = _empty((B * Hkv, num_splits, GL), torch.float32, device)
     part_l = _empty((B * Hkv, num_splits, GL), torch.float32, device)
-    k_codebook, _ = _codebook(bits, device)
-    v_codebook, _ = _codebook(bits if v_bits is None else v_bits, device)
     S = k_sink.shape[2] if k_sink is not None else 0
     W = k_recent.shape[2] if k_recent is not None else 0
-    block_m = min(max(16, triton.next_power_of_2(GL)), _MAX_BLOCK_M[D])
-    flash_attn_vec_tq_fwd_kernel[(B * Hkv, num_splits, triton.cdiv(GL, block_m))](
-        q_rot, k_codes, k_norms, v_codes, v_norms,
-        k_sink if k_sink is not None else q_rot,
-        v_sink if v_sink is not None else q_rot,
-        k_recent if k_recent is not None else q_rot,
-        v_recent if v_recent is not None else q_rot,
-        kv_start if kv_start is not None else k_norms,
-        cache_seqlens if cache_seqlens is not None else k_norms,
-        k_codebook, v_codebook, part_acc, part_m, part_l,
-        Hkv, C, S, W, kv_len, vis_lo, chunk, num_splits, sliding_window, float(softcap), 1.0 / math.sqrt(R), GL, Lq,
-        D=D,
-        R=R,
-        K_BITS=bits,
-        V_BITS=bits if v_bits is None else v_bits,
+    windows = (k_sink if k_sink is not None else part_m, v_sink if v_sink is not None else part_m,
+               k_recent if k_recent is not None else part_m, v_recent if v_recent is not None else part_m,
+               kv_start if kv_start is not None else k_norms, cache_seqlens if cache_seqlens is not None else k_norms)
+    flags = dict(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         HAS_SINK=k_sink is not None,
@@ -630,11 +1176,44 @@ def flash_attn_vec_tq_fwd(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, 
         # cores (10 mantissa bits, finer than bfloat16's 7; rotated keys and values stay far below 65504 for
         # any realistic norm), accumulated and soft-maxed in float32. (The Triton interpreter cannot multiply
         # bfloat16 operands, so float16 is also the one half-precision path that CI runs.)
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        DOT_DTYPE=tl.float32 if q.dtype == torch.float32 else tl.float16,
-        num_stages=_NUM_STAGES,
-        num_warps=4 if D == 64 and block_m <= 16 else 8,
+        PRECISION="tf32" if half else "ieee",
+        DOT_DTYPE=tl.float16 if half else tl.float32,
+        num_stages=stages,
     )
+    grid = (B * Hkv, num_splits, triton.cdiv(GL, block_m))
+    if use_v2:
+        flash_attn_vec_tq_fwd2_kernel[grid](
+            q_arg, _hadamard_matrix(D, dot_dtype, device) if fold_q else part_m, signs,
+            k_codes, k_norms, v_codes, v_norms, *windows,
+            _codebook_dt(k_bits, dot_dtype, device, lut_pair), _codebook_dt(v_bits, dot_dtype, device, lut_pair),
+            part_acc, part_m, part_l,
+            Hkv, C, S, W, kv_len, vis_lo, chunk, num_splits, sliding_window, float(softcap),
+            float(scale) / math.sqrt(R) if fold_q else 1.0, 1.0 / math.sqrt(R), GL, Lq, G,
+            *q.stride(),
+            D=D,
+            K_BITS=k_bits,
+            V_BITS=v_bits,
+            FOLD_Q=fold_q,
+            PREFETCH=bool(cfg.prefetch),
+            LUT_PAIR=lut_pair,
+            num_warps=cfg.num_warps or warps,
+            **flags,
+        )
+    else:
+        k_codebook, _ = _codebook(k_bits, device)
+        v_codebook, _ = _codebook(v_bits, device)
+        flash_attn_vec_tq_fwd_kernel[grid](
+            q_arg, k_codes, k_norms, v_codes, v_norms, *windows,
+            k_codebook, v_codebook, part_acc, part_m, part_l,
+            Hkv, C, S, W, kv_len, vis_lo, chunk, num_splits, sliding_window, float(softcap), 1.0 / math.sqrt(R), GL,
+            Lq,
+            D=D,
+            R=R,
+            K_BITS=k_bits,
+            V_BITS=v_bits,
+            num_warps=cfg.num_warps or (4 if D == 64 and block_m <= 16 else 8),
+            **flags,
+        )
 
     # 3. merge the splits, un-rotate, write out and lse.
     flash_attn_vec_tq_reduce_kernel[(triton.cdiv(n_rows, rows),)](
@@ -651,7 +1230,8 @@ def flash_attn_vec_tq_fwd(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, 
 
 def flash_attn_vec_tq(q, k_codes, k_norms, v_codes, v_norms, kv_len: int, scale: float, bits: int = 4,
                       sliding_window: int = 0, softcap: float = 0.0, kv_start=None, signs=None, lse=None, v_bits=None,
-                      k_sink=None, v_sink=None, k_recent=None, v_recent=None, cache_seqlens=None) -> torch.Tensor:
+                      k_sink=None, v_sink=None, k_recent=None, v_recent=None, cache_seqlens=None,
+                      config: AttnConfig | None = None) -> torch.Tensor:
     # cache_seqlens values live on the device and are not checked here (that would synchronize): an entry
     # above kv_len reads no position at or past kv_len.
     geo = _validation.check_flash_attn_vec_tq(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, bits,
@@ -660,4 +1240,4 @@ def flash_attn_vec_tq(q, k_codes, k_norms, v_codes, v_norms, kv_len: int, scale:
     signs = resolve_signs(signs, geo.head_dim, q.device)
     return flash_attn_vec_tq_fwd(q, k_codes, k_norms, v_codes, v_norms, int(kv_len), scale, bits, sliding_window,
                                  softcap, kv_start, signs, lse, v_bits, k_sink, v_sink, k_recent, v_recent, geo,
-                                 cache_seqlens)
+                                 cache_seqlens, config=config)
