@@ -359,14 +359,17 @@ def hadamard_quantize_kv_fwd2_kernel(
 class QuantConfig:
     """Knobs of :func:`hadamard_quantize_kv_fwd` (benchmarks/cuda_ops.py --sweep times them).
 
-    variant: "v2" (4-bit, D <= 128: dot rotation, persistent programs; other cases run v1) or "v1".
+    variant: "v1" (default) or "v2" (4-bit, D <= 128: dot rotation, persistent programs; other cases run v1;
+        does not launch on an H200 yet: too much shared memory).
     rows: rows per tile (v2, 64 default: wgmma wants 64) or per program (v1, None = 512 // D); num_warps: None =
         4 (v1) / 8 (v2: D128 64 rows 183 registers on sm_90, no spills; 4 warps spill).
     programs_per_sm: v2's persistent programs per SM.
     trans: v2 computes y^T = H^T x^T (both dot operands in shared memory, fewer registers) instead of y = x H.
     """
 
-    variant: str = "v2"
+    # v1 by default: v2 needs 262,400 bytes of shared memory per program, above the H200's 232,448
+    # (OutOfResources at the first launch, measured 2026-11-30; the offline sm_90 compile did not show it).
+    variant: str = "v1"
     rows: int | None = None
     num_warps: int | None = None
     programs_per_sm: int = 4
