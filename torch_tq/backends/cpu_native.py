@@ -39,6 +39,7 @@ from .. import _validation
 from ..codebooks import decision_boundaries, lloyd_max_codebook
 from ..layout import resolve_signs
 from . import cpu as _reference
+from .cpu import turboquant as _reference_turboquant
 
 ENV_IMPLEMENTATION = "TQ_CPU_KERNELS"
 ENV_CACHE = "TQ_CPU_CACHE"
@@ -205,10 +206,6 @@ def _codebook(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     return _CODEBOOKS[bits]
 
 
-def _batch_row(t: Optional[torch.Tensor], b: int) -> Optional[torch.Tensor]:
-    return None if t is None else t[b : b + 1]
-
-
 def hadamard_quantize_kv(src, codes, norms, write_pos: int, is_sliding: bool = False, bits: int = 4, signs=None,
                          offset=None, norm_correction: bool = False, sink=None, recent=None,
                          cache_seqlens=None) -> None:
@@ -219,15 +216,8 @@ def hadamard_quantize_kv(src, codes, norms, write_pos: int, is_sliding: bool = F
     _validation.check_hadamard_quantize_kv(src, codes, norms, write_pos, is_sliding, bits, signs, offset, sink, recent,
                                            cache_seqlens)
     if cache_seqlens is not None:
-        # Per-sequence positions, as the reference: each sequence is an ordinary write at its own position
-        # (views of batch row b, written in place).
-        lengths = cache_seqlens.tolist()
-        _validation.check_cache_seqlens_values("hadamard_quantize_kv", lengths)
-        for b, position in enumerate(lengths):
-            row = lambda t: _batch_row(t, b)  # noqa: E731
-            hadamard_quantize_kv(row(src), row(codes), row(norms), position, is_sliding, bits, signs, row(offset),
-                                 norm_correction, row(sink), row(recent))
-        return
+        return _reference_turboquant.quantize_per_sequence(hadamard_quantize_kv, src, codes, norms, is_sliding, bits,
+                                                           signs, offset, norm_correction, sink, recent, cache_seqlens)
     centroids, boundaries = _codebook(bits)
     ops.hadamard_quantize_kv(src, codes, norms, write_pos, is_sliding, bits,
                              resolve_signs(signs, src.shape[-1], src.device), offset, norm_correction, sink, recent,
@@ -251,20 +241,13 @@ def flash_attn_vec_tq(q, k_codes, k_norms, v_codes, v_norms, kv_len: int, scale:
         return _reference.flash_attn_vec_tq(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, bits,
                                             sliding_window, softcap, kv_start, signs, lse, v_bits, k_sink, v_sink,
                                             k_recent, v_recent, cache_seqlens)
-    geo = _validation.check_flash_attn_vec_tq(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, bits,
+    _validation.check_flash_attn_vec_tq(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, bits,
                                               sliding_window, softcap, kv_start, signs, lse, v_bits, k_sink, v_sink,
                                               k_recent, v_recent, cache_seqlens)
     if cache_seqlens is not None:
-        # Per-sequence lengths, as the reference: each sequence is an ordinary call with its own kv_len.
-        lengths = cache_seqlens.tolist()
-        _validation.check_cache_seqlens_values("flash_attn_vec_tq", lengths, kv_len, geo.q_len)
-        rows = []
-        for b, n in enumerate(lengths):
-            row = lambda t: _batch_row(t, b)  # noqa: E731
-            rows.append(flash_attn_vec_tq(row(q), row(k_codes), row(k_norms), row(v_codes), row(v_norms), n, scale,
-                                          bits, sliding_window, softcap, row(kv_start), signs, row(lse), v_bits,
-                                          row(k_sink), row(v_sink), row(k_recent), row(v_recent)))
-        return torch.cat(rows)
+        return _reference_turboquant.attend_per_sequence(flash_attn_vec_tq, q, k_codes, k_norms, v_codes, v_norms,
+                                                         kv_len, scale, bits, sliding_window, softcap, kv_start, signs,
+                                                         lse, v_bits, k_sink, v_sink, k_recent, v_recent, cache_seqlens)
     v_bits = bits if v_bits is None else v_bits
     return ops.flash_attn_vec_tq(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, bits, v_bits, sliding_window,
                                  softcap, kv_start, resolve_signs(signs, q.shape[-1], q.device), lse, k_sink, v_sink,

@@ -96,21 +96,41 @@ def _batch_row(t: Optional[torch.Tensor], b: int) -> Optional[torch.Tensor]:
     return None if t is None else t[b : b + 1]
 
 
+def quantize_per_sequence(quantize, src, codes, norms, is_sliding, bits, signs, offset, norm_correction, sink, recent,
+                          cache_seqlens) -> None:
+    """``hadamard_quantize_kv`` with ``cache_seqlens`` on a host backend: each sequence is an ordinary
+    ``quantize`` call (that backend's op) at its own position, on views of batch row b written in place."""
+    lengths = cache_seqlens.tolist()
+    _validation.check_cache_seqlens_values("hadamard_quantize_kv", lengths)
+    for b, position in enumerate(lengths):
+        row = lambda t: _batch_row(t, b)  # noqa: E731
+        quantize(row(src), row(codes), row(norms), position, is_sliding, bits, signs, row(offset), norm_correction,
+                 row(sink), row(recent))
+
+
+def attend_per_sequence(attend, q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, bits, sliding_window, softcap,
+                        kv_start, signs, lse, v_bits, k_sink, v_sink, k_recent, v_recent, cache_seqlens) -> torch.Tensor:
+    """``flash_attn_vec_tq`` with ``cache_seqlens`` on a host backend: each sequence is an ordinary
+    ``attend`` call (that backend's op) with its own kv_len."""
+    lengths = cache_seqlens.tolist()
+    _validation.check_cache_seqlens_values("flash_attn_vec_tq", lengths, kv_len, q.shape[2])
+    rows = []
+    for b, n in enumerate(lengths):
+        row = lambda t: _batch_row(t, b)  # noqa: E731
+        rows.append(attend(row(q), row(k_codes), row(k_norms), row(v_codes), row(v_norms), n, scale, bits,
+                           sliding_window, softcap, row(kv_start), signs, row(lse), v_bits, row(k_sink), row(v_sink),
+                           row(k_recent), row(v_recent)))
+    return torch.cat(rows)
+
+
 def hadamard_quantize_kv(src, codes, norms, write_pos: int, is_sliding: bool = False, bits: int = 4, signs=None,
                          offset=None, norm_correction: bool = False, sink=None, recent=None,
                          cache_seqlens=None) -> None:
     _validation.check_hadamard_quantize_kv(src, codes, norms, write_pos, is_sliding, bits, signs, offset, sink, recent,
                                            cache_seqlens)
     if cache_seqlens is not None:
-        # Per-sequence positions: each sequence is an ordinary write at its own position (views of
-        # batch row b, written in place).
-        lengths = cache_seqlens.tolist()
-        _validation.check_cache_seqlens_values("hadamard_quantize_kv", lengths)
-        for b, position in enumerate(lengths):
-            row = lambda t: _batch_row(t, b)  # noqa: E731
-            hadamard_quantize_kv(row(src), row(codes), row(norms), position, is_sliding, bits, signs, row(offset),
-                                 norm_correction, row(sink), row(recent))
-        return
+        return quantize_per_sequence(hadamard_quantize_kv, src, codes, norms, is_sliding, bits, signs, offset,
+                                     norm_correction, sink, recent, cache_seqlens)
     T = src.shape[1]
     signs = resolve_signs(signs, src.shape[-1], src.device)
     x = src.to(torch.float32)
@@ -145,16 +165,9 @@ def flash_attn_vec_tq(q, k_codes, k_norms, v_codes, v_norms, kv_len: int, scale:
                                               sliding_window, softcap, kv_start, signs, lse, v_bits, k_sink, v_sink,
                                               k_recent, v_recent, cache_seqlens)
     if cache_seqlens is not None:
-        # Per-sequence lengths: each sequence is an ordinary call with its own kv_len.
-        lengths = cache_seqlens.tolist()
-        _validation.check_cache_seqlens_values("flash_attn_vec_tq", lengths, kv_len, geo.q_len)
-        rows = []
-        for b, n in enumerate(lengths):
-            row = lambda t: _batch_row(t, b)  # noqa: E731
-            rows.append(flash_attn_vec_tq(row(q), row(k_codes), row(k_norms), row(v_codes), row(v_norms), n, scale,
-                                          bits, sliding_window, softcap, row(kv_start), signs, row(lse), v_bits,
-                                          row(k_sink), row(v_sink), row(k_recent), row(v_recent)))
-        return torch.cat(rows)
+        return attend_per_sequence(flash_attn_vec_tq, q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, bits,
+                                   sliding_window, softcap, kv_start, signs, lse, v_bits, k_sink, v_sink, k_recent,
+                                   v_recent, cache_seqlens)
     B, Hq, Hkv, Lq, D, C = geo
     signs = resolve_signs(signs, D, q.device)
     group = Hq // Hkv
