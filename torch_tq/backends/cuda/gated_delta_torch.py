@@ -19,9 +19,9 @@ two maps, ``[o; S_next] = M S + R0`` with ``M = [qg - attn w; exp(G_last) I - kd
 ``R0 = [attn u; kd^T u]``, both ``[BT + K, ...]`` per chunk and head, built for all chunks with two
 batched matmuls of ``E = [attn; kd^T]``. The state pass is then ONE kernel per chunk: an in-place
 ``baddbmm_`` of ``R0[c]`` (every sequence and value head at once), whose bottom rows are the next
-chunk's state and top rows the chunk's output. The states stay in float32 (no reduced-precision
-matmul touches them); the chunks of a segment are bounded by ``SEGMENT_HEAD_CHUNKS`` so memory
-does not grow with T beyond the inputs and the output.
+chunk's state and top rows the chunk's output. All matmuls run in float32 (as the reference's,
+they would round to TF32 only where a user enables it); the chunks of a segment are bounded by
+``SEGMENT_HEAD_CHUNKS`` so memory does not grow with T beyond the inputs and the output.
 
 Recurrent form (decode). Per token five kernels (``k^T S``, delta, decay, rank-1 update, ``q^T S``),
 every sequence and value head at once; the inputs are prepared for all tokens first.
@@ -38,23 +38,19 @@ from ..cpu import gated_delta_rule as _ref
 
 BT = _v.CHUNK_SIZE
 # Chunks x (sequences x value heads) per segment of the chunked form. The segment's tensors take
-# about 360 KB per chunk and head in float32 (K = V = 128), so 2048 bounds them near 0.7 GB; at
+# about 0.43 MB per chunk and head in float32 (K = V = 128), so 2048 bounds them near 0.9 GB; at
 # Qwen3-Next's 32 value heads that is 64 chunks (4096 tokens) per segment.
 SEGMENT_HEAD_CHUNKS = 2048
-# How the unit-lower-triangular systems of all chunks are solved:
-# "triangular": torch.linalg.solve_triangular on [beta exp(G) k | beta v] (one batched call);
-# "blocked": the reference's blocked inverse (solve_tril_chunks) times the right-hand side.
-SOLVES = ("triangular", "blocked")
+# How the unit-lower-triangular systems ``(I + tril(L, -1)) X = rhs`` of all chunks are solved
+# (``L [..., BT, BT]``, ``rhs [..., BT, D]``): one batched torch.linalg.solve_triangular (cuBLAS'
+# batched trsm on CUDA), or the reference's blocked inverse (a few dozen batched matmuls) times rhs.
+# Both are timed by ``benchmarks/gated_delta.py --device cuda``.
+_SOLVERS = {
+    "triangular": lambda L, rhs: torch.linalg.solve_triangular(L, rhs, upper=False, unitriangular=True),
+    "blocked": lambda L, rhs: _ref.solve_tril_chunks(L) @ rhs,
+}
+SOLVES = tuple(_SOLVERS)
 DEFAULT_SOLVE = "triangular"
-
-
-def _solve(L: torch.Tensor, rhs: torch.Tensor, solve: str) -> torch.Tensor:
-    """``(I + tril(L, -1))^-1 rhs`` for every chunk: ``L [..., BT, BT]``, ``rhs [..., BT, D]``."""
-    if solve == "triangular":
-        return torch.linalg.solve_triangular(L, rhs, upper=False, unitriangular=True)
-    if solve == "blocked":
-        return _ref.solve_tril_chunks(L) @ rhs
-    raise ValueError(f"solve must be one of {SOLVES}, got {solve!r}")
 
 
 def _segment(qc, kc, v_chunks, beta_chunks, Gc, betac, S: torch.Tensor, out: torch.Tensor, solve: str) -> torch.Tensor:
@@ -78,7 +74,7 @@ def _segment(qc, kc, v_chunks, beta_chunks, Gc, betac, S: torch.Tensor, out: tor
     rhs = torch.empty(NC, N, HV, BT, K + V, dtype=cd, device=kc.device)
     torch.mul(kc.unsqueeze(3), (betac * eG).view(*grouped, BT, 1), out=rhs.view(*grouped, BT, K + V)[..., :K])
     torch.mul(v_chunks, beta_chunks, out=rhs[..., K:])
-    wu = _solve(L, rhs, solve).view(NC * NH, BT, K + V)  # [w | u]
+    wu = _SOLVERS[solve](L, rhs).view(NC * NH, BT, K + V)  # [w | u]
 
     # E = [attn; kd^T] per chunk and value head: the rows of the output, then of the next state.
     E = torch.empty(NC, N, HV, BT + K, BT, dtype=cd, device=kc.device)
