@@ -1,7 +1,7 @@
 """Timings of torch_tq's gated-delta-rule ops next to transformers' pure-PyTorch fallback (CPU or CUDA).
 
     python benchmarks/gated_delta.py [--device cpu|cuda] [--T 4096] [--repeats 3] [--dtype float32] [--threads N]
-                                     [--json] [--out FILE]
+                                     [--json] [--out FILE] [--profile]
 
 Rows: the chunked prefill ``chunk_gated_delta_rule`` against transformers'
 ``torch_chunk_gated_delta_rule`` (Qwen3-Next modeling file), and one recurrent decode step
@@ -14,7 +14,8 @@ dispatches to (FLA's kernels when flash-linear-attention is installed); further 
 torch_tq's PyTorch reference and its GPU-shaped PyTorch path (``gated_delta_torch``, what CUDA runs
 without FLA; chunked once per triangular-solve variant) on the GPU. A second table counts the aten
 ops (not views: about one kernel launch each) per call and per extra chunk / token of every
-implementation. --out FILE also writes the JSON there. Never asserts.
+implementation; --profile (CUDA) lists the GPU-shaped path's kernels by GPU time. --out FILE also
+writes the JSON there. Never asserts.
 """
 
 from __future__ import annotations
@@ -62,6 +63,22 @@ def count_ops(fn) -> int:
     return mode.count
 
 
+def profile_table(fn, rows: int = 12) -> str:
+    """The kernels of one ``fn()`` (after a warm-up) by GPU time, as torch.profiler's table; the error
+    text where the profiler cannot run (the timings above do not depend on it)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        return prof.key_averages().table(sort_by="self_device_time_total", row_limit=rows)
+    except Exception as exc:  # noqa: BLE001 - a profile is informative only
+        return f"profiler failed: {type(exc).__name__}: {exc}"
+
+
 def inputs(B, T, H, HV, K, V, dtype, device):
     q, k = torch.randn(B, T, H, K, dtype=dtype), torch.randn(B, T, H, K, dtype=dtype)
     v = torch.randn(B, T, HV, V, dtype=dtype)
@@ -81,6 +98,8 @@ def main() -> None:
                         "1 gives steadier numbers on a shared machine")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--out", help="also write the JSON report to this file")
+    parser.add_argument("--profile", action="store_true", help="CUDA: also print the GPU-shaped PyTorch path's "
+                        "kernels by GPU time (torch.profiler, one call each)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -173,11 +192,19 @@ def main() -> None:
             row["recurrent_ops_per_token"] = ops_of(recurrent_fn, 3) - ops_of(recurrent_fn, 2)
         op_counts.append(row)
 
+    profiles = {}
+    if args.profile and on_cuda:
+        profiled = {name: (lambda f=fns[0]: f(q, k, v, g, beta, **kw)) if fns[0] else
+                    (lambda f=fns[1]: f(q1, k1, v1, g1, beta1, initial_state=state, **kw))
+                    for name, fns in impls.items() if name.startswith("gpu torch")}
+        for name, fn in profiled.items():
+            profiles[name] = profile_table(fn)
+
     machine = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                    device=torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
                    cores=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
                    load_avg=" ".join(f"{x:.2f}" for x in os.getloadavg()))
-    report = dict(machine=machine, reference=reference, rows=rows, op_counts=op_counts)
+    report = dict(machine=machine, reference=reference, rows=rows, op_counts=op_counts, profiles=profiles)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)
@@ -198,6 +225,8 @@ def main() -> None:
     for r in op_counts:
         cells = [r.get(key, "") for key in ("chunk_ops", "chunk_ops_per_chunk", "decode_ops", "recurrent_ops_per_token")]
         print(f"{r['impl']:<34}" + "".join(f"{c:>8}" for c in cells))
+    for name, table in profiles.items():
+        print(f"\nprofile, {name} (one call after warm-up):\n{table}")
 
 
 if __name__ == "__main__":
