@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from torch_tq.backends.cpu import gated_delta_rule as reference
 from torch_tq.backends.cuda import gated_delta_rule as cuda_gdr
+from torch_tq.backends.cuda import gated_delta_torch
 
 
 def _fake_fla(calls: list) -> types.SimpleNamespace:
@@ -72,12 +73,13 @@ def test_fla_is_called_with_its_own_conventions(monkeypatch, op, final):
         assert state.shape == (0, 4, 64, 64) and state.dtype == torch.float32
 
 
-def test_without_fla_the_reference_runs(monkeypatch):
+def test_without_fla_the_gpu_shaped_torch_path_runs(monkeypatch):
+    # Its correctness against the reference is tests/test_gated_delta_torch.py's.
     monkeypatch.setattr(cuda_gdr, "_use_fla", lambda: False)
     monkeypatch.setattr(cuda_gdr, "_fla_ops", lambda: pytest.fail("FLA must not be called"))
     q, k, v, g, beta = _inputs(T=5)
     o, _ = cuda_gdr.fused_recurrent_gated_delta_rule(q, k, v, g, beta)
-    torch.testing.assert_close(o, reference.fused_recurrent_gated_delta_rule(q, k, v, g, beta)[0], rtol=0, atol=0)
+    torch.testing.assert_close(o, gated_delta_torch.fused_recurrent_gated_delta_rule(q, k, v, g, beta)[0], rtol=0, atol=0)
 
 
 def test_bad_input_is_rejected_before_fla(monkeypatch):

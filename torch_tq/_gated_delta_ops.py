@@ -29,8 +29,8 @@ sequence start, and a partial last chunk of L tokens is an L x L problem.
 
 Kernels: ``torch_tq.backends.cpu.gated_delta_rule`` is registered for CPU and, being plain
 PyTorch, also as the CompositeExplicitAutograd kernel, so a device without a native kernel runs
-the same code on its own tensors. On CUDA the entry ops call FLA when it is installed
-(``torch_tq.backends.cuda.gated_delta_rule``). The native MPS extension
+the same code on its own tensors. On CUDA the entry ops call FLA when it is installed, else the
+GPU-shaped PyTorch path ``torch_tq.backends.cuda.gated_delta_torch`` (``torch_tq.backends.cuda.gated_delta_rule``). The native MPS extension
 (``mps_ops/``, macOS builds) registers Metal kernels for every op under the MPS key, which takes
 precedence.
 """
@@ -76,7 +76,7 @@ for _name in SCHEMAS:
     # The reference is plain PyTorch, so it also serves every device without a native kernel (the
     # stage ops on CUDA): a kernel registered for a backend key (MPS, CUDA) takes precedence.
     _lib.impl(_name, getattr(_cpu, _name), "CompositeExplicitAutograd")
-# CUDA: FLA's kernels for the entry ops when flash-linear-attention is installed (else the reference).
+# CUDA: FLA's kernels for the entry ops when flash-linear-attention is installed (else gated_delta_torch).
 for _name in ("chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule"):
     _lib.impl(_name, getattr(_cuda, _name), "CUDA")
 

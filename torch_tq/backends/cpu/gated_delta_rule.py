@@ -289,12 +289,15 @@ def fwd_o_chunks(qc, kc, v_new, h, Gc, scale: float, decay: Optional[torch.Tenso
     return o.mul_(scale)
 
 
-def _attention_chunks(qc, kc, Gc, decay: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``(q k^T) * exp(G_i - G_j) * [i >= j]``: ``[NC, N, HV, BT, BT]`` (q k^T once per key head)."""
+def _attention_chunks(qc, kc, Gc, decay: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``(q k^T) * exp(G_i - G_j) * [i >= j]``: ``[NC, N, HV, BT, BT]`` (q k^T once per key head).
+    ``out`` may be a ``[NC, N, H, HV/H, BT, BT]`` view to write into (it is returned as given)."""
     H = qc.shape[2]
     qk = qc @ kc.transpose(-1, -2)  # [NC, N, H, BT, BT]
     if decay is None:
         decay = _decay_matrix(Gc, strict=False)
+    if out is not None:
+        return torch.mul(_groups(decay, H), qk.unsqueeze(3), out=out)
     return (_groups(decay, H) * qk.unsqueeze(3)).flatten(2, 3)
 
 
@@ -309,18 +312,18 @@ def _final(S: torch.Tensor, output_final_state: bool) -> torch.Tensor:
     return S if output_final_state else S.new_empty(0, *S.shape[1:])
 
 
+def _chunk_major(pk: _Packing, t: torch.Tensor) -> torch.Tensor:
+    """The packed ``[B, T, Hx, D]`` as a chunk-major view ``[NC, N, Hx, BT, D]`` (a copy only where packing needs one)."""
+    return pk.pack(t).view(pk.N, pk.NC, BT, t.shape[2], t.shape[-1]).permute(1, 0, 3, 2, 4)
+
+
 def _chunks_times(pk: _Packing, x: torch.Tensor, factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``x * factor`` in the packed, chunk-major layout, in one pass: ``[B, T, Hx, D] -> [NC, N, Hx, BT, D]``.
 
     ``factor`` is ``[B, T, Hx, 1]`` in ``dtype`` (so the product is computed in ``dtype``).
     """
-    N, NC, Hx, D = pk.N, pk.NC, x.shape[2], x.shape[3]
-
-    def chunk_major(t):
-        return pk.pack(t).view(N, NC, BT, Hx, t.shape[-1]).permute(1, 0, 3, 2, 4)
-
-    out = torch.empty(NC, N, Hx, BT, D, dtype=dtype, device=x.device)
-    return torch.mul(chunk_major(x), chunk_major(factor), out=out)
+    out = torch.empty(pk.NC, pk.N, x.shape[2], BT, x.shape[3], dtype=dtype, device=x.device)
+    return torch.mul(_chunk_major(pk, x), _chunk_major(pk, factor), out=out)
 
 
 def _qk_factor(x: torch.Tensor, l2: bool, scale: float, dtype: torch.dtype) -> torch.Tensor:

@@ -3,8 +3,9 @@
 FLA (``pip install torch_tq[cuda]``) is the reference implementation of these ops on NVIDIA GPUs,
 with the same names, argument order, shapes and GVA convention; torch_tq does not rewrite it. It
 is called only for CUDA tensors (its kernels cannot run elsewhere). Without it, CUDA tensors run
-the pure-PyTorch reference (``torch_tq.backends.cpu.gated_delta_rule``, registered as the
-CompositeExplicitAutograd kernel), which is correct but slow; ``torch-tq info`` says which is active.
+``gated_delta_torch``: the same math in plain PyTorch, arranged for a GPU (batched over chunks, one
+kernel per chunk in the state pass), with the CPU reference's semantics; ``torch-tq info`` says
+which is active.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from typing import Callable, Optional
 import torch
 
 from ... import _gated_delta_validation as _v
-from ..cpu import gated_delta_rule as _reference
+from . import gated_delta_torch as _gpu_torch
+
+
+_TORCH_PATH = "torch_tq's GPU-shaped PyTorch path (backends/cuda/gated_delta_torch.py)"
 
 
 def fla_status() -> tuple[bool, str]:
@@ -25,10 +29,10 @@ def fla_status() -> tuple[bool, str]:
         _fla_ops()
     except ModuleNotFoundError as exc:
         if exc.name is not None and exc.name.split(".")[0] != "fla":
-            return False, f"flash-linear-attention does not import ({exc}); the PyTorch reference runs"
-        return False, "flash-linear-attention is not installed (pip install torch_tq[cuda]); the PyTorch reference runs"
+            return False, f"flash-linear-attention does not import ({exc}); {_TORCH_PATH} runs"
+        return False, f"flash-linear-attention is not installed (pip install torch_tq[cuda]); {_TORCH_PATH} runs"
     except Exception as exc:  # noqa: BLE001 - an FLA that does not import (wrong triton, ...) must not break torch_tq
-        return False, f"flash-linear-attention does not import ({type(exc).__name__}: {exc}); the PyTorch reference runs"
+        return False, f"flash-linear-attention does not import ({type(exc).__name__}: {exc}); {_TORCH_PATH} runs"
     return True, "flash-linear-attention"
 
 
@@ -43,13 +47,13 @@ def _use_fla() -> bool:
 
 
 def _entry(op: str, fla_name: str) -> Callable:
-    reference = getattr(_reference, op)
+    torch_path = getattr(_gpu_torch, op)
 
     def kernel(q, k, v, g, beta, scale: Optional[float] = None, initial_state=None, output_final_state: bool = False,
                use_qk_l2norm_in_kernel: bool = False, cu_seqlens=None) -> tuple[torch.Tensor, torch.Tensor]:
         if not _use_fla():
-            return reference(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel,
-                             cu_seqlens)
+            return torch_path(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel,
+                              cu_seqlens)
         geo = _v.check_gated_delta_rule(op, q, k, v, g, beta, scale, initial_state, cu_seqlens)
         # Keywords: FLA's fused_recurrent takes (q, k, v, g, gk, gv, beta, ...) positionally.
         o, final_state = getattr(_fla_ops(), fla_name)(
@@ -61,7 +65,7 @@ def _entry(op: str, fla_name: str) -> Callable:
         return o.to(q.dtype), final_state
 
     kernel.__name__ = op
-    kernel.__doc__ = f"tq.{op} on CUDA: FLA's ``{fla_name}`` when installed, else the PyTorch reference."
+    kernel.__doc__ = f"tq.{op} on CUDA: FLA's ``{fla_name}`` when installed, else ``gated_delta_torch.{op}``."
     return kernel
 
 
