@@ -41,6 +41,26 @@ def compile_one(fn, sig, consts, num_warps, num_stages=1):
     return m.groups() if m else out, (n_ldg, n_lds, n_sts, n_bar, n_ins), k
 
 
+def loop_mix(k):
+    """(LDG, LDS, STS, BAR, instructions) of the backward-branch range of the SASS with the most LDG (the main loop)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(k.asm["cubin"])
+    sass = subprocess.run([f"{BIN}/cuobjdump", "-sass", f.name], capture_output=True, text=True).stdout
+    ins = [(int(a, 16), txt) for a, txt in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = []
+    for addr, txt in ins:
+        b = re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", txt)
+        if b and int(b.group(1), 16) < addr:
+            loops.append((int(b.group(1), 16), addr))
+    mixes = []
+    for lo, hi in loops:
+        body = [t for a, t in ins if lo <= a <= hi]
+        count = lambda pat: sum(1 for t in body if re.search(pat, t))  # noqa: E731
+        mixes.append((count(r"\bLDG\."), count(r"\bLDS"), count(r"\bSTS"), count(r"\bBAR\."), len(body)))
+    # The main loop streams the codes: the loop with the most global loads (ties: the longest).
+    return max(mixes, default=(0, 0, 0, 0, 0))
+
+
 def attn_sig(qdt, pair=False):
     def sig(n):
         if n == "q_ptr":
@@ -55,6 +75,10 @@ def attn_sig(qdt, pair=False):
             return "*fp16" if qdt != "fp32" else "*fp32"
         if n in ("kv_start_ptr", "seqlens_ptr"):
             return "*i64"
+        if n == "tickets_ptr":
+            return "*i32"
+        if n == "out_ptr":
+            return f"*{qdt}"
         if n.endswith("_ptr"):
             return "*fp32"
         if n in ("softcap", "q_scale", "inv_sqrt_r"):
@@ -66,14 +90,24 @@ def attn_sig(qdt, pair=False):
 if __name__ == "__main__":
     import triton.language as tl
     which = sys.argv[1] if len(sys.argv) > 1 else "v2"
-    if which == "v2":
+    if which in ("v2", "v3"):
         import ast
-        for D, kb, vb, bn, nw, pf, pair, ns in ast.literal_eval(sys.argv[2]):
-            consts = dict(D=D, K_BITS=kb, V_BITS=vb, BLOCK_M=16, BLOCK_N=bn, HAS_SINK=False, HAS_RECENT=False,
+        fn = tq.flash_attn_vec_tq_fwd2_kernel if which == "v2" else tq.flash_attn_vec_tq_fwd3_kernel
+        for entry in ast.literal_eval(sys.argv[2]):
+            D, kb, vb, bn, nw, pf, pair, ns = entry[:8]
+            extra = entry[8] if len(entry) > 8 else {}
+            bm = extra.pop("BLOCK_M", 16 if which == "v2" else 4)
+            consts = dict(D=D, K_BITS=kb, V_BITS=vb, BLOCK_M=bm, BLOCK_N=bn, HAS_SINK=False, HAS_RECENT=False,
                           HAS_KV_START=False, HAS_SEQLENS=False, USE_WINDOW=False, USE_SOFTCAP=False,
-                          PRECISION="tf32", DOT_DTYPE=tl.float16, FOLD_Q=(D <= 128) if len(sys.argv) < 4 else bool(int(sys.argv[3])), PREFETCH=pf, LUT_PAIR=pair)
-            r, cnt, _ = compile_one(tq.flash_attn_vec_tq_fwd2_kernel, attn_sig("bf16", pair), consts, nw, ns)
-            print(f"v2 D{D} k{kb}v{vb} BN{bn} w{nw} pf={pf} pair={pair} st={ns}: REG/STACK/SHARED/LOCAL {r}  LDG/LDS/STS/BAR/instr {cnt}", flush=True)
+                          PRECISION="tf32", DOT_DTYPE=tl.float16, FOLD_Q=(D <= 128) if len(sys.argv) < 4 else bool(int(sys.argv[3])),
+                          PREFETCH=pf, LUT_PAIR=pair, FUSED_MERGE=True, MERGE_ROWS=min(256 // D, bm), STORE_LSE=False)
+            consts.update(extra)
+            import inspect
+            names = set(inspect.signature(fn.fn).parameters)
+            consts = {k: v for k, v in consts.items() if k in names}
+            r, cnt, k = compile_one(fn, attn_sig("bf16", pair), consts, nw, ns)
+            print(f"{which} D{D} k{kb}v{vb} BM{bm} BN{bn} w{nw} pf={pf} pair={pair} st={ns} {extra}: REG/STACK/SHARED/LOCAL {r} "
+                  f"dyn smem {k.metadata.shared}  LDG/LDS/STS/BAR/instr {cnt}  in loop {loop_mix(k)}", flush=True)
 
 
 def quant_sig(n):

@@ -584,11 +584,13 @@ def _attend_window(q, k_win_ptr, v_win_ptr, win_row0, win_len, lo, hi, q_pos, m_
 def flash_attn_vec_tq_fwd_kernel(
     q_rot_ptr, k_codes_ptr, k_norms_ptr, v_codes_ptr, v_norms_ptr, k_sink_ptr, v_sink_ptr, k_recent_ptr,
     v_recent_ptr, kv_start_ptr, seqlens_ptr, k_codebook_ptr, v_codebook_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
+    tickets_ptr, signs_ptr, out_ptr, lse_ptr,
     Hkv, C, S, W, kv_len, vis_lo, chunk, num_splits, window, softcap, inv_sqrt_r, GL, LQ,
     D: tl.constexpr, R: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SINK: tl.constexpr,
     HAS_RECENT: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_SEQLENS: tl.constexpr, USE_WINDOW: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    FUSED_MERGE: tl.constexpr, MERGE_ROWS: tl.constexpr, STORE_LSE: tl.constexpr,
 ):
     """Split ``i_s`` of KV head ``i_bh`` for the query rows of tile ``i_m``: positions
     ``[vis_lo + i_s*chunk, +chunk)`` ∩ ``[kv_start, kv_len)``, cut to what the tile's queries can see."""
@@ -648,31 +650,35 @@ def flash_attn_vec_tq_fwd_kernel(
     tl.store(part_m_ptr + part, m_i, mask=m_ok)
     tl.store(part_l_ptr + part, l_i, mask=m_ok)
     tl.store(part_acc_ptr + part[:, None] * D + d[None, :], acc, mask=m_ok[:, None])
+    if FUSED_MERGE:
+        _merge_if_last(tickets_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, signs_ptr, out_ptr, lse_ptr, i_bh, i_m,
+                       num_splits, inv_sqrt_r, GL, D, R, BLOCK_M, MERGE_ROWS, STORE_LSE)
 
 
 @triton.jit
-def flash_attn_vec_tq_reduce_kernel(
-    part_acc_ptr, part_m_ptr, part_l_ptr, signs_ptr, out_ptr, lse_ptr, n_rows, num_splits, inv_sqrt_r, GL,
-    D: tl.constexpr, R: tl.constexpr, ROWS: tl.constexpr, STORE_LSE: tl.constexpr,
-):
-    """Merge the splits of each query row with log-sum-exp, un-rotate, write out (q's dtype) and lse."""
+def _merge_rows(part_acc_ptr, part_m_ptr, part_l_ptr, signs_ptr, out_ptr, lse_ptr, rows, row_ok, num_splits,
+                inv_sqrt_r, GL, D: tl.constexpr, R: tl.constexpr, ROWS: tl.constexpr, STORE_LSE: tl.constexpr):
+    """Merge the splits of the query rows ``rows [ROWS]`` with log-sum-exp, un-rotate, write out (q's dtype) and lse.
+
+    ``rows`` are flat over (b, hq, i) = (b, hkv, g*Lq + i): the output's row order. The partials are read with
+    ``.cg`` (L2, not L1): in the fused merge other programs of the same launch wrote them.
+    """
     NB: tl.constexpr = D // R
-    i_p = tl.program_id(0).to(tl.int64)
-    rows = i_p * ROWS + tl.arange(0, ROWS)  # flat over (b, hq, i) = (b, hkv, g*Lq + i): the output's row order
-    row_ok = rows < n_rows
     part0 = (rows // GL) * num_splits * GL + rows % GL  # split 0 of the row's partials
     d = tl.arange(0, D)
     m_max = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
     for s in range(num_splits):
-        m_max = tl.maximum(m_max, tl.load(part_m_ptr + part0 + s * GL, mask=row_ok, other=float("-inf")))
+        m_max = tl.maximum(m_max, tl.load(part_m_ptr + part0 + s * GL, mask=row_ok, other=float("-inf"),
+                                          cache_modifier=".cg"))
     m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
     l_sum = tl.zeros((ROWS,), dtype=tl.float32)
     acc = tl.zeros((ROWS, D), dtype=tl.float32)
     for s in range(num_splits):
         part = part0 + s * GL
-        w = tl.exp(tl.load(part_m_ptr + part, mask=row_ok, other=float("-inf")) - m_safe)
-        l_sum += w * tl.load(part_l_ptr + part, mask=row_ok, other=0.0)
-        acc += w[:, None] * tl.load(part_acc_ptr + part[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0)
+        w = tl.exp(tl.load(part_m_ptr + part, mask=row_ok, other=float("-inf"), cache_modifier=".cg") - m_safe)
+        l_sum += w * tl.load(part_l_ptr + part, mask=row_ok, other=0.0, cache_modifier=".cg")
+        acc += w[:, None] * tl.load(part_acc_ptr + part[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0,
+                                    cache_modifier=".cg")
     # A row without any visible position (only possible through kv_start) outputs zeros and lse = -inf.
     y = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
     y = _wht_rows(tl.reshape(y, (ROWS * NB, R)), ROWS * NB, R) * inv_sqrt_r
@@ -680,6 +686,44 @@ def flash_attn_vec_tq_reduce_kernel(
     tl.store(out_ptr + rows[:, None] * D + d[None, :], _cast(y, out_ptr.dtype.element_ty), mask=row_ok[:, None])
     if STORE_LSE:
         tl.store(lse_ptr + rows, tl.log(l_sum) + m_max, mask=row_ok)
+
+
+@triton.jit
+def flash_attn_vec_tq_reduce_kernel(
+    part_acc_ptr, part_m_ptr, part_l_ptr, signs_ptr, out_ptr, lse_ptr, n_rows, num_splits, inv_sqrt_r, GL,
+    D: tl.constexpr, R: tl.constexpr, ROWS: tl.constexpr, STORE_LSE: tl.constexpr,
+):
+    """The separate merge launch (AttnConfig(fused_merge=False)): :func:`_merge_rows` over ROWS rows per program."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    _merge_rows(part_acc_ptr, part_m_ptr, part_l_ptr, signs_ptr, out_ptr, lse_ptr, rows, rows < n_rows, num_splits,
+                inv_sqrt_r, GL, D, R, ROWS, STORE_LSE)
+
+
+@triton.jit
+def _merge_if_last(tickets_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, signs_ptr, out_ptr, lse_ptr, i_bh, i_m,
+                   num_splits, inv_sqrt_r, GL, D: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr,
+                   MERGE_ROWS: tl.constexpr, STORE_LSE: tl.constexpr):
+    """The fused merge: called by every split program of row tile ``i_m`` of KV head ``i_bh`` right after it stored
+    its partials; the LAST of the ``num_splits`` programs to arrive merges them all (:func:`_merge_rows`).
+
+    No program waits for another (the programs of a grid need not be co-resident): each takes a ticket with an
+    acq_rel atomic after a CTA barrier (all of its threads' partial stores are ordered before the release), and the
+    one that draws ticket num_splits - 1 has acquired every other program's stores. It puts the counter back to 0,
+    so the next call (or CUDA-graph replay) starts from zero without a memset launch.
+    """
+    done = num_splits - 1
+    ticket = tickets_ptr + i_bh * tl.cdiv(GL, BLOCK_M) + i_m
+    if num_splits > 1:
+        tl.debug_barrier()
+        done = tl.atomic_add(ticket, 1, sem="acq_rel")
+    if done == num_splits - 1:
+        if num_splits > 1:
+            tl.store(ticket, 0)
+        tl.debug_barrier()
+        for r0 in range(i_m * BLOCK_M, tl.minimum(i_m * BLOCK_M + BLOCK_M, GL), MERGE_ROWS):
+            m = r0 + tl.arange(0, MERGE_ROWS)
+            _merge_rows(part_acc_ptr, part_m_ptr, part_l_ptr, signs_ptr, out_ptr, lse_ptr, i_bh * GL + m, m < GL,
+                        num_splits, inv_sqrt_r, GL, D, R, MERGE_ROWS, STORE_LSE)
 
 
 # ---- version 2 of the main kernel (NB = 1, i.e. D <= 256; every bit width) -----------------------------------------
@@ -845,13 +889,14 @@ def _attend_window2(qa, qb, k_win_ptr, v_win_ptr, win_row0, win_len, lo, hi, q_p
 def flash_attn_vec_tq_fwd2_kernel(
     q_ptr, hmat_ptr, signs_ptr, k_codes_ptr, k_norms_ptr, v_codes_ptr, v_norms_ptr, k_sink_ptr, v_sink_ptr,
     k_recent_ptr, v_recent_ptr, kv_start_ptr, seqlens_ptr, k_codebook_ptr, v_codebook_ptr, part_acc_ptr, part_m_ptr,
-    part_l_ptr,
+    part_l_ptr, tickets_ptr, out_ptr, lse_ptr,
     Hkv, C, S, W, kv_len, vis_lo, chunk, num_splits, window, softcap, q_scale, inv_sqrt_r, GL, LQ, G,
     stride_qb, stride_qh, stride_ql, stride_qd,
     D: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_SINK: tl.constexpr, HAS_RECENT: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_SEQLENS: tl.constexpr,
     USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
     FOLD_Q: tl.constexpr, PREFETCH: tl.constexpr, LUT_PAIR: tl.constexpr,
+    FUSED_MERGE: tl.constexpr, MERGE_ROWS: tl.constexpr, STORE_LSE: tl.constexpr,
 ):
     """As :func:`flash_attn_vec_tq_fwd_kernel` (same grid, partials and position logic), for NB = 1."""
     DH: tl.constexpr = D // 2
@@ -983,6 +1028,9 @@ def flash_attn_vec_tq_fwd2_kernel(
     tl.store(part_l_ptr + part, l_i, mask=m_ok)
     tl.store(part_acc_ptr + part[:, None] * D + cv_a[None, :], acc_a, mask=m_ok[:, None])
     tl.store(part_acc_ptr + part[:, None] * D + cv_b[None, :], acc_b, mask=m_ok[:, None])
+    if FUSED_MERGE:
+        _merge_if_last(tickets_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, signs_ptr, out_ptr, lse_ptr, i_bh, i_m,
+                       num_splits, inv_sqrt_r, GL, D, D, BLOCK_M, MERGE_ROWS, STORE_LSE)
 
 
 # Positions per key/value tile of the main kernel, by head_dim, and its warps: the largest tiles that compiled
@@ -1035,6 +1083,8 @@ class AttnConfig:
     lut_pair: v2 with half-precision queries and 2-, 3- or 4-bit codes gathers two float16 values per lookup
         from a 2^(2b)-entry table (1 KB at 4 bits) instead of one per code from the 2^b centroids.
     programs_per_sm / min_split_positions: the split heuristic (:func:`choose_num_splits`).
+    fused_merge: the last split program of each (KV head, row tile) merges the splits and writes out/lse (one
+        launch with fold_q) instead of a separate merge launch.
     """
 
     variant: str = "v2"
@@ -1046,6 +1096,7 @@ class AttnConfig:
     lut_pair: bool = False
     programs_per_sm: int = _PROGRAMS_PER_SM
     min_split_positions: int = _MIN_SPLIT_POSITIONS
+    fused_merge: bool = True
 
 
 DEFAULT_ATTN_CONFIG = AttnConfig()
@@ -1070,6 +1121,29 @@ def _hadamard_matrix(D: int, dtype: torch.dtype, device: torch.device) -> torch.
             bits = bits >> 1
         h = _HMAT[key] = (1 - 2 * parity).to(dtype).to(device)
     return h
+
+
+# The fused merge's ticket counters (int32, one per (b, KV head, row tile)), per (device, stream): all zero
+# between calls (the merging program resets its own), so they are allocated and zeroed once. Outgrown buffers
+# stay referenced: a CUDA graph captured earlier keeps using the one it captured.
+_TICKETS: dict = {}
+_RETIRED_TICKETS: list = []
+
+
+def _tickets(n: int, device: torch.device) -> torch.Tensor:
+    """At least ``n`` zeroed ticket counters for launches on the current stream of ``device``."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    t = _TICKETS.get(key)
+    if t is None or t.numel() < n:
+        fresh = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # Zeroed inside the capture (replays re-zero it) and not cached: it lives in the graph's memory pool.
+            return fresh
+        if t is not None:
+            _RETIRED_TICKETS.append(t)
+        t = _TICKETS[key] = fresh
+    return t
 
 
 _CODEBOOKS_DT: dict = {}
@@ -1161,6 +1235,13 @@ def flash_attn_vec_tq_fwd(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, 
     part_acc = _empty((B * Hkv, num_splits, GL, D), torch.float32, device)
     part_m = _empty((B * Hkv, num_splits, GL), torch.float32, device)
     part_l = _empty((B * Hkv, num_splits, GL), torch.float32, device)
+    fused = bool(cfg.fused_merge)
+    n_row_tiles = triton.cdiv(GL, block_m)
+    tickets = _tickets(B * Hkv * n_row_tiles, device) if fused and num_splits > 1 else part_m
+    # The fused merge un-rotates MERGE_ROWS rows at a time: half the separate merge's rows, so its transform
+    # (MERGE_ROWS*D*16 products) adds no registers to the main loop's.
+    merge = dict(FUSED_MERGE=fused, MERGE_ROWS=max(1, min(rows // 2, block_m)), STORE_LSE=lse is not None)
+    lse_arg = lse if lse is not None else part_m
     S = k_sink.shape[2] if k_sink is not None else 0
     W = k_recent.shape[2] if k_recent is not None else 0
     windows = (k_sink if k_sink is not None else part_m, v_sink if v_sink is not None else part_m,
@@ -1183,13 +1264,13 @@ def flash_attn_vec_tq_fwd(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, 
         DOT_DTYPE=tl.float16 if half else tl.float32,
         num_stages=stages,
     )
-    grid = (B * Hkv, num_splits, triton.cdiv(GL, block_m))
+    grid = (B * Hkv, num_splits, n_row_tiles)
     if use_v2:
         flash_attn_vec_tq_fwd2_kernel[grid](
             q_arg, _hadamard_matrix(D, dot_dtype, device) if fold_q else part_m, signs,
             k_codes, k_norms, v_codes, v_norms, *windows,
             _codebook_dt(k_bits, dot_dtype, device, lut_pair), _codebook_dt(v_bits, dot_dtype, device, lut_pair),
-            part_acc, part_m, part_l,
+            part_acc, part_m, part_l, tickets, out, lse_arg,
             Hkv, C, S, W, kv_len, vis_lo, chunk, num_splits, sliding_window, float(softcap),
             float(scale) / math.sqrt(R) if fold_q else 1.0, 1.0 / math.sqrt(R), GL, Lq, G,
             *q.stride(),
@@ -1200,6 +1281,7 @@ def flash_attn_vec_tq_fwd(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, 
             PREFETCH=bool(cfg.prefetch),
             LUT_PAIR=lut_pair,
             num_warps=cfg.num_warps or warps,
+            **merge,
             **flags,
         )
     else:
@@ -1207,7 +1289,7 @@ def flash_attn_vec_tq_fwd(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, 
         v_codebook, _ = _codebook(v_bits, device)
         flash_attn_vec_tq_fwd_kernel[grid](
             q_arg, k_codes, k_norms, v_codes, v_norms, *windows,
-            k_codebook, v_codebook, part_acc, part_m, part_l,
+            k_codebook, v_codebook, part_acc, part_m, part_l, tickets, signs, out, lse_arg,
             Hkv, C, S, W, kv_len, vis_lo, chunk, num_splits, sliding_window, float(softcap), 1.0 / math.sqrt(R), GL,
             Lq,
             D=D,
@@ -1215,12 +1297,15 @@ def flash_attn_vec_tq_fwd(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, 
             K_BITS=k_bits,
             V_BITS=v_bits,
             num_warps=cfg.num_warps or (4 if D == 64 and block_m <= 16 else 8),
+            **merge,
             **flags,
         )
+    if fused:
+        return out
 
-    # 3. merge the splits, un-rotate, write out and lse.
+    # 3. merge the splits, un-rotate, write out and lse (unless the main kernel's last split program did).
     flash_attn_vec_tq_reduce_kernel[(triton.cdiv(n_rows, rows),)](
-        part_acc, part_m, part_l, signs, out, lse if lse is not None else part_m, n_rows, num_splits,
+        part_acc, part_m, part_l, signs, out, lse_arg, n_rows, num_splits,
         1.0 / math.sqrt(R), GL,
         D=D,
         R=R,
