@@ -1,7 +1,10 @@
 """Compile the CUDA Triton kernels for sm_90 offline (no GPU: Triton's bundled ptxas and cuobjdump) and print
 registers / stack (spills) / shared memory and a SASS instruction mix (LDG, LDS, STS, BAR, total).
 
-    PYTHONPATH=. python benchmarks/compile_sm90.py v2 "[(D, k_bits, v_bits, block_n, warps, prefetch, pair, stages), ...]" [fold_q 0/1]
+    PYTHONPATH=. python benchmarks/compile_sm90.py v2|v3 "[(D, k_bits, v_bits, block_n, warps, prefetch, pair, stages[, {CONST: value}]), ...]" [fold_q 0/1]
+
+v3 = the v2 kernel with SWAP (BLOCK_M 16 unless the dict sets it). Prints registers, stack, dynamic shared memory
+(kernel.metadata.shared: cuobjdump's SHARED misses it), the SASS mix and the mix inside the main loop.
     PYTHONPATH=. python benchmarks/compile_sm90.py quant "[(D, bits, rows, warps, precision, {flag: value}), ...]" [kernel name]
 
 Pointer arguments and C/chunk/strides are marked divisible by 16, as Triton specializes them at a real launch
@@ -92,15 +95,16 @@ if __name__ == "__main__":
     which = sys.argv[1] if len(sys.argv) > 1 else "v2"
     if which in ("v2", "v3"):
         import ast
-        fn = tq.flash_attn_vec_tq_fwd2_kernel if which == "v2" else tq.flash_attn_vec_tq_fwd3_kernel
+        fn = tq.flash_attn_vec_tq_fwd2_kernel
         for entry in ast.literal_eval(sys.argv[2]):
             D, kb, vb, bn, nw, pf, pair, ns = entry[:8]
             extra = entry[8] if len(entry) > 8 else {}
-            bm = extra.pop("BLOCK_M", 16 if which == "v2" else 4)
+            bm = extra.pop("BLOCK_M", 16)
             consts = dict(D=D, K_BITS=kb, V_BITS=vb, BLOCK_M=bm, BLOCK_N=bn, HAS_SINK=False, HAS_RECENT=False,
                           HAS_KV_START=False, HAS_SEQLENS=False, USE_WINDOW=False, USE_SOFTCAP=False,
                           PRECISION="tf32", DOT_DTYPE=tl.float16, FOLD_Q=(D <= 128) if len(sys.argv) < 4 else bool(int(sys.argv[3])),
-                          PREFETCH=pf, LUT_PAIR=pair, FUSED_MERGE=True, MERGE_ROWS=min(256 // D, bm), STORE_LSE=False)
+                          PREFETCH=pf, LUT_PAIR=pair, FUSED_MERGE=True, MERGE_ROWS=min(256 // D, bm), STORE_LSE=False,
+                          SWAP=which == "v3")
             consts.update(extra)
             import inspect
             names = set(inspect.signature(fn.fn).parameters)

@@ -836,10 +836,23 @@ def _pair_values(table_ptr, idx):
 
 @triton.jit
 def _attend2(qa, qb, ka, kb, va, vb, kscale, vscale, j, j_ok, q_pos, m_i, l_i, acc_a, acc_b, window, softcap,
-             SCALED: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
-    """One online-softmax step over ``j [N]`` with split keys/values (operand dtype) and per-row scales."""
-    s = tl.dot(qa, tl.trans(ka), input_precision=PRECISION)
-    s = tl.dot(qb, tl.trans(kb), acc=s, input_precision=PRECISION)  # [M, N]; q carries the softmax scale
+             SCALED: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+             SWAP: tl.constexpr):
+    """One online-softmax step over ``j [N]`` with split keys/values (operand dtype) and per-row scales.
+
+    SWAP (the "v3" variant) computes the transposed products, s^T = K q^T and (P V)^T = V^T P^T: on sm_90 the
+    first wgmma operand may come from registers, so the gathered key tile feeds the tensor cores where it was
+    decoded, and what goes through shared memory is q (once) and p^T ([N, 16], per tile) instead of the
+    [N, D] key tile. The halves (even, odd coordinates) are interleaved back into one [N, D] operand: a
+    pair-LUT word (two float16) is then already one operand register pair.
+    """
+    if SWAP:
+        kf = tl.reshape(tl.join(ka, kb), (ka.shape[0], 2 * ka.shape[1]))
+        qf = tl.reshape(tl.join(qa, qb), (qa.shape[0], 2 * qa.shape[1]))
+        s = tl.trans(tl.dot(kf, tl.trans(qf), input_precision=PRECISION))
+    else:
+        s = tl.dot(qa, tl.trans(ka), input_precision=PRECISION)
+        s = tl.dot(qb, tl.trans(kb), acc=s, input_precision=PRECISION)  # [M, N]; q carries the softmax scale
     if SCALED:
         s = s * kscale[None, :]
     if USE_SOFTCAP:
@@ -855,16 +868,22 @@ def _attend2(qa, qb, ka, kb, va, vb, kscale, vscale, j, j_ok, q_pos, m_i, l_i, a
     l_i = l_i * alpha + tl.sum(p, axis=1)
     if SCALED:
         p = p * vscale[None, :]
-    p = p.to(qa.dtype)
-    acc_a = tl.dot(p, va, acc=acc_a * alpha[:, None], input_precision=PRECISION)
-    acc_b = tl.dot(p, vb, acc=acc_b * alpha[:, None], input_precision=PRECISION)
+    if SWAP:
+        pt = tl.trans(p.to(qa.dtype))
+        acc_a = tl.trans(tl.dot(tl.trans(va), pt, acc=tl.trans(acc_a * alpha[:, None]), input_precision=PRECISION))
+        acc_b = tl.trans(tl.dot(tl.trans(vb), pt, acc=tl.trans(acc_b * alpha[:, None]), input_precision=PRECISION))
+    else:
+        pc = p.to(qa.dtype)
+        acc_a = tl.dot(pc, va, acc=acc_a * alpha[:, None], input_precision=PRECISION)
+        acc_b = tl.dot(pc, vb, acc=acc_b * alpha[:, None], input_precision=PRECISION)
     return m_new, l_i, acc_a, acc_b
 
 
 @triton.jit
 def _attend_window2(qa, qb, k_win_ptr, v_win_ptr, win_row0, win_len, lo, hi, q_pos, m_i, l_i, acc_a, acc_b, window,
                     softcap, D: tl.constexpr, K_EO: tl.constexpr, V_EO: tl.constexpr, BLOCK_N: tl.constexpr,
-                    USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+                    USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+                    SWAP: tl.constexpr):
     """Positions ``[lo, hi)`` of a full-precision window (rotated domain) at entry ``j mod win_len``."""
     DH: tl.constexpr = D // 2
     i = tl.arange(0, DH)
@@ -881,7 +900,7 @@ def _attend_window2(qa, qb, k_win_ptr, v_win_ptr, win_row0, win_len, lo, hi, q_p
         va = tl.load(v_win_ptr + row + cv_a[None, :], mask=j_ok[:, None], other=0.0).to(tl.float32).to(qa.dtype)
         vb = tl.load(v_win_ptr + row + cv_b[None, :], mask=j_ok[:, None], other=0.0).to(tl.float32).to(qa.dtype)
         m_i, l_i, acc_a, acc_b = _attend2(qa, qb, ka, kb, va, vb, j_ok, j_ok, j, j_ok, q_pos, m_i, l_i, acc_a, acc_b,
-                                          window, softcap, False, USE_WINDOW, USE_SOFTCAP, PRECISION)
+                                          window, softcap, False, USE_WINDOW, USE_SOFTCAP, PRECISION, SWAP)
     return m_i, l_i, acc_a, acc_b
 
 
@@ -896,9 +915,12 @@ def flash_attn_vec_tq_fwd2_kernel(
     HAS_SINK: tl.constexpr, HAS_RECENT: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_SEQLENS: tl.constexpr,
     USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
     FOLD_Q: tl.constexpr, PREFETCH: tl.constexpr, LUT_PAIR: tl.constexpr,
-    FUSED_MERGE: tl.constexpr, MERGE_ROWS: tl.constexpr, STORE_LSE: tl.constexpr,
+    FUSED_MERGE: tl.constexpr, MERGE_ROWS: tl.constexpr, STORE_LSE: tl.constexpr, SWAP: tl.constexpr,
 ):
-    """As :func:`flash_attn_vec_tq_fwd_kernel` (same grid, partials and position logic), for NB = 1."""
+    """As :func:`flash_attn_vec_tq_fwd_kernel` (same grid, partials and position logic), for NB = 1.
+
+    SWAP = the "v3" variant: the transposed dots of :func:`_attend2`.
+    """
     DH: tl.constexpr = D // 2
     K_RB: tl.constexpr = D * K_BITS // 8
     V_RB: tl.constexpr = D * V_BITS // 8
@@ -959,7 +981,8 @@ def flash_attn_vec_tq_fwd2_kernel(
     if HAS_SINK:
         m_i, l_i, acc_a, acc_b = _attend_window2(qa, qb, k_sink_ptr, v_sink_ptr, i_bh * S, tl.maximum(S, 1), lo,
                                                  tl.minimum(hi, S), q_pos, m_i, l_i, acc_a, acc_b, window, softcap,
-                                                 D, K_EO, V_EO, BLOCK_N, USE_WINDOW, USE_SOFTCAP, PRECISION)
+                                                 D, K_EO, V_EO, BLOCK_N, USE_WINDOW, USE_SOFTCAP, PRECISION,
+                                                 SWAP)
     # One 64-bit base per program; offsets inside one KV head's slab are int32.
     k_base = k_codes_ptr + i_bh * C * K_RB
     v_base = v_codes_ptr + i_bh * C * V_RB
@@ -1016,12 +1039,13 @@ def flash_attn_vec_tq_fwd2_kernel(
             va = tl.load(v_codebook_ptr + vca)
             vb = tl.load(v_codebook_ptr + vcb)
         m_i, l_i, acc_a, acc_b = _attend2(qa, qb, ka, kb, va, vb, kscale, vscale, j, j_ok, q_pos, m_i, l_i, acc_a,
-                                          acc_b, window, softcap, True, USE_WINDOW, USE_SOFTCAP, PRECISION)
+                                          acc_b, window, softcap, True, USE_WINDOW, USE_SOFTCAP, PRECISION,
+                                          SWAP)
     if HAS_RECENT:
         m_i, l_i, acc_a, acc_b = _attend_window2(qa, qb, k_recent_ptr, v_recent_ptr, i_bh * W, W,
                                                  tl.maximum(tl.maximum(lo, S), n_kv - W), hi, q_pos, m_i, l_i, acc_a,
                                                  acc_b, window, softcap, D, K_EO, V_EO, BLOCK_N, USE_WINDOW,
-                                                 USE_SOFTCAP, PRECISION)
+                                                 USE_SOFTCAP, PRECISION, SWAP)
 
     part = (i_bh * num_splits + i_s) * GL + m
     tl.store(part_m_ptr + part, m_i, mask=m_ok)
@@ -1076,12 +1100,15 @@ def choose_num_splits(num_positions: int, groups: int, device: torch.device, blo
 class AttnConfig:
     """Knobs of :func:`flash_attn_vec_tq_fwd` (benchmarks/cuda_ops.py --sweep times them). None = the default.
 
-    variant: "v2" (the kernel for NB = 1, i.e. D <= 256; D = 512 always runs v1) or "v1" (the previous kernel).
+    variant: "v2" (the kernel for NB = 1, i.e. D <= 256; D = 512 always runs v1), "v1" (the previous kernel) or
+        "v3" (v2's kernel with the transposed dots of :func:`_attend2` (SWAP) at decode row tiles, G*Lq <= 16;
+        larger row tiles run as v2). Not the default until timed on the GPU.
     block_n / num_warps / num_stages: tile positions, warps and software-pipelining stages of the main kernel.
     prefetch: v2 loads the next tile's 4-bit codes during the current tile.
     fold_q: v2 rotates q inside the main kernel (a dot with the ±1 Hadamard matrix) instead of a separate launch.
     lut_pair: v2 with half-precision queries and 2-, 3- or 4-bit codes gathers two float16 values per lookup
-        from a 2^(2b)-entry table (1 KB at 4 bits) instead of one per code from the 2^b centroids.
+        from a 2^(2b)-entry table (1 KB at 4 bits) instead of one per code from the 2^b centroids
+        (None: on for v3, off for v2).
     programs_per_sm / min_split_positions: the split heuristic (:func:`choose_num_splits`).
     fused_merge: the last split program of each (KV head, row tile) merges the splits and writes out/lse (one
         launch with fold_q) instead of a separate merge launch.
@@ -1093,7 +1120,7 @@ class AttnConfig:
     num_stages: int | None = None
     prefetch: bool = True
     fold_q: bool | None = None
-    lut_pair: bool = False
+    lut_pair: bool | None = None
     programs_per_sm: int = _PROGRAMS_PER_SM
     min_split_positions: int = _MIN_SPLIT_POSITIONS
     fused_merge: bool = True
@@ -1105,6 +1132,8 @@ DEFAULT_ATTN_CONFIG = AttnConfig()
 # SM), D128 64/8 118 (2 programs of 8 warps), D256 32/8 141; 3-bit D128 64/8 158. v1 at D128 (32/8) needed 248,
 # i.e. one program of 8 warps per SM. To be tuned by timing: benchmarks/cuda_ops.py --sweep.
 _V2_TILE = {32: (64, 4), 64: (64, 4), 128: (64, 8), 256: (32, 8)}
+# v3 tiles by head_dim: (block_n, num_warps). See the compile notes at AttnConfig.
+_V3_TILE = {32: (64, 4), 64: (64, 4), 128: (64, 4), 256: (32, 4)}
 _HMAT: dict = {}
 
 
@@ -1184,16 +1213,18 @@ def flash_attn_vec_tq_fwd(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, 
     # v2: one norm per row (R = D), halves of at least 16 coordinates, a KV head's code slab under 2^31 bytes;
     # float32 queries (exact float32 dots, on the CUDA cores) only for decode row tiles at D <= 128: larger ones
     # spill on sm_90 and keep v1.
-    use_v2 = (cfg.variant == "v2" and R == D and D >= 32 and C * D * max(k_bits, v_bits) // 8 < 2**31
-              and (half or (block_m <= 16 and D <= 128)))
+    v2_fits = R == D and D >= 32 and C * D * max(k_bits, v_bits) // 8 < 2**31
+    use_v2 = cfg.variant in ("v2", "v3") and v2_fits and (half or (block_m <= 16 and D <= 128))
+    # v3 = v2's kernel with the transposed dots, for decode row tiles (G*Lq <= 16); larger row tiles run as v2.
+    swap = use_v2 and cfg.variant == "v3" and block_m == 16
     if use_v2:
-        block_n, warps = _V2_TILE[D]
+        block_n, warps = (_V3_TILE if swap else _V2_TILE)[D]
         if block_m > 16:
             block_n = min(block_n, 32)  # prefill row tiles: D128 BM64 BN64 spilled, BN32 does not
         # The folded rotation holds the [D, D/2] Hadamard halves as dot operands: float32 ones spill at D128.
         fold_q = (half and D <= 128) if cfg.fold_q is None else cfg.fold_q
         stages = 1 if cfg.num_stages is None else cfg.num_stages
-        lut_pair = bool(cfg.lut_pair) and half
+        lut_pair = (swap if cfg.lut_pair is None else bool(cfg.lut_pair)) and half
     else:
         block_n, warps = _BLOCK_N[D], None
         fold_q = False
@@ -1280,6 +1311,7 @@ def flash_attn_vec_tq_fwd(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, 
             FOLD_Q=fold_q,
             PREFETCH=bool(cfg.prefetch),
             LUT_PAIR=lut_pair,
+            SWAP=swap,
             num_warps=cfg.num_warps or warps,
             **merge,
             **flags,
