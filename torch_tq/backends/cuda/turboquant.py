@@ -133,6 +133,16 @@ def _decode_rows(codes_ptr, norms_ptr, codebook_ptr, row, row_ok, inv_sqrt_r, RO
     return tl.reshape(y, (ROWS, D))
 
 
+def _cdiv(a: int, b: int) -> int:
+    # triton.cdiv / next_power_of_2 are constexpr functions: ~5 us of host time per call from Python, several per
+    # launch (the decode op's host time is what a 4k-context call costs).
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def _rows_per_program(head_dim: int) -> int:
     # The two transform passes hold ROWS*D*16 float32 products: keep that at 8192 (64 per thread at 4 warps).
     return max(1, 512 // head_dim)
@@ -413,7 +423,7 @@ def hadamard_quantize_kv_fwd(src, codes, norms, write_pos, is_sliding, bits, sig
     exact = src.dtype in (torch.bfloat16, torch.float16) and offset is None
     if cfg.variant == "v2" and bits == 4 and R == D and 32 <= D <= 128 and (exact or cfg.v2_inexact):
         rows = cfg.rows or _V2_QUANT_ROWS
-        n_tiles = triton.cdiv(n_rows, rows)
+        n_tiles = _cdiv(n_rows, rows)
         programs = max(1, min(n_tiles, cfg.programs_per_sm * _sm_count(src.device)))
         hadamard_quantize_kv_fwd2_kernel[(programs,)](
             src, _hadamard_matrix(D, torch.float32, src.device), codes, norms, signs, *buffers,
@@ -428,7 +438,7 @@ def hadamard_quantize_kv_fwd(src, codes, norms, write_pos, is_sliding, bits, sig
         )
         return
     rows = cfg.rows or _rows_per_program(D)
-    grid = (triton.cdiv(n_rows, rows),)
+    grid = (_cdiv(n_rows, rows),)
     hadamard_quantize_kv_fwd_kernel[grid](
         src, codes, norms, signs, *buffers,
         n_rows, t_lo, T, Hkv, C, S, W, write_pos, first_code, first_recent, math.sqrt(R), 1.0 / math.sqrt(R),
@@ -488,7 +498,7 @@ def dequantize_kv_fwd(codes, norms, start, length, bits, rotated, signs, head_di
     R = rotation_block(D)
     rows = _rows_per_program(D)
     codebook, _ = _codebook(bits, codes.device)
-    dequantize_kv_fwd_kernel[(triton.cdiv(n_rows, rows),)](
+    dequantize_kv_fwd_kernel[(_cdiv(n_rows, rows),)](
         codes, norms, signs, codebook, out, n_rows, length, start, C, 1.0 / math.sqrt(R),
         D=D,
         R=R,
@@ -1091,8 +1101,8 @@ def choose_num_splits(num_positions: int, groups: int, device: torch.device, blo
     """Splits of the visible range per KV head: enough programs to fill the GPU, each at least a few tiles long."""
     if num_positions <= 0:
         return 1
-    want = triton.cdiv(programs_per_sm * _sm_count(device), groups)
-    most = triton.cdiv(num_positions, max(min_split_positions, block_n))
+    want = _cdiv(programs_per_sm * _sm_count(device), groups)
+    most = _cdiv(num_positions, max(min_split_positions, block_n))
     return max(1, min(want, most))
 
 
@@ -1161,8 +1171,11 @@ _RETIRED_TICKETS: list = []
 
 def _tickets(n: int, device: torch.device) -> torch.Tensor:
     """At least ``n`` zeroed ticket counters for launches on the current stream of ``device``."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        key = (index, torch._C._cuda_getCurrentRawStream(index))  # what Triton's launcher reads too (cheap)
+    else:
+        key = (str(device), 0)
     t = _TICKETS.get(key)
     if t is None or t.numel() < n:
         fresh = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
@@ -1209,7 +1222,7 @@ def flash_attn_vec_tq_fwd(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, 
     half = q.dtype != torch.float32
     dot_dtype = torch.float16 if half else torch.float32
     GL = G * Lq
-    block_m = min(max(16, triton.next_power_of_2(GL)), _MAX_BLOCK_M[D])
+    block_m = min(max(16, _next_power_of_2(GL)), _MAX_BLOCK_M[D])
     # v2: one norm per row (R = D), halves of at least 16 coordinates, a KV head's code slab under 2^31 bytes;
     # float32 queries (exact float32 dots, on the CUDA cores) only for decode row tiles at D <= 128: larger ones
     # spill on sm_90 and keep v1.
@@ -1238,7 +1251,7 @@ def flash_attn_vec_tq_fwd(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, 
         q_arg = q
     else:
         q_arg = _empty((B, Hq, Lq, D), torch.float32, device)
-        flash_attn_vec_tq_rotate_q_kernel[(triton.cdiv(n_rows, rows),)](
+        flash_attn_vec_tq_rotate_q_kernel[(_cdiv(n_rows, rows),)](
             q, signs, q_arg, n_rows, Hq, Lq, float(scale), 1.0 / math.sqrt(R), *q.stride(),
             D=D,
             R=R,
@@ -1261,13 +1274,14 @@ def flash_attn_vec_tq_fwd(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, 
         else:
             num_splits = choose_num_splits(num_positions, B * Hkv, device, block_n, cfg.programs_per_sm,
                                            cfg.min_split_positions)
-    chunk = triton.cdiv(triton.cdiv(max(num_positions, 1), num_splits), block_n) * block_n
-    num_splits = max(1, triton.cdiv(num_positions, chunk))
-    part_acc = _empty((B * Hkv, num_splits, GL, D), torch.float32, device)
-    part_m = _empty((B * Hkv, num_splits, GL), torch.float32, device)
-    part_l = _empty((B * Hkv, num_splits, GL), torch.float32, device)
+    chunk = _cdiv(_cdiv(max(num_positions, 1), num_splits), block_n) * block_n
+    num_splits = max(1, _cdiv(num_positions, chunk))
+    # The partials [B*Hkv, num_splits, G*Lq] (acc with D more) in one allocation (host time per call).
+    n_part = B * Hkv * num_splits * GL
+    partials = _empty((n_part * (D + 2),), torch.float32, device)
+    part_acc, part_m, part_l = partials[: n_part * D], partials[n_part * D : n_part * (D + 1)], partials[n_part * (D + 1) :]
     fused = bool(cfg.fused_merge)
-    n_row_tiles = triton.cdiv(GL, block_m)
+    n_row_tiles = _cdiv(GL, block_m)
     tickets = _tickets(B * Hkv * n_row_tiles, device) if fused and num_splits > 1 else part_m
     # The fused merge un-rotates MERGE_ROWS rows at a time: half the separate merge's rows, so its transform
     # (MERGE_ROWS*D*16 products) adds no registers to the main loop's.
@@ -1336,7 +1350,7 @@ def flash_attn_vec_tq_fwd(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, 
         return out
 
     # 3. merge the splits, un-rotate, write out and lse (unless the main kernel's last split program did).
-    flash_attn_vec_tq_reduce_kernel[(triton.cdiv(n_rows, rows),)](
+    flash_attn_vec_tq_reduce_kernel[(_cdiv(n_rows, rows),)](
         part_acc, part_m, part_l, signs, out, lse_arg, n_rows, num_splits,
         1.0 / math.sqrt(R), GL,
         D=D,
