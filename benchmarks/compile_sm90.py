@@ -21,7 +21,7 @@ DIV16 = {"C", "chunk", "n_rows", "stride_sb", "stride_st", "stride_qb", "stride_
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin")
 
 
-def compile_one(fn, sig, consts, num_warps, num_stages=1):
+def compile_one(fn, sig, consts, num_warps, num_stages=1, maxnreg=None):
     import inspect
     names = list(inspect.signature(fn.fn).parameters)
     full = {}
@@ -33,7 +33,8 @@ def compile_one(fn, sig, consts, num_warps, num_stages=1):
     div16 = [n for n in names if n not in consts and (full[n].startswith("*") or n in DIV16)]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div16}
     src = ASTSource(fn, full, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=attrs)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 64), options=dict(num_warps=num_warps, num_stages=num_stages))
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 64), options=dict(num_warps=num_warps, num_stages=num_stages,
+                                                                       **({"maxnreg": maxnreg} if maxnreg else {})))
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(k.asm["cubin"])
     out = subprocess.run([f"{BIN}/cuobjdump", "-res-usage", f.name], capture_output=True, text=True).stdout
@@ -100,6 +101,7 @@ if __name__ == "__main__":
             D, kb, vb, bn, nw, pf, pair, ns = entry[:8]
             extra = entry[8] if len(entry) > 8 else {}
             bm = extra.pop("BLOCK_M", 16)
+            maxnreg = extra.pop("maxnreg", None)
             consts = dict(D=D, K_BITS=kb, V_BITS=vb, BLOCK_M=bm, BLOCK_N=bn, HAS_SINK=False, HAS_RECENT=False,
                           HAS_KV_START=False, HAS_SEQLENS=False, USE_WINDOW=False, USE_SOFTCAP=False,
                           PRECISION="tf32", DOT_DTYPE=tl.float16, FOLD_Q=(D <= 128) if len(sys.argv) < 4 else bool(int(sys.argv[3])),
@@ -109,8 +111,8 @@ if __name__ == "__main__":
             import inspect
             names = set(inspect.signature(fn.fn).parameters)
             consts = {k: v for k, v in consts.items() if k in names}
-            r, cnt, k = compile_one(fn, attn_sig("bf16", pair), consts, nw, ns)
-            print(f"{which} D{D} k{kb}v{vb} BM{bm} BN{bn} w{nw} pf={pf} pair={pair} st={ns} {extra}: REG/STACK/SHARED/LOCAL {r} "
+            r, cnt, k = compile_one(fn, attn_sig("bf16", pair), consts, nw, ns, maxnreg)
+            print(f"{which} D{D} k{kb}v{vb} BM{bm} BN{bn} w{nw} pf={pf} pair={pair} st={ns} {extra} maxnreg={maxnreg}: REG/STACK/SHARED/LOCAL {r} "
                   f"dyn smem {k.metadata.shared}  LDG/LDS/STS/BAR/instr {cnt}  in loop {loop_mix(k)}", flush=True)
 
 

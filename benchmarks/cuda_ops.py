@@ -242,11 +242,12 @@ def check_attention_replays(dev) -> list[str]:
     (name, B, Hq, Hkv, Lq, D, C, kv_len, bits, v_bits, window, softcap, kv_start, S, W, dtype, wdtype) = ATTN_CASES[0]
     cache = write_cache(B, Hkv, D, C, bits, v_bits, kv_len, False, S, W, wdtype)
     gcache = [None if t is None else t.to(dev) for t in cache]
+    signs = torch_tq.hadamard_signs(D, device=dev)
     for label, cfg in (("v2", tk.AttnConfig()), ("v3", tk.AttnConfig(variant="v3"))):
         q = torch.randn(B, Hq, Lq, D, device=dev).to(dtype)
         lse = torch.empty(B, Hq, Lq, device=dev)
         run = lambda: tk.flash_attn_vec_tq_fwd(  # noqa: E731  (7 splits; no validation inside the graph)
-            q, *gcache[:4], kv_len, D**-0.5, bits, 0, 0.0, None, torch_tq.hadamard_signs(D, device=dev), lse, v_bits,
+            q, *gcache[:4], kv_len, D**-0.5, bits, 0, 0.0, None, signs, lse, v_bits,
             None, None, None, None, (B, Hq, Hkv, Lq, D, C), None, num_splits=7, config=cfg)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -466,6 +467,10 @@ def sweep_attention(dev, shapes, only: str | None = None) -> None:
     from torch_tq.backends.cuda import turboquant as tk
 
     variants = [(n, c) for n, c in attn_variants() if only is None or re.search(only, n)]
+    say()
+    say("sweep: the fused split merge under CUDA-graph replay (the split programs race for real on the GPU)")
+    for row in check_attention_replays(dev):
+        say("  " + row)
     # Each variant against the CPU reference on two small cases (4-bit GQA bf16; 3-bit with windows fp16).
     say()
     say("sweep: every variant against the CPU reference (rel rms of the output)")

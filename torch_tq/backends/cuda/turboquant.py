@@ -8,12 +8,15 @@ place, then launches:
   per-block norms, norm correction, nearest centroid with ties to the lower index, bit packing, the
   ring/global slot, and the full-precision sink/recent window writes).
 * ``dequantize_kv``: one launch.
-* ``flash_attn_vec_tq``: three launches: rotate (and scale) q once; the split-K main kernel over the
-  grid (B·Hkv, num_splits, row tiles), where each program streams a contiguous range of positions of
-  ONE KV head and scores ALL of the G = Hq/Hkv query heads × Lq queries of that group (at decode one
-  row tile holds them all, so each KV byte is read once per GQA group), keeping (m, l, acc) partials;
-  the reduce merges the splits with log-sum-exp, un-rotates, writes the output and the optional lse.
-  The number of splits grows with the visible range and the SM count (:func:`choose_num_splits`).
+* ``flash_attn_vec_tq``: the split-K main kernel over the grid (B·Hkv, num_splits, row tiles), where
+  each program streams a contiguous range of positions of ONE KV head and scores ALL of the G = Hq/Hkv
+  query heads × Lq queries of that group (at decode one row tile holds them all, so each KV byte is
+  read once per GQA group), keeping (m, l, acc) partials; the last program of each (KV head, row tile)
+  to finish merges the splits with log-sum-exp, un-rotates, writes the output and the optional lse
+  (:func:`_merge_if_last`). The number of splits grows with the visible range and the SM count
+  (:func:`choose_num_splits`). Launches per call: ONE with the folded q rotation (v2/v3 with float16 or
+  bfloat16 q at D <= 128, the default); two otherwise (a q-rotation launch first: float32 q, D256,
+  D512's v1); AttnConfig(fused_merge=False) adds the separate merge launch back.
 
 The Walsh-Hadamard transform of a block of R = 16·RA coordinates runs as two small dense passes in
 registers, H_R = H_RA ⊗ H_16 (Sylvester order), with the ±1 entries made from index parities: exact
@@ -1111,8 +1114,8 @@ class AttnConfig:
     """Knobs of :func:`flash_attn_vec_tq_fwd` (benchmarks/cuda_ops.py --sweep times them). None = the default.
 
     variant: "v2" (the kernel for NB = 1, i.e. D <= 256; D = 512 always runs v1), "v1" (the previous kernel) or
-        "v3" (v2's kernel with the transposed dots of :func:`_attend2` (SWAP) at decode row tiles, G*Lq <= 16;
-        larger row tiles run as v2). Not the default until timed on the GPU.
+        "v3" (v2's kernel with the transposed dots of :func:`_attend2` (SWAP) for decode row tiles, G*Lq <= 16,
+        of float16/bfloat16 queries; anything else runs as v2). Not the default until timed on the GPU.
     block_n / num_warps / num_stages: tile positions, warps and software-pipelining stages of the main kernel.
     prefetch: v2 loads the next tile's 4-bit codes during the current tile.
     fold_q: v2 rotates q inside the main kernel (a dot with the ±1 Hadamard matrix) instead of a separate launch.
@@ -1142,7 +1145,11 @@ DEFAULT_ATTN_CONFIG = AttnConfig()
 # SM), D128 64/8 118 (2 programs of 8 warps), D256 32/8 141; 3-bit D128 64/8 158. v1 at D128 (32/8) needed 248,
 # i.e. one program of 8 warps per SM. To be tuned by timing: benchmarks/cuda_ops.py --sweep.
 _V2_TILE = {32: (64, 4), 64: (64, 4), 128: (64, 8), 256: (32, 8)}
-# v3 tiles by head_dim: (block_n, num_warps). See the compile notes at AttnConfig.
+# v3 tiles by head_dim: (block_n, num_warps), 4-bit K/V, bf16 q, pair LUT, fused merge, compiled for sm_90 with
+# benchmarks/compile_sm90.py v3, no spills with either Triton: D128 64/4 168 registers with Triton 3.9 but 254
+# with 3.6 (the H200's; 64/4 at 3.6: 167 registers with BN32), D64 64/4 124 (3.9) / 160 (3.6), D256 32/4 186 /
+# 210. Four warps: per KB of codes the loop issues ~40% fewer warp instructions than at 8 warps (one warpgroup
+# per program = one wgmma M of 64 positions). To be tuned by timing: benchmarks/cuda_ops.py --sweep attn.
 _V3_TILE = {32: (64, 4), 64: (64, 4), 128: (64, 4), 256: (32, 4)}
 _HMAT: dict = {}
 
@@ -1228,8 +1235,9 @@ def flash_attn_vec_tq_fwd(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, 
     # spill on sm_90 and keep v1.
     v2_fits = R == D and D >= 32 and C * D * max(k_bits, v_bits) // 8 < 2**31
     use_v2 = cfg.variant in ("v2", "v3") and v2_fits and (half or (block_m <= 16 and D <= 128))
-    # v3 = v2's kernel with the transposed dots, for decode row tiles (G*Lq <= 16); larger row tiles run as v2.
-    swap = use_v2 and cfg.variant == "v3" and block_m == 16
+    # v3 = v2's kernel with the transposed dots, for decode row tiles (G*Lq <= 16) of half-precision queries;
+    # others run as v2 (float32 operands spill: 144 bytes at D128 with every option on, Triton 3.6).
+    swap = use_v2 and cfg.variant == "v3" and block_m == 16 and half
     if use_v2:
         block_n, warps = (_V3_TILE if swap else _V2_TILE)[D]
         if block_m > 16:
