@@ -456,6 +456,13 @@ def attn_variants():
         ("v3 2 prog/SM", A(variant="v3", programs_per_sm=2)),
         ("v3 8 prog/SM", A(variant="v3", programs_per_sm=8)),
         ("v3 merge launch", A(variant="v3", fused_merge=False)),
+        # Session 4's sweep: the q-rotation launch and 2 programs/SM each beat the default at 32k/128k (the
+        # folded rotation and the split count are per-program costs); with the fused merge that is 2 launches.
+        ("v2 q-rot 2 prog/SM", A(fold_q=False, programs_per_sm=2)),
+        ("v2 pair q-rot 2 prog/SM", A(lut_pair=True, fold_q=False, programs_per_sm=2)),
+        ("v2 pair 2 prog/SM", A(lut_pair=True, programs_per_sm=2)),
+        ("v3 q-rot", A(variant="v3", fold_q=False)),
+        ("v3 q-rot 2 prog/SM", A(variant="v3", fold_q=False, programs_per_sm=2)),
     ]
 
 
