@@ -64,8 +64,10 @@ def tq(kernels, monkeypatch):
 
 
 # Every attention test runs each launch path: the default (v2, fused split merge: one launch with fold_q), the
-# separate merge launch, and v3 (transposed dots, pair LUT) with the fused merge.
-ATTN_PATHS = {"v2-fused": dict(), "v2-merge-launch": dict(fused_merge=False), "v3": dict(variant="v3")}
+# separate merge launch, and v3 (transposed dots, pair LUT, fused merge) with its q-rotation launch (its default)
+# and with the folded rotation.
+ATTN_PATHS = {"v2-fused": dict(), "v2-merge-launch": dict(fused_merge=False), "v3": dict(variant="v3"),
+              "v3-fold-q": dict(variant="v3", fold_q=True)}
 
 
 @pytest.fixture(params=list(ATTN_PATHS))

@@ -856,13 +856,14 @@ def _attend2(qa, qb, ka, kb, va, vb, kscale, vscale, j, j_ok, q_pos, m_i, l_i, a
     SWAP (the "v3" variant) computes the transposed products, s^T = K q^T and (P V)^T = V^T P^T: on sm_90 the
     first wgmma operand may come from registers, so the gathered key tile feeds the tensor cores where it was
     decoded, and what goes through shared memory is q (once) and p^T ([N, 16], per tile) instead of the
-    [N, D] key tile. The halves (even, odd coordinates) are interleaved back into one [N, D] operand: a
-    pair-LUT word (two float16) is then already one operand register pair.
+    [N, D] key tile. The key halves are interleaved into one [N, D] operand (for 4 bits the coordinate order:
+    a pair-LUT word of two float16 is then one operand register pair) and ``qa`` arrives as the whole query
+    rows in that same column order (``qb`` unused).
     """
     if SWAP:
+        # qa holds the whole query rows in the interleaved column order (qb is unused): see the v2 kernel.
         kf = tl.reshape(tl.join(ka, kb), (ka.shape[0], 2 * ka.shape[1]))
-        qf = tl.reshape(tl.join(qa, qb), (qa.shape[0], 2 * qa.shape[1]))
-        s = tl.trans(tl.dot(kf, tl.trans(qf), input_precision=PRECISION))
+        s = tl.trans(tl.dot(kf, tl.trans(qa), input_precision=PRECISION))
     else:
         s = tl.dot(qa, tl.trans(ka), input_precision=PRECISION)
         s = tl.dot(qb, tl.trans(kb), acc=s, input_precision=PRECISION)  # [M, N]; q carries the softmax scale
@@ -956,7 +957,21 @@ def flash_attn_vec_tq_fwd2_kernel(
     ck_b = _col_map(i, 1, K_EO, DH)
     cv_a = _col_map(i, 0, V_EO, DH)
     cv_b = _col_map(i, 1, V_EO, DH)
-    if FOLD_Q:
+    if SWAP:
+        # Whole rows, columns in the order the key halves interleave to (ck_a[0], ck_b[0], ck_a[1], ...).
+        cq = tl.reshape(tl.join(ck_a, ck_b), (D,))
+        if FOLD_Q:
+            hq = (i_bh % Hkv) * G + m // LQ
+            d = tl.arange(0, D)
+            p_q = q_ptr + b * stride_qb + hq[:, None] * stride_qh + q_i[:, None] * stride_ql + d[None, :] * stride_qd
+            x = tl.load(p_q, mask=m_ok[:, None], other=0.0).to(tl.float32) * tl.load(signs_ptr + d)[None, :]
+            h = tl.load(hmat_ptr + d[:, None] * D + cq[None, :])
+            qa = _cast(tl.dot(x.to(DOT_DTYPE), h, input_precision=PRECISION) * q_scale, DOT_DTYPE)
+        else:
+            qa = _cast(tl.load(q_ptr + (i_bh * GL + m)[:, None] * D + cq[None, :], mask=m_ok[:, None], other=0.0),
+                       DOT_DTYPE)
+        qb = qa
+    elif FOLD_Q:
         # q_rot[:, c] = q_scale * sum_d q[:, d] s[d] H[d, c]: the ±1 entries make every product exact.
         hq = (i_bh % Hkv) * G + m // LQ
         d = tl.arange(0, D)
@@ -1145,11 +1160,11 @@ DEFAULT_ATTN_CONFIG = AttnConfig()
 # SM), D128 64/8 118 (2 programs of 8 warps), D256 32/8 141; 3-bit D128 64/8 158. v1 at D128 (32/8) needed 248,
 # i.e. one program of 8 warps per SM. To be tuned by timing: benchmarks/cuda_ops.py --sweep.
 _V2_TILE = {32: (64, 4), 64: (64, 4), 128: (64, 8), 256: (32, 8)}
-# v3 tiles by head_dim: (block_n, num_warps), 4-bit K/V, bf16 q, pair LUT, fused merge, compiled for sm_90 with
-# benchmarks/compile_sm90.py v3, no spills with either Triton: D128 64/4 168 registers with Triton 3.9 but 254
-# with 3.6 (the H200's; 64/4 at 3.6: 167 registers with BN32), D64 64/4 124 (3.9) / 160 (3.6), D256 32/4 186 /
-# 210. Four warps: per KB of codes the loop issues ~40% fewer warp instructions than at 8 warps (one warpgroup
-# per program = one wgmma M of 64 positions). To be tuned by timing: benchmarks/cuda_ops.py --sweep attn.
+# v3 tiles by head_dim: (block_n, num_warps), 4-bit K/V, bf16 q, pair LUT, fused merge, q rotated by its own
+# launch, compiled for sm_90 with benchmarks/compile_sm90.py v3 "[...]" 0, no spills, registers with Triton 3.6
+# (the H200's) / 3.9: D128 64/4 214 / 165 (BN32: 124 / 120), D64 64/4 152 / 129; 3-bit D128 64/4 236 / 154.
+# Four warps: per KB of codes the loop issues ~40% fewer warp instructions than at 8 warps (one warpgroup per
+# program = one wgmma M of 64 positions). To be tuned by timing: benchmarks/cuda_ops.py --sweep attn.
 _V3_TILE = {32: (64, 4), 64: (64, 4), 128: (64, 4), 256: (32, 4)}
 _HMAT: dict = {}
 
@@ -1243,7 +1258,9 @@ def flash_attn_vec_tq_fwd(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, 
         if block_m > 16:
             block_n = min(block_n, 32)  # prefill row tiles: D128 BM64 BN64 spilled, BN32 does not
         # The folded rotation holds the [D, D/2] Hadamard halves as dot operands: float32 ones spill at D128.
-        fold_q = (half and D <= 128) if cfg.fold_q is None else cfg.fold_q
+        # v3 rotates q in its own launch by default: its folded [D, D] operand costs it ~90 registers at D128
+        # (Triton 3.6, BN32: 124 -> 218), and session 4's sweep timed v2's q-rotation launch faster than its fold.
+        fold_q = (half and D <= 128 and not swap) if cfg.fold_q is None else cfg.fold_q
         stages = 1 if cfg.num_stages is None else cfg.num_stages
         lut_pair = (swap if cfg.lut_pair is None else bool(cfg.lut_pair)) and half
     else:
