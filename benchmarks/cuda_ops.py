@@ -450,15 +450,13 @@ def attn_variants():
         ("v3 default", A(variant="v3")),
         ("v3 no pair-lut", A(variant="v3", lut_pair=False)),
         ("v3 w8", A(variant="v3", num_warps=8)),
-        ("v3 bn32", A(variant="v3", block_n=32)),
-        ("v3 bn32 8 prog/SM", A(variant="v3", block_n=32, programs_per_sm=8)),
+        ("v3 bn64", A(variant="v3", block_n=64)),
         ("v3 bn128 w8", A(variant="v3", block_n=128, num_warps=8)),
         ("v3 no prefetch", A(variant="v3", prefetch=False)),
         ("v3 2 prog/SM", A(variant="v3", programs_per_sm=2)),
         ("v3 8 prog/SM", A(variant="v3", programs_per_sm=8)),
         ("v3 merge launch", A(variant="v3", fused_merge=False)),
         ("v3 fold-q (1 launch)", A(variant="v3", fold_q=True)),
-        ("v3 fold-q bn32", A(variant="v3", fold_q=True, block_n=32)),
         # Session 4's sweep: the q-rotation launch and 2 programs/SM each beat the default at 32k/128k (the
         # folded rotation and the split count are per-program costs); with the fused merge that is 2 launches.
         ("v2 q-rot 2 prog/SM", A(fold_q=False, programs_per_sm=2)),

@@ -1162,10 +1162,12 @@ DEFAULT_ATTN_CONFIG = AttnConfig()
 _V2_TILE = {32: (64, 4), 64: (64, 4), 128: (64, 8), 256: (32, 8)}
 # v3 tiles by head_dim: (block_n, num_warps), 4-bit K/V, bf16 q, pair LUT, fused merge, q rotated by its own
 # launch, compiled for sm_90 with benchmarks/compile_sm90.py v3 "[...]" 0, no spills, registers with Triton 3.6
-# (the H200's) / 3.9: D128 64/4 214 / 165 (BN32: 124 / 120), D64 64/4 152 / 129; 3-bit D128 64/4 236 / 154.
-# Four warps: per KB of codes the loop issues ~40% fewer warp instructions than at 8 warps (one warpgroup per
-# program = one wgmma M of 64 positions). To be tuned by timing: benchmarks/cuda_ops.py --sweep attn.
-_V3_TILE = {32: (64, 4), 64: (64, 4), 128: (64, 4), 256: (32, 4)}
+# (the H200's) / 3.9: D128 32/4 124 / 120 (4 programs of 4 warps per SM; BN64: 214 / 165, 2 programs, ~20% fewer
+# loop instructions per KB), D64 64/4 152 / 129; 3-bit D128 64/4 236 / 154. Four warps: per KB of codes the loop
+# issues ~40% fewer warp instructions than at 8 warps (one warpgroup per program). D128 takes the 32-position
+# tile for occupancy: session 4 measured 0.41 TB/s, far below the issue limit, i.e. latency-bound.
+# To be tuned by timing: benchmarks/cuda_ops.py --sweep attn ("v3 bn64").
+_V3_TILE = {32: (64, 4), 64: (64, 4), 128: (32, 4), 256: (32, 4)}
 _HMAT: dict = {}
 
 
