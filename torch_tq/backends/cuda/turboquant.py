@@ -14,9 +14,10 @@ place, then launches:
   read once per GQA group), keeping (m, l, acc) partials; the last program of each (KV head, row tile)
   to finish merges the splits with log-sum-exp, un-rotates, writes the output and the optional lse
   (:func:`_merge_if_last`). The number of splits grows with the visible range and the SM count
-  (:func:`choose_num_splits`). Launches per call: ONE with the folded q rotation (v2/v3 with float16 or
-  bfloat16 q at D <= 128, the default); two otherwise (a q-rotation launch first: float32 q, D256,
-  D512's v1); AttnConfig(fused_merge=False) adds the separate merge launch back.
+  (:func:`choose_num_splits`). Launches per call: ONE with the folded q rotation (the default v2 with
+  float16 or bfloat16 q at D <= 128); two otherwise (a q-rotation launch first: float32 q, D256, D512's
+  v1, v3's default); AttnConfig(fused_merge=False) adds the separate merge launch back. The first call on
+  a (device, stream) also zeroes its ticket counters once (:func:`_tickets`).
 
 The Walsh-Hadamard transform of a block of R = 16·RA coordinates runs as two small dense passes in
 registers, H_R = H_RA ⊗ H_16 (Sylvester order), with the ±1 entries made from index parities: exact
@@ -1133,7 +1134,8 @@ class AttnConfig:
         of float16/bfloat16 queries; anything else runs as v2). Not the default until timed on the GPU.
     block_n / num_warps / num_stages: tile positions, warps and software-pipelining stages of the main kernel.
     prefetch: v2 loads the next tile's 4-bit codes during the current tile.
-    fold_q: v2 rotates q inside the main kernel (a dot with the ±1 Hadamard matrix) instead of a separate launch.
+    fold_q: v2/v3 rotate q inside the main kernel (a dot with the ±1 Hadamard matrix) instead of a separate
+        launch (None: v2 with float16/bfloat16 q at D <= 128; v3 never).
     lut_pair: v2 with half-precision queries and 2-, 3- or 4-bit codes gathers two float16 values per lookup
         from a 2^(2b)-entry table (1 KB at 4 bits) instead of one per code from the 2^b centroids
         (None: on for v3, off for v2).
