@@ -1,7 +1,10 @@
 """Compile the CUDA Triton kernels for sm_90 offline (no GPU: Triton's bundled ptxas and cuobjdump) and print
 registers / stack (spills) / shared memory and a SASS instruction mix (LDG, LDS, STS, BAR, total).
 
-    PYTHONPATH=. python benchmarks/compile_sm90.py v2 "[(D, k_bits, v_bits, block_n, warps, prefetch, pair, stages), ...]" [fold_q 0/1]
+    PYTHONPATH=. python benchmarks/compile_sm90.py v2|v3 "[(D, k_bits, v_bits, block_n, warps, prefetch, pair, stages[, {CONST: value}]), ...]" [fold_q 0/1]
+
+v3 = the v2 kernel with SWAP (BLOCK_M 16 unless the dict sets it). Prints registers, stack, dynamic shared memory
+(kernel.metadata.shared: cuobjdump's SHARED misses it), the SASS mix and the mix inside the main loop.
     PYTHONPATH=. python benchmarks/compile_sm90.py quant "[(D, bits, rows, warps, precision, {flag: value}), ...]" [kernel name]
 
 Pointer arguments and C/chunk/strides are marked divisible by 16, as Triton specializes them at a real launch
@@ -18,7 +21,7 @@ DIV16 = {"C", "chunk", "n_rows", "stride_sb", "stride_st", "stride_qb", "stride_
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin")
 
 
-def compile_one(fn, sig, consts, num_warps, num_stages=1):
+def compile_one(fn, sig, consts, num_warps, num_stages=1, maxnreg=None):
     import inspect
     names = list(inspect.signature(fn.fn).parameters)
     full = {}
@@ -30,7 +33,8 @@ def compile_one(fn, sig, consts, num_warps, num_stages=1):
     div16 = [n for n in names if n not in consts and (full[n].startswith("*") or n in DIV16)]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div16}
     src = ASTSource(fn, full, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=attrs)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 64), options=dict(num_warps=num_warps, num_stages=num_stages))
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 64), options=dict(num_warps=num_warps, num_stages=num_stages,
+                                                                       **({"maxnreg": maxnreg} if maxnreg else {})))
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(k.asm["cubin"])
     out = subprocess.run([f"{BIN}/cuobjdump", "-res-usage", f.name], capture_output=True, text=True).stdout
@@ -39,6 +43,26 @@ def compile_one(fn, sig, consts, num_warps, num_stages=1):
     n_ldg = len(re.findall(r"\bLDG\.", sass)); n_lds = len(re.findall(r"\bLDS", sass)); n_sts = len(re.findall(r"\bSTS", sass))
     n_bar = len(re.findall(r"\bBAR\.", sass)); n_ins = len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/", sass, re.M))
     return m.groups() if m else out, (n_ldg, n_lds, n_sts, n_bar, n_ins), k
+
+
+def loop_mix(k):
+    """(LDG, LDS, STS, BAR, instructions) of the backward-branch range of the SASS with the most LDG (the main loop)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(k.asm["cubin"])
+    sass = subprocess.run([f"{BIN}/cuobjdump", "-sass", f.name], capture_output=True, text=True).stdout
+    ins = [(int(a, 16), txt) for a, txt in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = []
+    for addr, txt in ins:
+        b = re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", txt)
+        if b and int(b.group(1), 16) < addr:
+            loops.append((int(b.group(1), 16), addr))
+    mixes = []
+    for lo, hi in loops:
+        body = [t for a, t in ins if lo <= a <= hi]
+        count = lambda pat: sum(1 for t in body if re.search(pat, t))  # noqa: E731
+        mixes.append((count(r"\bLDG\."), count(r"\bLDS"), count(r"\bSTS"), count(r"\bBAR\."), len(body)))
+    # The main loop streams the codes: the loop with the most global loads (ties: the longest).
+    return max(mixes, default=(0, 0, 0, 0, 0))
 
 
 def attn_sig(qdt, pair=False):
@@ -55,6 +79,10 @@ def attn_sig(qdt, pair=False):
             return "*fp16" if qdt != "fp32" else "*fp32"
         if n in ("kv_start_ptr", "seqlens_ptr"):
             return "*i64"
+        if n == "tickets_ptr":
+            return "*i32"
+        if n == "out_ptr":
+            return f"*{qdt}"
         if n.endswith("_ptr"):
             return "*fp32"
         if n in ("softcap", "q_scale", "inv_sqrt_r"):
@@ -66,14 +94,26 @@ def attn_sig(qdt, pair=False):
 if __name__ == "__main__":
     import triton.language as tl
     which = sys.argv[1] if len(sys.argv) > 1 else "v2"
-    if which == "v2":
+    if which in ("v2", "v3"):
         import ast
-        for D, kb, vb, bn, nw, pf, pair, ns in ast.literal_eval(sys.argv[2]):
-            consts = dict(D=D, K_BITS=kb, V_BITS=vb, BLOCK_M=16, BLOCK_N=bn, HAS_SINK=False, HAS_RECENT=False,
+        fn = tq.flash_attn_vec_tq_fwd2_kernel
+        for entry in ast.literal_eval(sys.argv[2]):
+            D, kb, vb, bn, nw, pf, pair, ns = entry[:8]
+            extra = entry[8] if len(entry) > 8 else {}
+            bm = extra.pop("BLOCK_M", 16)
+            maxnreg = extra.pop("maxnreg", None)
+            consts = dict(D=D, K_BITS=kb, V_BITS=vb, BLOCK_M=bm, BLOCK_N=bn, HAS_SINK=False, HAS_RECENT=False,
                           HAS_KV_START=False, HAS_SEQLENS=False, USE_WINDOW=False, USE_SOFTCAP=False,
-                          PRECISION="tf32", DOT_DTYPE=tl.float16, FOLD_Q=(D <= 128) if len(sys.argv) < 4 else bool(int(sys.argv[3])), PREFETCH=pf, LUT_PAIR=pair)
-            r, cnt, _ = compile_one(tq.flash_attn_vec_tq_fwd2_kernel, attn_sig("bf16", pair), consts, nw, ns)
-            print(f"v2 D{D} k{kb}v{vb} BN{bn} w{nw} pf={pf} pair={pair} st={ns}: REG/STACK/SHARED/LOCAL {r}  LDG/LDS/STS/BAR/instr {cnt}", flush=True)
+                          PRECISION="tf32", DOT_DTYPE=tl.float16, FOLD_Q=(D <= 128) if len(sys.argv) < 4 else bool(int(sys.argv[3])),
+                          PREFETCH=pf, LUT_PAIR=pair, FUSED_MERGE=True, MERGE_ROWS=min(256 // D, bm), STORE_LSE=False,
+                          SWAP=which == "v3")
+            consts.update(extra)
+            import inspect
+            names = set(inspect.signature(fn.fn).parameters)
+            consts = {k: v for k, v in consts.items() if k in names}
+            r, cnt, k = compile_one(fn, attn_sig("bf16", pair), consts, nw, ns, maxnreg)
+            print(f"{which} D{D} k{kb}v{vb} BM{bm} BN{bn} w{nw} pf={pf} pair={pair} st={ns} {extra} maxnreg={maxnreg}: REG/STACK/SHARED/LOCAL {r} "
+                  f"dyn smem {k.metadata.shared}  LDG/LDS/STS/BAR/instr {cnt}  in loop {loop_mix(k)}", flush=True)
 
 
 def quant_sig(n):

@@ -1,7 +1,7 @@
 """The CUDA (Triton) TurboQuant ops on a GPU: correctness against the CPU reference, then timings.
 
     PYTHONPATH=. python benchmarks/cuda_ops.py [--quick] [--out FILE] [--skip-big]
-    PYTHONPATH=. python benchmarks/cuda_ops.py --sweep [all|attn|quant] [--out FILE]
+    PYTHONPATH=. python benchmarks/cuda_ops.py --sweep [all|attn|quant] [--only REGEX] [--out FILE]
 
 1. Correctness (fails loudly, exit status 1, on any mismatch): every op on CUDA tensors through
    ``torch.ops.tq`` (the Triton kernels) against the CPU reference on the same inputs: quantize for
@@ -209,27 +209,88 @@ def check_attention(dev) -> list[str]:
                                              lse_ref, v_bits, *cache[4:])
         gcache = [None if t is None else t.to(dev) for t in cache]
         real_choose = tk.choose_num_splits
-        for splits in (None, 1, 7):
-            if splits is not None:
-                tk.choose_num_splits = lambda *a, s=splits: s
-            try:
-                lse = torch.full((B, Hq, Lq), float("nan"), device=dev)
-                out = torch.ops.tq.flash_attn_vec_tq(q.to(dev), *gcache[:4], kv_len, D**-0.5, bits, window, softcap,
-                                                     None if start is None else start.to(dev), None, lse, v_bits,
-                                                     *gcache[4:])
-            finally:
-                tk.choose_num_splits = real_choose
+        # The registered op (the default config), then v3 through the launcher.
+        for label, cfg in (("", None), (" v3", tk.AttnConfig(variant="v3"))):
+            op = torch.ops.tq.flash_attn_vec_tq if cfg is None else (
+                lambda *a, cfg=cfg: tk.flash_attn_vec_tq(*a, config=cfg))
+            for splits in (None, 1, 7):
+                if splits is not None:
+                    tk.choose_num_splits = lambda *a, s=splits: s
+                try:
+                    lse = torch.full((B, Hq, Lq), float("nan"), device=dev)
+                    out = op(q.to(dev), *gcache[:4], kv_len, D**-0.5, bits, window, softcap,
+                             None if start is None else start.to(dev), None, lse, v_bits, *gcache[4:])
+                finally:
+                    tk.choose_num_splits = real_choose
+                what = f"flash_attn_vec_tq{label} {name} splits={splits}"
+                err = rel_rms(ref.float(), out.float())
+                check(bool(torch.isfinite(out.float()).all()), f"{what}: non-finite output")
+                check(err <= OUT_RATIO_GPU[dtype], f"{what}: rel rms {err:.2e}")
+                lse_atol = 1e-5 if dtype == torch.float32 else 3e-3
+                torch.testing.assert_close(lse.cpu(), lse_ref, rtol=1e-5, atol=lse_atol, msg=lambda m: f"{what} lse: {m}")
+                rows.append(f"flash_attn_vec_tq{label:<3} {name:<20} splits={str(splits):<4}: rel rms {err:.1e}")
+    return rows
+
+
+def check_attention_replays(dev) -> list[str]:
+    """The fused split merge under CUDA-graph replay, where the race between the split programs is real (the tests'
+    interpreter runs programs one after another): one graph per launch path with 7 splits, replayed with new
+    queries; every replay must match the CPU reference (the ticket counters are reset by the merging programs)."""
+    from torch_tq.backends.cuda import turboquant as tk
+
+    rows = []
+    (name, B, Hq, Hkv, Lq, D, C, kv_len, bits, v_bits, window, softcap, kv_start, S, W, dtype, wdtype) = ATTN_CASES[0]
+    cache = write_cache(B, Hkv, D, C, bits, v_bits, kv_len, False, S, W, wdtype)
+    gcache = [None if t is None else t.to(dev) for t in cache]
+    signs = torch_tq.hadamard_signs(D, device=dev)
+    for label, cfg in (("v2", tk.AttnConfig()), ("v3", tk.AttnConfig(variant="v3"))):
+        q = torch.randn(B, Hq, Lq, D, device=dev).to(dtype)
+        lse = torch.empty(B, Hq, Lq, device=dev)
+        run = lambda: tk.flash_attn_vec_tq_fwd(  # noqa: E731  (7 splits; no validation inside the graph)
+            q, *gcache[:4], kv_len, D**-0.5, bits, 0, 0.0, None, signs, lse, v_bits,
+            None, None, None, None, (B, Hq, Hkv, Lq, D, C), None, num_splits=7, config=cfg)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            run()  # allocates the stream's ticket counters outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=side):
+                out = run()
+        torch.cuda.current_stream().wait_stream(side)
+        worst = 0.0
+        for _ in range(5):
+            q.copy_(torch.randn(B, Hq, Lq, D, device=dev).to(dtype))
+            graph.replay()
+            torch.cuda.synchronize()
+            ref_lse = torch.empty(B, Hq, Lq)
+            ref = torch.ops.tq.flash_attn_vec_tq(q.cpu(), *cache[:4], kv_len, D**-0.5, bits, 0, 0.0, None, None,
+                                                 ref_lse, v_bits)
             err = rel_rms(ref.float(), out.float())
-            check(bool(torch.isfinite(out.float()).all()), f"flash_attn_vec_tq {name} splits={splits}: non-finite output")
-            check(err <= OUT_RATIO_GPU[dtype], f"flash_attn_vec_tq {name} splits={splits}: rel rms {err:.2e}")
-            lse_atol = 1e-5 if dtype == torch.float32 else 3e-3
-            torch.testing.assert_close(lse.cpu(), lse_ref, rtol=1e-5, atol=lse_atol,
-                                       msg=lambda m: f"flash_attn_vec_tq {name} splits={splits} lse: {m}")
-            rows.append(f"flash_attn_vec_tq {name:<20} splits={str(splits):<4}: rel rms {err:.1e}")
+            check(err <= OUT_RATIO_GPU[dtype], f"flash_attn_vec_tq {label} graph replay: rel rms {err:.2e}")
+            torch.testing.assert_close(lse.cpu(), ref_lse, rtol=1e-5, atol=3e-3)
+            worst = max(worst, err)
+        rows.append(f"flash_attn_vec_tq {label} CUDA-graph replays x5, 7 splits merged in-kernel: worst rel rms "
+                    f"{worst:.1e}")
     return rows
 
 
 # ---- 2.-3. timing -----------------------------------------------------------------------------------------------------
+
+
+def count_launches(fn) -> int:
+    """GPU kernels one call of ``fn`` launches (torch.profiler's CUDA activity; -1 when the profiler fails).
+    Call ``fn`` once before: first calls allocate (and zero) cached buffers."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    except Exception:  # noqa: BLE001  (the count is informational)
+        return -1
+
 
 
 def bench(fn) -> tuple[float, float]:
@@ -289,7 +350,7 @@ def time_attention(dev, shapes) -> None:
     say("decode attention, Hq32/Hkv8/D128, Lq=1, bf16 q; ms medians (eager do_bench | CUDA graph); "
         "speedup = SDPA / tq (eager)")
     head = (f"{'op':<18} {'B':>2} {'ctx':>7} {'bits':>4} {'sdpa ms':>9} {'sdpa g':>8} {'tq ms':>8} {'tq g':>8} "
-            f"{'speedup':>8} {'tq GB/s':>8} {'peer ms':>8}")
+            f"{'speedup':>8} {'tq GB/s':>8} {'launch':>6} {'peer ms':>8}")
     say(head)
     say("-" * len(head))
     for B, ctx in shapes:
@@ -302,6 +363,7 @@ def time_attention(dev, shapes) -> None:
             cache = [*random_cache(B, Hkv, ctx, D, bits, dev), *random_cache(B, Hkv, ctx, D, bits, dev)]
             tq = lambda: torch.ops.tq.flash_attn_vec_tq(q, *cache, ctx, D**-0.5, bits)  # noqa: E731
             tq()
+            launches = count_launches(tq)
             tq_ms, tq_g = bench(tq)
             nbytes = sum(t.numel() * t.element_size() for t in cache) + 2 * q.numel() * 2
             peer_ms = "-"
@@ -314,7 +376,7 @@ def time_attention(dev, shapes) -> None:
                     peer_ms = "error"
                     say(f"  {peer} failed: {type(exc).__name__}: {exc}")
             say(f"{'flash_attn_vec_tq':<18} {B:>2} {ctx:>7} {bits:>4} {sdpa_ms:>9.4f} {sdpa_g:>8.4f} {tq_ms:>8.4f} "
-                f"{tq_g:>8.4f} {sdpa_ms / tq_ms:>7.2f}x {nbytes / tq_ms / 1e6:>8.0f} {peer_ms:>8}")
+                f"{tq_g:>8.4f} {sdpa_ms / tq_ms:>7.2f}x {nbytes / tq_ms / 1e6:>8.0f} {launches:>6} {peer_ms:>8}")
             del cache
         del q, k, v
         torch.cuda.empty_cache()
@@ -383,15 +445,41 @@ def attn_variants():
         ("v2 16 prog/SM", A(programs_per_sm=16)),
         ("v2 min split 1024", A(min_split_positions=1024)),
         ("v2 bn128 w8 8 prog/SM", A(block_n=128, num_warps=8, programs_per_sm=8)),
+        ("v2 merge launch", A(fused_merge=False)),
+        ("v2 q-rot+merge launches", A(fold_q=False, fused_merge=False)),
+        ("v3 default", A(variant="v3")),
+        ("v3 no pair-lut", A(variant="v3", lut_pair=False)),
+        ("v3 w8", A(variant="v3", num_warps=8)),
+        ("v3 bn64", A(variant="v3", block_n=64)),
+        ("v3 bn128 w8", A(variant="v3", block_n=128, num_warps=8)),
+        ("v3 no prefetch", A(variant="v3", prefetch=False)),
+        ("v3 2 prog/SM", A(variant="v3", programs_per_sm=2)),
+        ("v3 8 prog/SM", A(variant="v3", programs_per_sm=8)),
+        ("v3 merge launch", A(variant="v3", fused_merge=False)),
+        ("v3 fold-q (1 launch)", A(variant="v3", fold_q=True)),
+        # Session 4's sweep: the q-rotation launch and 2 programs/SM each beat the default at 32k/128k (the
+        # folded rotation and the split count are per-program costs); with the fused merge that is 2 launches.
+        ("v2 q-rot 2 prog/SM", A(fold_q=False, programs_per_sm=2)),
+        ("v2 pair q-rot 2 prog/SM", A(lut_pair=True, fold_q=False, programs_per_sm=2)),
+        ("v2 pair 2 prog/SM", A(lut_pair=True, programs_per_sm=2)),
     ]
 
 
-def sweep_attention(dev, shapes) -> None:
+def sweep_attention(dev, shapes, only: str | None = None) -> None:
+    import re
+
     import triton.testing
 
     from torch_tq.backends.cuda import turboquant as tk
 
-    variants = attn_variants()
+    variants = [(n, c) for n, c in attn_variants() if only is None or re.search(only, n)]
+    say()
+    say("sweep: the fused split merge under CUDA-graph replay (the split programs race for real on the GPU)")
+    try:
+        for row in check_attention_replays(dev):
+            say("  " + row)
+    except Exception as exc:  # noqa: BLE001  (reported loudly; the timings below still run)
+        say(f"  REPLAY CHECK FAILED: {type(exc).__name__}: {str(exc)[:500]}")
     # Each variant against the CPU reference on two small cases (4-bit GQA bf16; 3-bit with windows fp16).
     say()
     say("sweep: every variant against the CPU reference (rel rms of the output)")
@@ -418,7 +506,7 @@ def sweep_attention(dev, shapes) -> None:
     say("sweep: decode attention, Hq32/Hkv8/D128, Lq=1, bf16 q; ms medians (do_bench | CUDA graph); x sdpa = "
         "SDPA eager / tq eager; err = rel rms against 'v2 default' on the same random cache")
     head = (f"{'variant':<24} {'B':>2} {'ctx':>7} {'bits':>4} {'tq ms':>8} {'tq g':>8} {'x sdpa':>7} {'x sdpa g':>8} "
-            f"{'GB/s':>6} {'err':>8}")
+            f"{'GB/s':>6} {'err':>8} {'launch':>6}")
     say(head)
     say("-" * len(head))
     for B, ctx in shapes:
@@ -436,13 +524,14 @@ def sweep_attention(dev, shapes) -> None:
                 fn = lambda cfg=cfg: tk.flash_attn_vec_tq(q, *cache, ctx, D**-0.5, bits, config=cfg)  # noqa: E731
                 try:
                     err = rel_rms(ref, fn().float())
+                    launches = count_launches(fn)
                     ms = triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
                     try:
                         g = triton.testing.do_bench_cudagraph(fn, rep=60, return_mode="median")
                     except Exception:  # noqa: BLE001
                         g = float("nan")
                     say(f"{vname:<24} {B:>2} {ctx:>7} {bits:>4} {ms:>8.4f} {g:>8.4f} {sdpa_ms / ms:>6.2f}x "
-                        f"{sdpa_g / g:>7.2f}x {nbytes / ms / 1e6:>6.0f} {err:>8.1e}")
+                        f"{sdpa_g / g:>7.2f}x {nbytes / ms / 1e6:>6.0f} {err:>8.1e} {launches:>6}")
                 except Exception as exc:  # noqa: BLE001
                     say(f"{vname:<24} {B:>2} {ctx:>7} {bits:>4} failed: {type(exc).__name__}: {str(exc)[:300]}")
             del cache
@@ -567,6 +656,7 @@ def main() -> int:
     parser.add_argument("--out", help="also write the report to this file")
     parser.add_argument("--sweep", nargs="?", const="all", choices=("all", "attn", "quant"),
                         help="only time kernel configurations side by side (attention and/or quantize variants)")
+    parser.add_argument("--only", help="--sweep attn: only the variants whose name matches this regular expression")
     args = parser.parse_args()
     if args.out:
         open(args.out, "w").close()
@@ -586,12 +676,12 @@ def main() -> int:
         say()
         if args.sweep:
             if args.sweep in ("all", "attn"):
-                sweep_attention(dev, [(1, 4096), (1, 32768), (1, 131072), (8, 32768)])
+                sweep_attention(dev, [(1, 4096), (1, 32768), (1, 131072), (8, 32768)], args.only)
             if args.sweep in ("all", "quant"):
                 sweep_quantize(dev, [(8, 32768), (1, 32768), (1, 1)])
         else:
             say("correctness against the CPU reference (CUDA tensors through torch.ops.tq):")
-            for part in (check_quantize, check_dequantize, check_copy, check_attention):
+            for part in (check_quantize, check_dequantize, check_copy, check_attention, check_attention_replays):
                 for row in part(dev):
                     say("  " + row)
             say("correctness: all ops match")

@@ -63,6 +63,20 @@ def tq(kernels, monkeypatch):
     return module
 
 
+# Every attention test runs each launch path: the default (v2, fused split merge: one launch with fold_q), the
+# separate merge launch, and v3 (transposed dots, pair LUT, fused merge) with its q-rotation launch (its default)
+# and with the folded rotation.
+ATTN_PATHS = {"v2-fused": dict(), "v2-merge-launch": dict(fused_merge=False), "v3": dict(variant="v3"),
+              "v3-fold-q": dict(variant="v3", fold_q=True)}
+
+
+@pytest.fixture(params=list(ATTN_PATHS))
+def attn_path(request, tq, monkeypatch):
+    """Replaces the kernel module's default attention config by one of ATTN_PATHS (tests use ``tq`` as before)."""
+    monkeypatch.setattr(tq, "DEFAULT_ATTN_CONFIG", tq.AttnConfig(**ATTN_PATHS[request.param]))
+    return request.param
+
+
 @pytest.fixture
 def copy_kernel(kernels):
     return kernels[1]
@@ -375,7 +389,7 @@ SWEEP = [
 
 
 @pytest.mark.parametrize("case", CASES + SWEEP, ids=lambda c: c[0])
-def test_flash_attn_vec_tq(tq, monkeypatch, case):
+def test_flash_attn_vec_tq(tq, attn_path, monkeypatch, case):
     name, B, Hq, Hkv, Lq, D, C, kv_len, bits, window, softcap, kv_start, dtype, sign_kind, splits = case
     if splits is not None:
         monkeypatch.setattr(tq, "choose_num_splits", lambda *a: splits)
@@ -401,7 +415,7 @@ ROW_TILE_CASES = [
 
 
 @pytest.mark.parametrize("case", ROW_TILE_CASES, ids=lambda c: c[0])
-def test_flash_attn_vec_tq_query_row_tiles(tq, monkeypatch, case):
+def test_flash_attn_vec_tq_query_row_tiles(tq, attn_path, monkeypatch, case):
     """G*Lq query rows beyond one tile (a prefill): several row tiles per KV head, each cutting the positions
     it streams to what its queries can see (causal end, window start)."""
     name, B, Hq, Hkv, Lq, D, C, kv_len, bits, window, kv_start, dtype = case
@@ -416,7 +430,7 @@ def test_flash_attn_vec_tq_query_row_tiles(tq, monkeypatch, case):
     torch.testing.assert_close(lse, ref_lse, **LSE_TOL[q.dtype])
 
 
-def test_flash_attn_vec_tq_strided_q(tq):
+def test_flash_attn_vec_tq_strided_q(tq, attn_path):
     D, bits = 64, 4
     signs = torch.ones(D)
     cache = build_cache(1, 2, D, 16, bits, 9, False, signs)
@@ -453,7 +467,7 @@ def poison_window_held_slots(cache, kv_len, sinks, recent):
 
 
 @pytest.mark.parametrize("case", WINDOW_CASES, ids=[c[0] for c in WINDOW_CASES])
-def test_flash_attn_vec_tq_windows_and_v_bits(tq, monkeypatch, case):
+def test_flash_attn_vec_tq_windows_and_v_bits(tq, attn_path, monkeypatch, case):
     """tests/test_attention_windows.py's grid (sinks, ring, k8v4/k4v2/k3v2, Lq > 1, GQA, wrapped sliding ring,
     kv_start, softcap, lse, window dtypes, D 64..512): the Triton op against the CPU op and the float64 oracle."""
     (name, B, Hq, Hkv, Lq, D, C, kv_len, bits, v_bits, window, softcap, kv_start, sinks, recent, dtype, window_dtype,
@@ -496,7 +510,7 @@ V_BITS_SWEEP = [
 
 
 @pytest.mark.parametrize("case", V_BITS_SWEEP, ids=lambda c: c[0])
-def test_flash_attn_vec_tq_every_bits_pair(tq, case):
+def test_flash_attn_vec_tq_every_bits_pair(tq, attn_path, case):
     """Every key width with every value width, with window buffers of four different dtypes at once."""
     name, bits, v_bits, D, dtype, window_dtypes, windows = case
     B, Hq, Hkv, Lq, C, kv_len, S, W = 1, 4, 2, 2, 16, 14, 3, 4
@@ -509,7 +523,7 @@ def test_flash_attn_vec_tq_every_bits_pair(tq, case):
     torch.testing.assert_close(lse, ref_lse, **LSE_TOL[q.dtype])
 
 
-def test_windows_longer_than_the_visible_range(tq):
+def test_windows_longer_than_the_visible_range(tq, attn_path):
     """kv_len < W (the ring still filling) and kv_len < S: every position comes from a window, none from the codes."""
     B, Hq, Hkv, D, C, bits = 1, 2, 1, 64, 16, 3
     cache = list(_random_cache(B, Hkv, D, C, bits, bits))
@@ -596,7 +610,7 @@ def test_hadamard_quantize_kv_cache_seqlens(tq, T, sliding, dtype):
 
 
 @pytest.mark.parametrize("Lq,window,sliding", [(1, 0, False), (3, 9, False), (2, 8, True)])
-def test_flash_attn_vec_tq_cache_seqlens(tq, monkeypatch, Lq, window, sliding):
+def test_flash_attn_vec_tq_cache_seqlens(tq, attn_path, monkeypatch, Lq, window, sliding):
     """kv_len is an upper bound (the launch size); each sequence attends over its own device length."""
     monkeypatch.setattr(tq, "choose_num_splits", lambda *a: 4)
     B, Hq, Hkv, D, C, S, W, bits, v_bits = 3, 4, 2, 64, 40, 4, 6, 4, 3
@@ -622,3 +636,24 @@ def test_flash_attn_vec_tq_cache_seqlens(tq, monkeypatch, Lq, window, sliding):
     out = tq.flash_attn_vec_tq(q, *cache[:4], *args, lse, v_bits, *cache[4:], seqlens)
     assert_close("cache_seqlens", ref, out, OUT_RATIO[F32])
     torch.testing.assert_close(lse, ref_lse, **LSE_TOL[F32])
+
+
+@pytest.mark.parametrize("Lq,max_block_m", [(1, None), (9, 16)])
+def test_flash_attn_vec_tq_fused_merge_twice(tq, attn_path, monkeypatch, Lq, max_block_m):
+    """Several splits merged in the kernel by the last program of each (KV head, row tile), called twice in a row:
+    the merging programs put their ticket counters back to zero, so the second call (as a CUDA-graph replay would)
+    merges correctly, and the counters are all zero between calls. (The interpreter runs the programs one after
+    another: this checks the logic, not the race, which the acq_rel ticket orders on a GPU.)"""
+    monkeypatch.setattr(tq, "choose_num_splits", lambda *a: 5)
+    if max_block_m is not None:
+        monkeypatch.setattr(tq, "_MAX_BLOCK_M", {64: max_block_m})  # G*Lq = 18 rows: two row tiles per KV head
+    B, Hq, Hkv, D, C, kv_len, bits = 2, 4, 2, 64, 96, 90, 4
+    signs = torch_tq.hadamard_signs(D)
+    cache = build_cache(B, Hkv, D, C, bits, kv_len, False, signs, chunk=30)
+    for call in range(2):
+        q = torch.randn(B, Hq, Lq, D)
+        ref, out, ref_lse, lse = run_both(tq, q, cache, kv_len, bits, signs=signs)
+        assert_close(f"call {call}", ref, out, OUT_RATIO[F32])
+        torch.testing.assert_close(lse, ref_lse, **LSE_TOL[F32])
+        for counters in tq._TICKETS.values():
+            assert not counters.any(), "a ticket counter was left non-zero"

@@ -8,12 +8,16 @@ place, then launches:
   per-block norms, norm correction, nearest centroid with ties to the lower index, bit packing, the
   ring/global slot, and the full-precision sink/recent window writes).
 * ``dequantize_kv``: one launch.
-* ``flash_attn_vec_tq``: three launches: rotate (and scale) q once; the split-K main kernel over the
-  grid (B·Hkv, num_splits, row tiles), where each program streams a contiguous range of positions of
-  ONE KV head and scores ALL of the G = Hq/Hkv query heads × Lq queries of that group (at decode one
-  row tile holds them all, so each KV byte is read once per GQA group), keeping (m, l, acc) partials;
-  the reduce merges the splits with log-sum-exp, un-rotates, writes the output and the optional lse.
-  The number of splits grows with the visible range and the SM count (:func:`choose_num_splits`).
+* ``flash_attn_vec_tq``: the split-K main kernel over the grid (B·Hkv, num_splits, row tiles), where
+  each program streams a contiguous range of positions of ONE KV head and scores ALL of the G = Hq/Hkv
+  query heads × Lq queries of that group (at decode one row tile holds them all, so each KV byte is
+  read once per GQA group), keeping (m, l, acc) partials; the last program of each (KV head, row tile)
+  to finish merges the splits with log-sum-exp, un-rotates, writes the output and the optional lse
+  (:func:`_merge_if_last`). The number of splits grows with the visible range and the SM count
+  (:func:`choose_num_splits`). Launches per call: ONE with the folded q rotation (the default v2 with
+  float16 or bfloat16 q at D <= 128); two otherwise (a q-rotation launch first: float32 q, D256, D512's
+  v1, v3's default); AttnConfig(fused_merge=False) adds the separate merge launch back. The first call on
+  a (device, stream) also zeroes its ticket counters once (:func:`_tickets`).
 
 The Walsh-Hadamard transform of a block of R = 16·RA coordinates runs as two small dense passes in
 registers, H_R = H_RA ⊗ H_16 (Sylvester order), with the ±1 entries made from index parities: exact
@@ -131,6 +135,16 @@ def _decode_rows(codes_ptr, norms_ptr, codebook_ptr, row, row_ok, inv_sqrt_r, RO
     scale = tl.load(norms_ptr + row[:, None] * NB + nb[None, :], mask=row_ok[:, None], other=0.0) * inv_sqrt_r
     y = tl.reshape(values, (ROWS, NB, R)) * scale[:, :, None]
     return tl.reshape(y, (ROWS, D))
+
+
+def _cdiv(a: int, b: int) -> int:
+    # triton.cdiv / next_power_of_2 are constexpr functions: ~5 us of host time per call from Python, several per
+    # launch (the decode op's host time is what a 4k-context call costs).
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 def _rows_per_program(head_dim: int) -> int:
@@ -413,7 +427,7 @@ def hadamard_quantize_kv_fwd(src, codes, norms, write_pos, is_sliding, bits, sig
     exact = src.dtype in (torch.bfloat16, torch.float16) and offset is None
     if cfg.variant == "v2" and bits == 4 and R == D and 32 <= D <= 128 and (exact or cfg.v2_inexact):
         rows = cfg.rows or _V2_QUANT_ROWS
-        n_tiles = triton.cdiv(n_rows, rows)
+        n_tiles = _cdiv(n_rows, rows)
         programs = max(1, min(n_tiles, cfg.programs_per_sm * _sm_count(src.device)))
         hadamard_quantize_kv_fwd2_kernel[(programs,)](
             src, _hadamard_matrix(D, torch.float32, src.device), codes, norms, signs, *buffers,
@@ -428,7 +442,7 @@ def hadamard_quantize_kv_fwd(src, codes, norms, write_pos, is_sliding, bits, sig
         )
         return
     rows = cfg.rows or _rows_per_program(D)
-    grid = (triton.cdiv(n_rows, rows),)
+    grid = (_cdiv(n_rows, rows),)
     hadamard_quantize_kv_fwd_kernel[grid](
         src, codes, norms, signs, *buffers,
         n_rows, t_lo, T, Hkv, C, S, W, write_pos, first_code, first_recent, math.sqrt(R), 1.0 / math.sqrt(R),
@@ -488,7 +502,7 @@ def dequantize_kv_fwd(codes, norms, start, length, bits, rotated, signs, head_di
     R = rotation_block(D)
     rows = _rows_per_program(D)
     codebook, _ = _codebook(bits, codes.device)
-    dequantize_kv_fwd_kernel[(triton.cdiv(n_rows, rows),)](
+    dequantize_kv_fwd_kernel[(_cdiv(n_rows, rows),)](
         codes, norms, signs, codebook, out, n_rows, length, start, C, 1.0 / math.sqrt(R),
         D=D,
         R=R,
@@ -584,11 +598,13 @@ def _attend_window(q, k_win_ptr, v_win_ptr, win_row0, win_len, lo, hi, q_pos, m_
 def flash_attn_vec_tq_fwd_kernel(
     q_rot_ptr, k_codes_ptr, k_norms_ptr, v_codes_ptr, v_norms_ptr, k_sink_ptr, v_sink_ptr, k_recent_ptr,
     v_recent_ptr, kv_start_ptr, seqlens_ptr, k_codebook_ptr, v_codebook_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
+    tickets_ptr, signs_ptr, out_ptr, lse_ptr,
     Hkv, C, S, W, kv_len, vis_lo, chunk, num_splits, window, softcap, inv_sqrt_r, GL, LQ,
     D: tl.constexpr, R: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SINK: tl.constexpr,
     HAS_RECENT: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_SEQLENS: tl.constexpr, USE_WINDOW: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    FUSED_MERGE: tl.constexpr, MERGE_ROWS: tl.constexpr, STORE_LSE: tl.constexpr,
 ):
     """Split ``i_s`` of KV head ``i_bh`` for the query rows of tile ``i_m``: positions
     ``[vis_lo + i_s*chunk, +chunk)`` ∩ ``[kv_start, kv_len)``, cut to what the tile's queries can see."""
@@ -648,31 +664,35 @@ def flash_attn_vec_tq_fwd_kernel(
     tl.store(part_m_ptr + part, m_i, mask=m_ok)
     tl.store(part_l_ptr + part, l_i, mask=m_ok)
     tl.store(part_acc_ptr + part[:, None] * D + d[None, :], acc, mask=m_ok[:, None])
+    if FUSED_MERGE:
+        _merge_if_last(tickets_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, signs_ptr, out_ptr, lse_ptr, i_bh, i_m,
+                       num_splits, inv_sqrt_r, GL, D, R, BLOCK_M, MERGE_ROWS, STORE_LSE)
 
 
 @triton.jit
-def flash_attn_vec_tq_reduce_kernel(
-    part_acc_ptr, part_m_ptr, part_l_ptr, signs_ptr, out_ptr, lse_ptr, n_rows, num_splits, inv_sqrt_r, GL,
-    D: tl.constexpr, R: tl.constexpr, ROWS: tl.constexpr, STORE_LSE: tl.constexpr,
-):
-    """Merge the splits of each query row with log-sum-exp, un-rotate, write out (q's dtype) and lse."""
+def _merge_rows(part_acc_ptr, part_m_ptr, part_l_ptr, signs_ptr, out_ptr, lse_ptr, rows, row_ok, num_splits,
+                inv_sqrt_r, GL, D: tl.constexpr, R: tl.constexpr, ROWS: tl.constexpr, STORE_LSE: tl.constexpr):
+    """Merge the splits of the query rows ``rows [ROWS]`` with log-sum-exp, un-rotate, write out (q's dtype) and lse.
+
+    ``rows`` are flat over (b, hq, i) = (b, hkv, g*Lq + i): the output's row order. The partials are read with
+    ``.cg`` (L2, not L1): in the fused merge other programs of the same launch wrote them.
+    """
     NB: tl.constexpr = D // R
-    i_p = tl.program_id(0).to(tl.int64)
-    rows = i_p * ROWS + tl.arange(0, ROWS)  # flat over (b, hq, i) = (b, hkv, g*Lq + i): the output's row order
-    row_ok = rows < n_rows
     part0 = (rows // GL) * num_splits * GL + rows % GL  # split 0 of the row's partials
     d = tl.arange(0, D)
     m_max = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
     for s in range(num_splits):
-        m_max = tl.maximum(m_max, tl.load(part_m_ptr + part0 + s * GL, mask=row_ok, other=float("-inf")))
+        m_max = tl.maximum(m_max, tl.load(part_m_ptr + part0 + s * GL, mask=row_ok, other=float("-inf"),
+                                          cache_modifier=".cg"))
     m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
     l_sum = tl.zeros((ROWS,), dtype=tl.float32)
     acc = tl.zeros((ROWS, D), dtype=tl.float32)
     for s in range(num_splits):
         part = part0 + s * GL
-        w = tl.exp(tl.load(part_m_ptr + part, mask=row_ok, other=float("-inf")) - m_safe)
-        l_sum += w * tl.load(part_l_ptr + part, mask=row_ok, other=0.0)
-        acc += w[:, None] * tl.load(part_acc_ptr + part[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0)
+        w = tl.exp(tl.load(part_m_ptr + part, mask=row_ok, other=float("-inf"), cache_modifier=".cg") - m_safe)
+        l_sum += w * tl.load(part_l_ptr + part, mask=row_ok, other=0.0, cache_modifier=".cg")
+        acc += w[:, None] * tl.load(part_acc_ptr + part[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0,
+                                    cache_modifier=".cg")
     # A row without any visible position (only possible through kv_start) outputs zeros and lse = -inf.
     y = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
     y = _wht_rows(tl.reshape(y, (ROWS * NB, R)), ROWS * NB, R) * inv_sqrt_r
@@ -680,6 +700,44 @@ def flash_attn_vec_tq_reduce_kernel(
     tl.store(out_ptr + rows[:, None] * D + d[None, :], _cast(y, out_ptr.dtype.element_ty), mask=row_ok[:, None])
     if STORE_LSE:
         tl.store(lse_ptr + rows, tl.log(l_sum) + m_max, mask=row_ok)
+
+
+@triton.jit
+def flash_attn_vec_tq_reduce_kernel(
+    part_acc_ptr, part_m_ptr, part_l_ptr, signs_ptr, out_ptr, lse_ptr, n_rows, num_splits, inv_sqrt_r, GL,
+    D: tl.constexpr, R: tl.constexpr, ROWS: tl.constexpr, STORE_LSE: tl.constexpr,
+):
+    """The separate merge launch (AttnConfig(fused_merge=False)): :func:`_merge_rows` over ROWS rows per program."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    _merge_rows(part_acc_ptr, part_m_ptr, part_l_ptr, signs_ptr, out_ptr, lse_ptr, rows, rows < n_rows, num_splits,
+                inv_sqrt_r, GL, D, R, ROWS, STORE_LSE)
+
+
+@triton.jit
+def _merge_if_last(tickets_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, signs_ptr, out_ptr, lse_ptr, i_bh, i_m,
+                   num_splits, inv_sqrt_r, GL, D: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr,
+                   MERGE_ROWS: tl.constexpr, STORE_LSE: tl.constexpr):
+    """The fused merge: called by every split program of row tile ``i_m`` of KV head ``i_bh`` right after it stored
+    its partials; the LAST of the ``num_splits`` programs to arrive merges them all (:func:`_merge_rows`).
+
+    No program waits for another (the programs of a grid need not be co-resident): each takes a ticket with an
+    acq_rel atomic after a CTA barrier (all of its threads' partial stores are ordered before the release), and the
+    one that draws ticket num_splits - 1 has acquired every other program's stores. It puts the counter back to 0,
+    so the next call (or CUDA-graph replay) starts from zero without a memset launch.
+    """
+    done = num_splits - 1
+    ticket = tickets_ptr + i_bh * tl.cdiv(GL, BLOCK_M) + i_m
+    if num_splits > 1:
+        tl.debug_barrier()
+        done = tl.atomic_add(ticket, 1, sem="acq_rel")
+    if done == num_splits - 1:
+        if num_splits > 1:
+            tl.store(ticket, 0)
+        tl.debug_barrier()
+        for r0 in range(i_m * BLOCK_M, tl.minimum(i_m * BLOCK_M + BLOCK_M, GL), MERGE_ROWS):
+            m = r0 + tl.arange(0, MERGE_ROWS)
+            _merge_rows(part_acc_ptr, part_m_ptr, part_l_ptr, signs_ptr, out_ptr, lse_ptr, i_bh * GL + m, m < GL,
+                        num_splits, inv_sqrt_r, GL, D, R, MERGE_ROWS, STORE_LSE)
 
 
 # ---- version 2 of the main kernel (NB = 1, i.e. D <= 256; every bit width) -----------------------------------------
@@ -792,10 +850,24 @@ def _pair_values(table_ptr, idx):
 
 @triton.jit
 def _attend2(qa, qb, ka, kb, va, vb, kscale, vscale, j, j_ok, q_pos, m_i, l_i, acc_a, acc_b, window, softcap,
-             SCALED: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
-    """One online-softmax step over ``j [N]`` with split keys/values (operand dtype) and per-row scales."""
-    s = tl.dot(qa, tl.trans(ka), input_precision=PRECISION)
-    s = tl.dot(qb, tl.trans(kb), acc=s, input_precision=PRECISION)  # [M, N]; q carries the softmax scale
+             SCALED: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+             SWAP: tl.constexpr):
+    """One online-softmax step over ``j [N]`` with split keys/values (operand dtype) and per-row scales.
+
+    SWAP (the "v3" variant) computes the transposed products, s^T = K q^T and (P V)^T = V^T P^T: on sm_90 the
+    first wgmma operand may come from registers, so the gathered key tile feeds the tensor cores where it was
+    decoded, and what goes through shared memory is q (once) and p^T ([N, 16], per tile) instead of the
+    [N, D] key tile. The key halves are interleaved into one [N, D] operand (for 4 bits the coordinate order:
+    a pair-LUT word of two float16 is then one operand register pair) and ``qa`` arrives as the whole query
+    rows in that same column order (``qb`` unused).
+    """
+    if SWAP:
+        # qa holds the whole query rows in the interleaved column order (qb is unused): see the v2 kernel.
+        kf = tl.reshape(tl.join(ka, kb), (ka.shape[0], 2 * ka.shape[1]))
+        s = tl.trans(tl.dot(kf, tl.trans(qa), input_precision=PRECISION))
+    else:
+        s = tl.dot(qa, tl.trans(ka), input_precision=PRECISION)
+        s = tl.dot(qb, tl.trans(kb), acc=s, input_precision=PRECISION)  # [M, N]; q carries the softmax scale
     if SCALED:
         s = s * kscale[None, :]
     if USE_SOFTCAP:
@@ -811,16 +883,22 @@ def _attend2(qa, qb, ka, kb, va, vb, kscale, vscale, j, j_ok, q_pos, m_i, l_i, a
     l_i = l_i * alpha + tl.sum(p, axis=1)
     if SCALED:
         p = p * vscale[None, :]
-    p = p.to(qa.dtype)
-    acc_a = tl.dot(p, va, acc=acc_a * alpha[:, None], input_precision=PRECISION)
-    acc_b = tl.dot(p, vb, acc=acc_b * alpha[:, None], input_precision=PRECISION)
+    if SWAP:
+        pt = tl.trans(p.to(qa.dtype))
+        acc_a = tl.trans(tl.dot(tl.trans(va), pt, acc=tl.trans(acc_a * alpha[:, None]), input_precision=PRECISION))
+        acc_b = tl.trans(tl.dot(tl.trans(vb), pt, acc=tl.trans(acc_b * alpha[:, None]), input_precision=PRECISION))
+    else:
+        pc = p.to(qa.dtype)
+        acc_a = tl.dot(pc, va, acc=acc_a * alpha[:, None], input_precision=PRECISION)
+        acc_b = tl.dot(pc, vb, acc=acc_b * alpha[:, None], input_precision=PRECISION)
     return m_new, l_i, acc_a, acc_b
 
 
 @triton.jit
 def _attend_window2(qa, qb, k_win_ptr, v_win_ptr, win_row0, win_len, lo, hi, q_pos, m_i, l_i, acc_a, acc_b, window,
                     softcap, D: tl.constexpr, K_EO: tl.constexpr, V_EO: tl.constexpr, BLOCK_N: tl.constexpr,
-                    USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+                    USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+                    SWAP: tl.constexpr):
     """Positions ``[lo, hi)`` of a full-precision window (rotated domain) at entry ``j mod win_len``."""
     DH: tl.constexpr = D // 2
     i = tl.arange(0, DH)
@@ -837,7 +915,7 @@ def _attend_window2(qa, qb, k_win_ptr, v_win_ptr, win_row0, win_len, lo, hi, q_p
         va = tl.load(v_win_ptr + row + cv_a[None, :], mask=j_ok[:, None], other=0.0).to(tl.float32).to(qa.dtype)
         vb = tl.load(v_win_ptr + row + cv_b[None, :], mask=j_ok[:, None], other=0.0).to(tl.float32).to(qa.dtype)
         m_i, l_i, acc_a, acc_b = _attend2(qa, qb, ka, kb, va, vb, j_ok, j_ok, j, j_ok, q_pos, m_i, l_i, acc_a, acc_b,
-                                          window, softcap, False, USE_WINDOW, USE_SOFTCAP, PRECISION)
+                                          window, softcap, False, USE_WINDOW, USE_SOFTCAP, PRECISION, SWAP)
     return m_i, l_i, acc_a, acc_b
 
 
@@ -845,15 +923,19 @@ def _attend_window2(qa, qb, k_win_ptr, v_win_ptr, win_row0, win_len, lo, hi, q_p
 def flash_attn_vec_tq_fwd2_kernel(
     q_ptr, hmat_ptr, signs_ptr, k_codes_ptr, k_norms_ptr, v_codes_ptr, v_norms_ptr, k_sink_ptr, v_sink_ptr,
     k_recent_ptr, v_recent_ptr, kv_start_ptr, seqlens_ptr, k_codebook_ptr, v_codebook_ptr, part_acc_ptr, part_m_ptr,
-    part_l_ptr,
+    part_l_ptr, tickets_ptr, out_ptr, lse_ptr,
     Hkv, C, S, W, kv_len, vis_lo, chunk, num_splits, window, softcap, q_scale, inv_sqrt_r, GL, LQ, G,
     stride_qb, stride_qh, stride_ql, stride_qd,
     D: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_SINK: tl.constexpr, HAS_RECENT: tl.constexpr, HAS_KV_START: tl.constexpr, HAS_SEQLENS: tl.constexpr,
     USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
     FOLD_Q: tl.constexpr, PREFETCH: tl.constexpr, LUT_PAIR: tl.constexpr,
+    FUSED_MERGE: tl.constexpr, MERGE_ROWS: tl.constexpr, STORE_LSE: tl.constexpr, SWAP: tl.constexpr,
 ):
-    """As :func:`flash_attn_vec_tq_fwd_kernel` (same grid, partials and position logic), for NB = 1."""
+    """As :func:`flash_attn_vec_tq_fwd_kernel` (same grid, partials and position logic), for NB = 1.
+
+    SWAP = the "v3" variant: the transposed dots of :func:`_attend2`.
+    """
     DH: tl.constexpr = D // 2
     K_RB: tl.constexpr = D * K_BITS // 8
     V_RB: tl.constexpr = D * V_BITS // 8
@@ -876,7 +958,21 @@ def flash_attn_vec_tq_fwd2_kernel(
     ck_b = _col_map(i, 1, K_EO, DH)
     cv_a = _col_map(i, 0, V_EO, DH)
     cv_b = _col_map(i, 1, V_EO, DH)
-    if FOLD_Q:
+    if SWAP:
+        # Whole rows, columns in the order the key halves interleave to (ck_a[0], ck_b[0], ck_a[1], ...).
+        cq = tl.reshape(tl.join(ck_a, ck_b), (D,))
+        if FOLD_Q:
+            hq = (i_bh % Hkv) * G + m // LQ
+            d = tl.arange(0, D)
+            p_q = q_ptr + b * stride_qb + hq[:, None] * stride_qh + q_i[:, None] * stride_ql + d[None, :] * stride_qd
+            x = tl.load(p_q, mask=m_ok[:, None], other=0.0).to(tl.float32) * tl.load(signs_ptr + d)[None, :]
+            h = tl.load(hmat_ptr + d[:, None] * D + cq[None, :])
+            qa = _cast(tl.dot(x.to(DOT_DTYPE), h, input_precision=PRECISION) * q_scale, DOT_DTYPE)
+        else:
+            qa = _cast(tl.load(q_ptr + (i_bh * GL + m)[:, None] * D + cq[None, :], mask=m_ok[:, None], other=0.0),
+                       DOT_DTYPE)
+        qb = qa
+    elif FOLD_Q:
         # q_rot[:, c] = q_scale * sum_d q[:, d] s[d] H[d, c]: the ±1 entries make every product exact.
         hq = (i_bh % Hkv) * G + m // LQ
         d = tl.arange(0, D)
@@ -914,7 +1010,8 @@ def flash_attn_vec_tq_fwd2_kernel(
     if HAS_SINK:
         m_i, l_i, acc_a, acc_b = _attend_window2(qa, qb, k_sink_ptr, v_sink_ptr, i_bh * S, tl.maximum(S, 1), lo,
                                                  tl.minimum(hi, S), q_pos, m_i, l_i, acc_a, acc_b, window, softcap,
-                                                 D, K_EO, V_EO, BLOCK_N, USE_WINDOW, USE_SOFTCAP, PRECISION)
+                                                 D, K_EO, V_EO, BLOCK_N, USE_WINDOW, USE_SOFTCAP, PRECISION,
+                                                 SWAP)
     # One 64-bit base per program; offsets inside one KV head's slab are int32.
     k_base = k_codes_ptr + i_bh * C * K_RB
     v_base = v_codes_ptr + i_bh * C * V_RB
@@ -971,18 +1068,22 @@ def flash_attn_vec_tq_fwd2_kernel(
             va = tl.load(v_codebook_ptr + vca)
             vb = tl.load(v_codebook_ptr + vcb)
         m_i, l_i, acc_a, acc_b = _attend2(qa, qb, ka, kb, va, vb, kscale, vscale, j, j_ok, q_pos, m_i, l_i, acc_a,
-                                          acc_b, window, softcap, True, USE_WINDOW, USE_SOFTCAP, PRECISION)
+                                          acc_b, window, softcap, True, USE_WINDOW, USE_SOFTCAP, PRECISION,
+                                          SWAP)
     if HAS_RECENT:
         m_i, l_i, acc_a, acc_b = _attend_window2(qa, qb, k_recent_ptr, v_recent_ptr, i_bh * W, W,
                                                  tl.maximum(tl.maximum(lo, S), n_kv - W), hi, q_pos, m_i, l_i, acc_a,
                                                  acc_b, window, softcap, D, K_EO, V_EO, BLOCK_N, USE_WINDOW,
-                                                 USE_SOFTCAP, PRECISION)
+                                                 USE_SOFTCAP, PRECISION, SWAP)
 
     part = (i_bh * num_splits + i_s) * GL + m
     tl.store(part_m_ptr + part, m_i, mask=m_ok)
     tl.store(part_l_ptr + part, l_i, mask=m_ok)
     tl.store(part_acc_ptr + part[:, None] * D + cv_a[None, :], acc_a, mask=m_ok[:, None])
     tl.store(part_acc_ptr + part[:, None] * D + cv_b[None, :], acc_b, mask=m_ok[:, None])
+    if FUSED_MERGE:
+        _merge_if_last(tickets_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, signs_ptr, out_ptr, lse_ptr, i_bh, i_m,
+                       num_splits, inv_sqrt_r, GL, D, D, BLOCK_M, MERGE_ROWS, STORE_LSE)
 
 
 # Positions per key/value tile of the main kernel, by head_dim, and its warps: the largest tiles that compiled
@@ -1019,8 +1120,8 @@ def choose_num_splits(num_positions: int, groups: int, device: torch.device, blo
     """Splits of the visible range per KV head: enough programs to fill the GPU, each at least a few tiles long."""
     if num_positions <= 0:
         return 1
-    want = triton.cdiv(programs_per_sm * _sm_count(device), groups)
-    most = triton.cdiv(num_positions, max(min_split_positions, block_n))
+    want = _cdiv(programs_per_sm * _sm_count(device), groups)
+    most = _cdiv(num_positions, max(min_split_positions, block_n))
     return max(1, min(want, most))
 
 
@@ -1028,13 +1129,19 @@ def choose_num_splits(num_positions: int, groups: int, device: torch.device, blo
 class AttnConfig:
     """Knobs of :func:`flash_attn_vec_tq_fwd` (benchmarks/cuda_ops.py --sweep times them). None = the default.
 
-    variant: "v2" (the kernel for NB = 1, i.e. D <= 256; D = 512 always runs v1) or "v1" (the previous kernel).
+    variant: "v2" (the kernel for NB = 1, i.e. D <= 256; D = 512 always runs v1), "v1" (the previous kernel) or
+        "v3" (v2's kernel with the transposed dots of :func:`_attend2` (SWAP) for decode row tiles, G*Lq <= 16,
+        of float16/bfloat16 queries; anything else runs as v2). Not the default until timed on the GPU.
     block_n / num_warps / num_stages: tile positions, warps and software-pipelining stages of the main kernel.
     prefetch: v2 loads the next tile's 4-bit codes during the current tile.
-    fold_q: v2 rotates q inside the main kernel (a dot with the ±1 Hadamard matrix) instead of a separate launch.
+    fold_q: v2/v3 rotate q inside the main kernel (a dot with the ±1 Hadamard matrix) instead of a separate
+        launch (None: v2 with float16/bfloat16 q at D <= 128; v3 never).
     lut_pair: v2 with half-precision queries and 2-, 3- or 4-bit codes gathers two float16 values per lookup
-        from a 2^(2b)-entry table (1 KB at 4 bits) instead of one per code from the 2^b centroids.
+        from a 2^(2b)-entry table (1 KB at 4 bits) instead of one per code from the 2^b centroids
+        (None: on for v3, off for v2).
     programs_per_sm / min_split_positions: the split heuristic (:func:`choose_num_splits`).
+    fused_merge: the last split program of each (KV head, row tile) merges the splits and writes out/lse (one
+        launch with fold_q) instead of a separate merge launch.
     """
 
     variant: str = "v2"
@@ -1043,9 +1150,10 @@ class AttnConfig:
     num_stages: int | None = None
     prefetch: bool = True
     fold_q: bool | None = None
-    lut_pair: bool = False
+    lut_pair: bool | None = None
     programs_per_sm: int = _PROGRAMS_PER_SM
     min_split_positions: int = _MIN_SPLIT_POSITIONS
+    fused_merge: bool = True
 
 
 DEFAULT_ATTN_CONFIG = AttnConfig()
@@ -1054,6 +1162,14 @@ DEFAULT_ATTN_CONFIG = AttnConfig()
 # SM), D128 64/8 118 (2 programs of 8 warps), D256 32/8 141; 3-bit D128 64/8 158. v1 at D128 (32/8) needed 248,
 # i.e. one program of 8 warps per SM. To be tuned by timing: benchmarks/cuda_ops.py --sweep.
 _V2_TILE = {32: (64, 4), 64: (64, 4), 128: (64, 8), 256: (32, 8)}
+# v3 tiles by head_dim: (block_n, num_warps), 4-bit K/V, bf16 q, pair LUT, fused merge, q rotated by its own
+# launch, compiled for sm_90 with benchmarks/compile_sm90.py v3 "[...]" 0, no spills, registers with Triton 3.6
+# (the H200's) / 3.9: D128 32/4 124 / 120 (4 programs of 4 warps per SM; BN64: 214 / 165, 2 programs, ~20% fewer
+# loop instructions per KB), D64 64/4 152 / 129; 3-bit D128 64/4 236 / 154. Four warps: per KB of codes the loop
+# issues ~40% fewer warp instructions than at 8 warps (one warpgroup per program). D128 takes the 32-position
+# tile for occupancy: session 4 measured 0.41 TB/s, far below the issue limit, i.e. latency-bound.
+# To be tuned by timing: benchmarks/cuda_ops.py --sweep attn ("v3 bn64").
+_V3_TILE = {32: (64, 4), 64: (64, 4), 128: (32, 4), 256: (32, 4)}
 _HMAT: dict = {}
 
 
@@ -1070,6 +1186,32 @@ def _hadamard_matrix(D: int, dtype: torch.dtype, device: torch.device) -> torch.
             bits = bits >> 1
         h = _HMAT[key] = (1 - 2 * parity).to(dtype).to(device)
     return h
+
+
+# The fused merge's ticket counters (int32, one per (b, KV head, row tile)), per (device, stream): all zero
+# between calls (the merging program resets its own), so they are allocated and zeroed once. Outgrown buffers
+# stay referenced: a CUDA graph captured earlier keeps using the one it captured.
+_TICKETS: dict = {}
+_RETIRED_TICKETS: list = []
+
+
+def _tickets(n: int, device: torch.device) -> torch.Tensor:
+    """At least ``n`` zeroed ticket counters for launches on the current stream of ``device``."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        key = (index, torch._C._cuda_getCurrentRawStream(index))  # what Triton's launcher reads too (cheap)
+    else:
+        key = (str(device), 0)
+    t = _TICKETS.get(key)
+    if t is None or t.numel() < n:
+        fresh = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # Zeroed inside the capture (replays re-zero it) and not cached: it lives in the graph's memory pool.
+            return fresh
+        if t is not None:
+            _RETIRED_TICKETS.append(t)
+        t = _TICKETS[key] = fresh
+    return t
 
 
 _CODEBOOKS_DT: dict = {}
@@ -1106,20 +1248,25 @@ def flash_attn_vec_tq_fwd(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, 
     half = q.dtype != torch.float32
     dot_dtype = torch.float16 if half else torch.float32
     GL = G * Lq
-    block_m = min(max(16, triton.next_power_of_2(GL)), _MAX_BLOCK_M[D])
+    block_m = min(max(16, _next_power_of_2(GL)), _MAX_BLOCK_M[D])
     # v2: one norm per row (R = D), halves of at least 16 coordinates, a KV head's code slab under 2^31 bytes;
     # float32 queries (exact float32 dots, on the CUDA cores) only for decode row tiles at D <= 128: larger ones
     # spill on sm_90 and keep v1.
-    use_v2 = (cfg.variant == "v2" and R == D and D >= 32 and C * D * max(k_bits, v_bits) // 8 < 2**31
-              and (half or (block_m <= 16 and D <= 128)))
+    v2_fits = R == D and D >= 32 and C * D * max(k_bits, v_bits) // 8 < 2**31
+    use_v2 = cfg.variant in ("v2", "v3") and v2_fits and (half or (block_m <= 16 and D <= 128))
+    # v3 = v2's kernel with the transposed dots, for decode row tiles (G*Lq <= 16) of half-precision queries;
+    # others run as v2 (float32 operands spill: 144 bytes at D128 with every option on, Triton 3.6).
+    swap = use_v2 and cfg.variant == "v3" and block_m == 16 and half
     if use_v2:
-        block_n, warps = _V2_TILE[D]
+        block_n, warps = (_V3_TILE if swap else _V2_TILE)[D]
         if block_m > 16:
             block_n = min(block_n, 32)  # prefill row tiles: D128 BM64 BN64 spilled, BN32 does not
         # The folded rotation holds the [D, D/2] Hadamard halves as dot operands: float32 ones spill at D128.
-        fold_q = (half and D <= 128) if cfg.fold_q is None else cfg.fold_q
+        # v3 rotates q in its own launch by default: its folded [D, D] operand costs it ~90 registers at D128
+        # (Triton 3.6, BN32: 124 -> 218), and session 4's sweep timed v2's q-rotation launch faster than its fold.
+        fold_q = (half and D <= 128 and not swap) if cfg.fold_q is None else cfg.fold_q
         stages = 1 if cfg.num_stages is None else cfg.num_stages
-        lut_pair = bool(cfg.lut_pair) and half
+        lut_pair = (swap if cfg.lut_pair is None else bool(cfg.lut_pair)) and half
     else:
         block_n, warps = _BLOCK_N[D], None
         fold_q = False
@@ -1133,7 +1280,7 @@ def flash_attn_vec_tq_fwd(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, 
         q_arg = q
     else:
         q_arg = _empty((B, Hq, Lq, D), torch.float32, device)
-        flash_attn_vec_tq_rotate_q_kernel[(triton.cdiv(n_rows, rows),)](
+        flash_attn_vec_tq_rotate_q_kernel[(_cdiv(n_rows, rows),)](
             q, signs, q_arg, n_rows, Hq, Lq, float(scale), 1.0 / math.sqrt(R), *q.stride(),
             D=D,
             R=R,
@@ -1156,11 +1303,19 @@ def flash_attn_vec_tq_fwd(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, 
         else:
             num_splits = choose_num_splits(num_positions, B * Hkv, device, block_n, cfg.programs_per_sm,
                                            cfg.min_split_positions)
-    chunk = triton.cdiv(triton.cdiv(max(num_positions, 1), num_splits), block_n) * block_n
-    num_splits = max(1, triton.cdiv(num_positions, chunk))
-    part_acc = _empty((B * Hkv, num_splits, GL, D), torch.float32, device)
-    part_m = _empty((B * Hkv, num_splits, GL), torch.float32, device)
-    part_l = _empty((B * Hkv, num_splits, GL), torch.float32, device)
+    chunk = _cdiv(_cdiv(max(num_positions, 1), num_splits), block_n) * block_n
+    num_splits = max(1, _cdiv(num_positions, chunk))
+    # The partials [B*Hkv, num_splits, G*Lq] (acc with D more) in one allocation (host time per call).
+    n_part = B * Hkv * num_splits * GL
+    partials = _empty((n_part * (D + 2),), torch.float32, device)
+    part_acc, part_m, part_l = partials[: n_part * D], partials[n_part * D : n_part * (D + 1)], partials[n_part * (D + 1) :]
+    fused = bool(cfg.fused_merge)
+    n_row_tiles = _cdiv(GL, block_m)
+    tickets = _tickets(B * Hkv * n_row_tiles, device) if fused and num_splits > 1 else part_m
+    # The fused merge un-rotates MERGE_ROWS rows at a time: half the separate merge's rows, so its transform
+    # (MERGE_ROWS*D*16 products) adds no registers to the main loop's.
+    merge = dict(FUSED_MERGE=fused, MERGE_ROWS=max(1, min(rows // 2, block_m)), STORE_LSE=lse is not None)
+    lse_arg = lse if lse is not None else part_m
     S = k_sink.shape[2] if k_sink is not None else 0
     W = k_recent.shape[2] if k_recent is not None else 0
     windows = (k_sink if k_sink is not None else part_m, v_sink if v_sink is not None else part_m,
@@ -1183,13 +1338,13 @@ def flash_attn_vec_tq_fwd(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, 
         DOT_DTYPE=tl.float16 if half else tl.float32,
         num_stages=stages,
     )
-    grid = (B * Hkv, num_splits, triton.cdiv(GL, block_m))
+    grid = (B * Hkv, num_splits, n_row_tiles)
     if use_v2:
         flash_attn_vec_tq_fwd2_kernel[grid](
             q_arg, _hadamard_matrix(D, dot_dtype, device) if fold_q else part_m, signs,
             k_codes, k_norms, v_codes, v_norms, *windows,
             _codebook_dt(k_bits, dot_dtype, device, lut_pair), _codebook_dt(v_bits, dot_dtype, device, lut_pair),
-            part_acc, part_m, part_l,
+            part_acc, part_m, part_l, tickets, out, lse_arg,
             Hkv, C, S, W, kv_len, vis_lo, chunk, num_splits, sliding_window, float(softcap),
             float(scale) / math.sqrt(R) if fold_q else 1.0, 1.0 / math.sqrt(R), GL, Lq, G,
             *q.stride(),
@@ -1199,7 +1354,9 @@ def flash_attn_vec_tq_fwd(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, 
             FOLD_Q=fold_q,
             PREFETCH=bool(cfg.prefetch),
             LUT_PAIR=lut_pair,
+            SWAP=swap,
             num_warps=cfg.num_warps or warps,
+            **merge,
             **flags,
         )
     else:
@@ -1207,7 +1364,7 @@ def flash_attn_vec_tq_fwd(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, 
         v_codebook, _ = _codebook(v_bits, device)
         flash_attn_vec_tq_fwd_kernel[grid](
             q_arg, k_codes, k_norms, v_codes, v_norms, *windows,
-            k_codebook, v_codebook, part_acc, part_m, part_l,
+            k_codebook, v_codebook, part_acc, part_m, part_l, tickets, signs, out, lse_arg,
             Hkv, C, S, W, kv_len, vis_lo, chunk, num_splits, sliding_window, float(softcap), 1.0 / math.sqrt(R), GL,
             Lq,
             D=D,
@@ -1215,12 +1372,15 @@ def flash_attn_vec_tq_fwd(q, k_codes, k_norms, v_codes, v_norms, kv_len, scale, 
             K_BITS=k_bits,
             V_BITS=v_bits,
             num_warps=cfg.num_warps or (4 if D == 64 and block_m <= 16 else 8),
+            **merge,
             **flags,
         )
+    if fused:
+        return out
 
-    # 3. merge the splits, un-rotate, write out and lse.
-    flash_attn_vec_tq_reduce_kernel[(triton.cdiv(n_rows, rows),)](
-        part_acc, part_m, part_l, signs, out, lse if lse is not None else part_m, n_rows, num_splits,
+    # 3. merge the splits, un-rotate, write out and lse (unless the main kernel's last split program did).
+    flash_attn_vec_tq_reduce_kernel[(_cdiv(n_rows, rows),)](
+        part_acc, part_m, part_l, signs, out, lse_arg, n_rows, num_splits,
         1.0 / math.sqrt(R), GL,
         D=D,
         R=R,
