@@ -331,9 +331,8 @@ def _nearest_code(u, bounds_ptr, BITS: tl.constexpr):
         # Binary search: after the step of size 2^s, m holds the count of positive boundaries below a, to 2^s.
         m = tl.zeros(u.shape, dtype=tl.int32)
         for k in tl.static_range(BITS - 1):
-            step: tl.constexpr = 1 << (BITS - 2 - k)
-            bound = tl.load(bounds_ptr + HALF + m + (step - 1))
-            m = tl.where(a > bound, m + step, m)
+            bound = tl.load(bounds_ptr + HALF + m + ((1 << (BITS - 2 - k)) - 1))
+            m = tl.where(a > bound, m + (1 << (BITS - 2 - k)), m)
     return tl.where(positive, HALF + m, HALF - 1 - m)
 
 
@@ -350,14 +349,35 @@ def _interleave(a, b, c, d, G: tl.constexpr):
 
 
 @triton.jit
+def _code_of_group(p: tl.constexpr, q0, q1, q2, q3, q4, q5, q6, q7):
+    """``q<p>`` for a compile-time p (the codes of position p in each group of 8)."""
+    if p == 0:
+        return q0
+    elif p == 1:
+        return q1
+    elif p == 2:
+        return q2
+    elif p == 3:
+        return q3
+    elif p == 4:
+        return q4
+    elif p == 5:
+        return q5
+    elif p == 6:
+        return q6
+    else:
+        return q7
+
+
+@triton.jit
 def _encode_chunk(y0, y1, y2, y3, scale, bounds_ptr, codebook_ptr, p_codes, code_ok, ROWS: tl.constexpr,
                   DC: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, NORM_CORRECTION: tl.constexpr):
     """Codes of one chunk (phases ``y*`` times ``scale [ROWS]`` = u) packed and stored at ``p_codes [ROWS]`` (uint8
     pointers to the chunk's first byte); returns the sum of the squared centroids per row (norm correction) or 0.
 
     Packing follows the column phases so that whole bytes form in registers: 8 bits one code a byte, 4 bits the
-    even/odd phases as low/high nibbles, 2 bits four phases; 3, 5 and 6 bits (one phase) assemble each group of 8
-    codes as a little-endian 64-bit word of BITS bytes (layout.py).
+    even/odd phases as low/high nibbles, 2 bits four phases; 3, 5 and 6 bits (one phase) split each group of 8
+    codes apart and assemble its BITS little-endian bytes (layout.py) with int32 shifts.
     """
     c0 = _nearest_code(y0 * scale[:, None], bounds_ptr, BITS)
     c1, c2, c3 = c0, c0, c0
@@ -388,13 +408,26 @@ def _encode_chunk(y0, y1, y2, y3, scale, bounds_ptr, codebook_ptr, p_codes, code
         n = tl.arange(0, DC * BITS // 8)
         tl.store(p_codes[:, None] + n[None, :], byte.to(tl.uint8), mask=code_ok[:, None])
     else:
-        j = tl.arange(0, 8)
-        groups = tl.reshape(c0, (ROWS, DC // 8, 8)).to(tl.int64)
-        word = tl.sum(groups << (j * BITS).to(tl.int64)[None, None, :], axis=2)  # fields do not overlap: sum = or
-        byte = ((word[:, :, None] >> (j * 8).to(tl.int64)[None, None, :]) & 255).to(tl.uint8)  # [ROWS, DC/8, 8]
+        # Code p of each group of 8 (bits p*BITS … p*BITS+BITS-1 of the group's BITS bytes) by three even/odd splits.
+        e, o = tl.split(tl.reshape(c0, (ROWS, DC // 8, 2, 2, 2)))
+        e0, e1 = tl.split(e)
+        o0, o1 = tl.split(o)
+        q0, q4 = tl.split(e0)
+        q2, q6 = tl.split(e1)
+        q1, q5 = tl.split(o0)
+        q3, q7 = tl.split(o1)
         g = tl.arange(0, DC // 8)
-        tl.store(p_codes[:, None, None] + (g * BITS)[None, :, None] + j[None, None, :], byte,
-                 mask=code_ok[:, None, None] & (j < BITS)[None, None, :])
+        for j in tl.static_range(BITS):
+            # Byte j holds bits 8j … 8j+7 of the group: the codes whose bit ranges overlap them, shifted into place.
+            byte = tl.zeros((ROWS, DC // 8), dtype=tl.int32)
+            for p in tl.static_range(8):
+                if p * BITS < 8 * j + 8 and p * BITS + BITS > 8 * j:
+                    q = _code_of_group(p, q0, q1, q2, q3, q4, q5, q6, q7)
+                    if p * BITS >= 8 * j:
+                        byte |= q << (p * BITS - 8 * j)
+                    else:
+                        byte |= q >> (8 * j - p * BITS)
+            tl.store(p_codes[:, None] + (g * BITS + j)[None, :], (byte & 255).to(tl.uint8), mask=code_ok[:, None])
     return sq
 
 
@@ -536,7 +569,7 @@ class QuantConfig:
     variant: "dot" (default: :func:`hadamard_quantize_kv_dot_kernel`, every bits / head dim / dtype) or "v1"
         (:func:`hadamard_quantize_kv_fwd_kernel`, the rotation as broadcast-multiply-sum passes in registers).
     rows: rotation blocks per tile (dot, 16-128; None = 64) or rows per program (v1, None = 512 // D).
-    num_warps: None = 4. num_stages: the dot kernel's software pipelining of its tile loop (1 = none).
+    num_warps: None = 4 (v1; dot: 4, 8 for 5-8 bits). num_stages: the dot kernel's software pipelining of its tile loop (1 = none).
     programs_per_sm: the dot kernel's persistent programs per SM.
     v1_below: calls with fewer rotation blocks than this run v1 (a decode step: one tiny launch, no ±1 matrix
         to build); 0 = the dot kernel always.
@@ -623,7 +656,8 @@ def hadamard_quantize_kv_fwd(src, codes, norms, write_pos, is_sliding, bits, sig
             SIGNS_PM1=pm1,
             DOT_DTYPE=tl.float16 if direct and src.dtype == torch.float16 else tl.bfloat16,
             F32_OPERANDS=src.device.type != "cuda",  # the Triton interpreter (see _exact_dot)
-            num_warps=cfg.num_warps or 4,
+            # 5-8 bits: the binary search's gathers need 8 warps to stay clear of spills (sm_90, 64 rows).
+            num_warps=cfg.num_warps or (8 if bits >= 5 else 4),
             num_stages=cfg.num_stages,
             **flags,
         )
