@@ -104,7 +104,7 @@ if __name__ == "__main__" and sys.argv[1] == "quant":
     names = set(inspect.signature(fn.fn).parameters)
     for D, bits, rows, nw, src_dtype, extra in ast.literal_eval(sys.argv[2]):
         # src_dtype "bf16"/"fp16": the direct dot path; "fp32" (or an offset): the split path (3 bf16 parts).
-        consts = dict(D=D, R=min(D, 256), BITS=bits, ROWS=rows, IS_SLIDING=False, USE_OFFSET=False,
+        consts = dict(D=D, R=min(D, 256), HKV=8, BITS=bits, ROWS=rows, IS_SLIDING=False, USE_OFFSET=False,
                       NORM_CORRECTION=False, HAS_SINK=False, HAS_RECENT=False, HAS_SEQLENS=False,
                       stride_sd=1,  # a contiguous src: Triton specializes a stride of 1 at launch
                       SPLIT=src_dtype == "fp32", SIGNS_PM1=True, F32_OPERANDS=False, DOT_DTYPE=tl.float16 if src_dtype == "fp16" else tl.bfloat16)

@@ -443,9 +443,9 @@ def _store_window(p_rows, ok, y0, y1, y2, y3, DC: tl.constexpr, G: tl.constexpr)
 @triton.jit
 def hadamard_quantize_kv_dot_kernel(
     src_ptr, codes_ptr, norms_ptr, signs_ptr, offset_ptr, bounds_ptr, codebook_ptr, sink_ptr, recent_ptr, seqlens_ptr,
-    n_blocks, n_tiles, t_lo, T, Hkv, C, S, W, write_pos, first_code, first_recent, sqrt_r, inv_sqrt_r,
+    blocks_per_seq, tiles_per_seq, n_tiles, t_lo, C, S, W, write_pos, first_code, first_recent, sqrt_r, inv_sqrt_r,
     stride_sb, stride_st, stride_sh, stride_sd,
-    D: tl.constexpr, R: tl.constexpr, BITS: tl.constexpr, ROWS: tl.constexpr, SPLIT: tl.constexpr,
+    D: tl.constexpr, R: tl.constexpr, HKV: tl.constexpr, BITS: tl.constexpr, ROWS: tl.constexpr, SPLIT: tl.constexpr,
     SIGNS_PM1: tl.constexpr, DOT_DTYPE: tl.constexpr, F32_OPERANDS: tl.constexpr, IS_SLIDING: tl.constexpr, USE_OFFSET: tl.constexpr, NORM_CORRECTION: tl.constexpr,
     HAS_SINK: tl.constexpr, HAS_RECENT: tl.constexpr, HAS_SEQLENS: tl.constexpr,
 ):
@@ -479,18 +479,19 @@ def hadamard_quantize_kv_dot_kernel(
         if G == 4:
             g2 = _hadamard_columns(signs_ptr + DC, DC, G, 2, DOT_DTYPE, SIGNS_IN_H)
             g3 = _hadamard_columns(signs_ptr + DC, DC, G, 3, DOT_DTYPE, SIGNS_IN_H)
-    n_t = T - t_lo
     for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
-        # Index arithmetic in int32 (the launcher checks n_blocks < 2^31; 64-bit division is a long subroutine),
-        # offsets into the tensors in int64.
-        blocks = tile * ROWS + tl.arange(0, ROWS)
-        ok = blocks < n_blocks
-        row = blocks // NB  # flat rows over (b, t - t_lo, h), h fastest, as in the v1 kernel
+        # A tile holds blocks of one sequence b: its index splits on scalars, and a block's (t, h) comes from
+        # divisions by the compile-time HKV and NB (a runtime divisor costs ~20 instructions per row and layout).
+        # Index arithmetic in int32 (the launcher checks the sizes), offsets into the tensors in int64.
+        b = tile // tiles_per_seq
+        blocks = (tile - b * tiles_per_seq) * ROWS + tl.arange(0, ROWS)  # flat (t - t_lo, h, block), h fastest
+        ok = blocks < blocks_per_seq
+        row = blocks // NB
         coord0 = (blocks % NB) * R  # first coordinate of the block in its row
-        h = (row % Hkv).to(tl.int64)
-        t = ((row // Hkv) % n_t + t_lo).to(tl.int64)
-        b = (row // Hkv // n_t).to(tl.int64)
-        bh = b * Hkv + h
+        h = (row % HKV).to(tl.int64)
+        t = (row // HKV + t_lo).to(tl.int64)
+        b = b.to(tl.int64)
+        bh = b * HKV + h
         p_src = src_ptr + b * stride_sb + t * stride_st + h * stride_sh + coord0 * stride_sd  # [ROWS]
         p_off = offset_ptr + bh * D + coord0
         p_sg = signs_ptr + coord0
@@ -528,7 +529,7 @@ def hadamard_quantize_kv_dot_kernel(
 
         if HAS_SEQLENS:
             # Each sequence writes at its own position, read on the device (write_pos is 0).
-            p = tl.load(seqlens_ptr + b, mask=ok, other=0).to(tl.int64) + t  # absolute positions [ROWS]
+            p = tl.load(seqlens_ptr + b).to(tl.int64) + t  # absolute positions [ROWS] (b < B: always in range)
         else:
             p = write_pos + t
         if IS_SLIDING:
@@ -639,17 +640,20 @@ def hadamard_quantize_kv_fwd(src, codes, norms, write_pos, is_sliding, bits, sig
         pm1 = _signs_are_pm1(signs)
         direct = src.dtype in (torch.bfloat16, torch.float16) and offset is None and pm1
         rows = cfg.rows or _DOT_QUANT_ROWS
-        n_tiles = triton.cdiv(n_blocks, rows)
-        if n_tiles * rows >= 2**31:
+        blocks_per_seq = (T - t_lo) * Hkv * (D // R)
+        tiles_per_seq = triton.cdiv(blocks_per_seq, rows)
+        n_tiles = B * tiles_per_seq
+        if max(n_tiles, tiles_per_seq * rows) >= 2**31:
             raise ValueError(f"hadamard_quantize_kv: {n_blocks} rotation blocks in one call exceed the CUDA kernel's "
-                             "int32 row indices; split the call along the batch")
+                             "int32 indices; split the call along the batch")
         programs = max(1, min(n_tiles, cfg.programs_per_sm * _sm_count(src.device)))
         hadamard_quantize_kv_dot_kernel[(programs,)](
             src, codes, norms, signs, *buffers,
-            n_blocks, n_tiles, t_lo, T, Hkv, C, S, W, write_pos, first_code, first_recent, math.sqrt(R),
+            blocks_per_seq, tiles_per_seq, n_tiles, t_lo, C, S, W, write_pos, first_code, first_recent, math.sqrt(R),
             1.0 / math.sqrt(R), *src.stride(),
             D=D,
             R=R,
+            HKV=Hkv,
             BITS=bits,
             ROWS=rows,
             SPLIT=not direct,
