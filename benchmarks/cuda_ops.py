@@ -458,15 +458,14 @@ def quant_variants():
     return [
         ("v1 (previous kernel)", Q(variant="v1")),
         ("dot default", Q()),
-        ("dot rows32", Q(rows=32)),
+        ("dot st1 2/SM", Q(num_stages=1, programs_per_sm=2)),
+        ("dot st1 3/SM", Q(num_stages=1, programs_per_sm=3)),
+        ("dot st2 2/SM", Q(num_stages=2, programs_per_sm=2)),
+        ("dot st3 2/SM", Q(num_stages=3, programs_per_sm=2)),
+        ("dot st3 3/SM", Q(num_stages=3, programs_per_sm=3)),
         ("dot rows128 w8", Q(rows=128, num_warps=8)),
+        ("dot rows32", Q(rows=32)),
         ("dot w8", Q(num_warps=8)),
-        ("dot 1 prog/SM", Q(programs_per_sm=1)),
-        ("dot 3 prog/SM", Q(programs_per_sm=3)),
-        ("dot 4 prog/SM", Q(programs_per_sm=4)),
-        ("dot 8 prog/SM", Q(programs_per_sm=8)),
-        ("dot st2", Q(num_stages=2)),
-        ("dot st2 3 prog/SM", Q(num_stages=2, programs_per_sm=3)),
         ("dot, v1 below 64", Q(v1_below=64)),
     ]
 
