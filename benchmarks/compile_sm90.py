@@ -2,10 +2,11 @@
 registers / stack (spills) / shared memory and a SASS instruction mix (LDG, LDS, STS, BAR, total).
 
     PYTHONPATH=. python benchmarks/compile_sm90.py v2|v3 "[(D, k_bits, v_bits, block_n, warps, prefetch, pair, stages[, {CONST: value}]), ...]" [fold_q 0/1]
+    PYTHONPATH=. python benchmarks/compile_sm90.py quant "[(D, bits, rows, warps, src_dtype, {flag: value}), ...]" [kernel name]
 
 v3 = the v2 kernel with SWAP (BLOCK_M 16 unless the dict sets it). Prints registers, stack, dynamic shared memory
-(kernel.metadata.shared: cuobjdump's SHARED misses it), the SASS mix and the mix inside the main loop.
-    PYTHONPATH=. python benchmarks/compile_sm90.py quant "[(D, bits, rows, warps, precision, {flag: value}), ...]" [kernel name]
+(kernel.metadata.shared: cuobjdump's SHARED misses it; it must stay <= 232,448 bytes on an H200, and <= ~100 KB for
+two programs per SM), the SASS mix and the mix inside the main loop.
 
 Pointer arguments and C/chunk/strides are marked divisible by 16, as Triton specializes them at a real launch
 (without it the byte loads do not vectorize and the register counts are far too high). STACK > 0 means spills.
@@ -17,7 +18,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from torch_tq.backends.cuda import turboquant as tq
 
-DIV16 = {"C", "chunk", "n_rows", "stride_sb", "stride_st", "stride_qb", "stride_qh", "stride_ql"}
+DIV16 = {"C", "chunk", "n_rows", "stride_sb", "stride_st", "stride_sh", "stride_qb", "stride_qh", "stride_ql"}
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin")
 
 
@@ -116,29 +117,38 @@ if __name__ == "__main__":
                   f"dyn smem {k.metadata.shared}  LDG/LDS/STS/BAR/instr {cnt}  in loop {loop_mix(k)}", flush=True)
 
 
-def quant_sig(n):
-    if n == "src_ptr":
-        return "*bf16"
-    if n == "codes_ptr":
-        return "*u8"
-    if n == "seqlens_ptr":
-        return "*i64"
-    if n.endswith("_ptr"):
-        return "*fp32"
-    if n in ("sqrt_r", "inv_sqrt_r"):
-        return "fp32"
-    return "i32"
+def quant_sig(src_dtype):
+    def sig(n):
+        if n == "src_ptr":
+            return f"*{src_dtype}"
+        if n == "codes_ptr":
+            return "*u8"
+        if n == "seqlens_ptr":
+            return "*i64"
+        if n in ("sink_ptr", "recent_ptr"):
+            return "*bf16"
+        if n.endswith("_ptr"):
+            return "*fp32"
+        if n in ("sqrt_r", "inv_sqrt_r"):
+            return "fp32"
+        return "i32"
+    return sig
 
 
 if __name__ == "__main__" and sys.argv[1] == "quant":
     import ast
-    fn = getattr(tq, sys.argv[3] if len(sys.argv) > 3 else "hadamard_quantize_kv_fwd_kernel")
-    for D, bits, rows, nw, prec, extra in ast.literal_eval(sys.argv[2]):
-        consts = dict(D=D, R=min(D, 256), BITS=bits, ROWS=rows, IS_SLIDING=False, USE_OFFSET=False, NORM_CORRECTION=False,
-                      HAS_SINK=False, HAS_RECENT=False, HAS_SEQLENS=False, PRECISION=prec, TRANS=True)
+    import inspect
+    fn = getattr(tq, sys.argv[3] if len(sys.argv) > 3 else "hadamard_quantize_kv_dot_kernel")
+    names = set(inspect.signature(fn.fn).parameters)
+    for D, bits, rows, nw, src_dtype, extra in ast.literal_eval(sys.argv[2]):
+        # src_dtype "bf16"/"fp16": the direct dot path; "fp32" (or an offset): the split path (3 bf16 parts).
+        consts = dict(D=D, R=min(D, 256), HKV=8, BITS=bits, ROWS=rows, IS_SLIDING=False, USE_OFFSET=False,
+                      NORM_CORRECTION=False, HAS_SINK=False, HAS_RECENT=False, HAS_SEQLENS=False,
+                      stride_sd=1,  # a contiguous src: Triton specializes a stride of 1 at launch
+                      SPLIT=src_dtype == "fp32", SIGNS_PM1=True, F32_OPERANDS=False, DOT_DTYPE=tl.float16 if src_dtype == "fp16" else tl.bfloat16)
         consts.update(extra)
-        import inspect
-        names = set(inspect.signature(fn.fn).parameters)
+        stages = consts.pop("num_stages", 1)
         consts = {k: v for k, v in consts.items() if k in names}
-        r, cnt, _ = compile_one(fn, quant_sig, consts, nw)
-        print(f"quant D{D} b{bits} rows{rows} w{nw}: {r} {cnt}", flush=True)
+        r, cnt, k = compile_one(fn, quant_sig(src_dtype), consts, nw, stages)
+        print(f"quant D{D} b{bits} {src_dtype} rows{rows} w{nw} st{stages} {extra}: REG/STACK/SHARED/LOCAL {r} "
+              f"metadata.shared {k.metadata.shared}  LDG/LDS/STS/BAR/instr {cnt}", flush=True)

@@ -94,11 +94,13 @@ def reference_u(x, signs):
 def check_quantize(dev) -> list[str]:
     rows = []
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
-    # Every (D, bits) with an offset (the v1 kernel), then 4-bit bf16/fp16 sources without an offset at D <= 128
-    # (the v2 kernel: dot rotation), with and without windows, over enough rows for several tiles.
+    # Every (D, bits) with an offset (the dot kernel's split path: x - offset in float32 as three bf16 parts), then
+    # bf16/fp16 sources without an offset (its direct path: one 16-bit dot per phase) over several bits and head
+    # dims, with and without windows, the even cases over enough rows for several tiles and a ragged last one.
     cases = [(D, b, True, None) for D in (64, 128, 256, 512) for b in (2, 3, 4, 5, 6, 8)]
     cases += [(64, 4, False, torch.bfloat16), (128, 4, False, torch.bfloat16), (128, 4, False, torch.float16),
-              (128, 4, False, torch.bfloat16)]
+              (128, 3, False, torch.bfloat16), (256, 2, False, torch.bfloat16), (256, 8, False, torch.float16),
+              (512, 4, False, torch.bfloat16), (64, 5, False, torch.float16)]
     for i, (D, bits, use_offset, src_dtype) in enumerate(cases):
         B, T, Hkv, C, S, W = 2, 9, 2, 8, 3, 4
         sliding = i % 2 == 1
@@ -544,55 +546,74 @@ def quant_variants():
 
     return [
         ("v1 (previous kernel)", Q(variant="v1")),
-        ("v1 rows16 w4", Q(variant="v1", rows=16, num_warps=4)),
-        ("v2 default", Q()),
-        ("v2 w4", Q(num_warps=4)),
-        ("v2 no-trans w8", Q(trans=False)),
-        ("v2 2 prog/SM", Q(programs_per_sm=2)),
-        ("v2 8 prog/SM", Q(programs_per_sm=8)),
-        ("v2 32 prog/SM", Q(programs_per_sm=32)),
+        ("dot default", Q()),
+        ("dot st1 2/SM", Q(num_stages=1, programs_per_sm=2)),
+        ("dot st1 3/SM", Q(num_stages=1, programs_per_sm=3)),
+        ("dot st2 2/SM", Q(num_stages=2, programs_per_sm=2)),
+        ("dot st3 2/SM", Q(num_stages=3, programs_per_sm=2)),
+        ("dot st3 3/SM", Q(num_stages=3, programs_per_sm=3)),
+        ("dot rows128 w8", Q(rows=128, num_warps=8)),
+        ("dot rows32", Q(rows=32)),
+        ("dot w8", Q(num_warps=8)),
+        ("dot, v1 below 64", Q(v1_below=64)),
     ]
 
 
-def sweep_quantize(dev, sizes) -> None:
+def _time_quantize_case(tk, bw, label, variants, B, T, D, bits, dtype, dev, offset=False) -> None:
+    """One row per variant: time (do_bench median), bytes moved (src read + codes + norms written) over that time
+    as a fraction of the copy bandwidth ``bw`` measured in the same run, and agreement with v1's codes/norms."""
     import triton.testing
 
+    Hkv = 8
+    signs = torch_tq.hadamard_signs(D, device=dev)
+    src = torch.randn(B, T, Hkv, D, device=dev, dtype=dtype)
+    off = torch.randn(B, Hkv, D, device=dev) if offset else None
+    ref_codes, ref_norms = torch_tq.allocate_quantized_kv(B, Hkv, max(T, 1), D, bits, device=dev)
+    tk.hadamard_quantize_kv(src, ref_codes, ref_norms, 0, False, bits, signs, off, config=tk.QuantConfig(variant="v1"))
+    codes, norms = torch.empty_like(ref_codes), torch.empty_like(ref_norms)
+    nbytes = src.numel() * src.element_size() + codes.numel() + norms.numel() * 4
+    for vname, cfg in variants:
+        fn = lambda cfg=cfg: tk.hadamard_quantize_kv(src, codes, norms, 0, False, bits, signs, off,  # noqa: E731
+                                                     config=cfg)
+        row = f"{vname:<22} {label:<14} {B:>2} {T:>6} {bits:>4}"
+        try:
+            fn()
+            diff = (unpack_codes(codes, bits) != unpack_codes(ref_codes, bits)).float().mean().item()
+            ndiff = ((norms - ref_norms).abs() / ref_norms.abs().clamp_min(1e-30)).max().item()
+            ms = triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+            gbs = nbytes / (ms * 1e-3)
+            say(f"{row} {ms:>8.4f} {gbs / 1e9:>7.0f} {gbs / bw:>7.0%} {diff:>8.1e} {ndiff:>8.1e}")
+        except Exception as exc:  # noqa: BLE001
+            say(f"{row} failed: {type(exc).__name__}: {str(exc)[:300]}")
+    del src, codes, norms, ref_codes, ref_norms
+
+
+def sweep_quantize(dev, sizes) -> None:
     from torch_tq.backends.cuda import turboquant as tk
 
     bw = copy_bandwidth(dev)
     say()
-    say(f"sweep: hadamard_quantize_kv, bf16 src [B, T, Hkv=8, D=128]; copy {bw / 1e12:.2f} TB/s; codes = share of "
-        "codes that differ from v1's (near ties only), norms = max rel diff from v1's")
-    head = (f"{'variant':<22} {'B':>2} {'T':>6} {'bits':>4} {'ms':>8} {'GB/s':>7} {'of copy':>8} {'codes':>8} "
-            f"{'norms':>8}")
+    say(f"sweep: hadamard_quantize_kv, src [B, T, Hkv=8, D]; copy {bw / 1e12:.2f} TB/s (read + written, this run); "
+        "GB/s = (src read + codes + norms written) / time; codes = share of codes that differ from v1's (near ties "
+        "only), norms = max rel diff from v1's")
+    head = (f"{'variant':<22} {'D src':<14} {'B':>2} {'T':>6} {'bits':>4} {'ms':>8} {'GB/s':>7} {'of copy':>8} "
+            f"{'codes':>8} {'norms':>8}")
     say(head)
     say("-" * len(head))
-    D, Hkv = 128, 8
-    signs = torch_tq.hadamard_signs(D, device=dev)
     for B, T in sizes:
         for bits in (4, 3):
-            src = torch.randn(B, T, Hkv, D, device=dev, dtype=torch.bfloat16)
-            ref_codes, ref_norms = torch_tq.allocate_quantized_kv(B, Hkv, max(T, 1), D, bits, device=dev)
-            tk.hadamard_quantize_kv(src, ref_codes, ref_norms, 0, False, bits, signs,
-                                    config=tk.QuantConfig(variant="v1"))
-            codes, norms = torch.empty_like(ref_codes), torch.empty_like(ref_norms)
-            rows = B * T * Hkv
-            nbytes = src.numel() * 2 + rows * (D * bits // 8 + 4)
-            for vname, cfg in quant_variants():
-                fn = lambda cfg=cfg: tk.hadamard_quantize_kv(src, codes, norms, 0, False, bits, signs,  # noqa: E731
-                                                             config=cfg)
-                try:
-                    fn()
-                    diff = (unpack_codes(codes, bits) != unpack_codes(ref_codes, bits)).float().mean().item()
-                    ndiff = ((norms - ref_norms).abs() / ref_norms.abs().clamp_min(1e-30)).max().item()
-                    ms = triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
-                    gbs = nbytes / (ms * 1e-3)
-                    say(f"{vname:<22} {B:>2} {T:>6} {bits:>4} {ms:>8.4f} {gbs / 1e9:>7.0f} {gbs / bw:>7.0%} "
-                        f"{diff:>8.1e} {ndiff:>8.1e}")
-                except Exception as exc:  # noqa: BLE001
-                    say(f"{vname:<22} {B:>2} {T:>6} {bits:>4} failed: {type(exc).__name__}: {str(exc)[:300]}")
-            del src, codes, norms, ref_codes, ref_norms
+            _time_quantize_case(tk, bw, "D128 bf16", quant_variants(), B, T, 128, bits, torch.bfloat16, dev)
         torch.cuda.empty_cache()
+    # The default against v1 over the other head dims, bits and source kinds (B8 T8192: 0.5M rows).
+    pair = [quant_variants()[0], ("dot default", tk.QuantConfig())]
+    for D, bits, dtype, offset in [(64, 4, torch.bfloat16, False), (256, 4, torch.bfloat16, False),
+                                   (512, 4, torch.bfloat16, False), (128, 2, torch.bfloat16, False),
+                                   (128, 8, torch.bfloat16, False), (128, 5, torch.bfloat16, False),
+                                   (128, 4, torch.float16, False), (128, 4, torch.float32, False),
+                                   (128, 4, torch.bfloat16, True)]:
+        label = f"D{D} {str(dtype)[6:]}{' +off' if offset else ''}"
+        _time_quantize_case(tk, bw, label, pair, 8, 8192, D, bits, dtype, dev, offset)
+    torch.cuda.empty_cache()
 
 
 # ---- 4. a cache above 4 GiB -------------------------------------------------------------------------------------------

@@ -285,6 +285,69 @@ def test_hadamard_quantize_kv_decode_path_options(tq, case):
         assert (recent[0, 0, (write_pos + T - 1) % W] == 0).all()
 
 
+# The dot kernel over several tiles and programs (16-block tiles, 2 persistent programs that loop, a ragged last
+# tile) and v1 (which QuantConfig.v1_below can route a decode step to): id, variant, D, bits, src dtype, offset,
+# signs ("canonical", or "random": float32 values that are not ±1, the dot kernel's split path), ring.
+TILED_CASES = [
+    ("dot-D64-b2-bf16-ring", "dot", 64, 2, BF16, False, "canonical", True),
+    ("dot-D64-b5-f16-offset", "dot", 64, 5, F16, True, "canonical", False),
+    ("dot-D128-b4-bf16", "dot", 128, 4, BF16, False, "canonical", False),
+    ("dot-D128-b3-f32-ring", "dot", 128, 3, F32, False, "canonical", True),
+    ("dot-D128-b4-f16-random-signs", "dot", 128, 4, F16, False, "random", False),
+    ("dot-D256-b8-bf16-offset-ring", "dot", 256, 8, BF16, True, "canonical", True),
+    ("dot-D256-b6-f16", "dot", 256, 6, F16, False, "canonical", False),
+    ("dot-D512-b4-bf16-ring", "dot", 512, 4, BF16, False, "canonical", True),
+    ("dot-D512-b3-f32-random-signs", "dot", 512, 3, F32, True, "random", False),
+    ("v1-D128-b4-bf16-ring", "v1", 128, 4, BF16, False, "canonical", True),
+    ("v1-D512-b5-f16-offset", "v1", 512, 5, F16, True, "canonical", False),
+]
+
+
+@pytest.mark.parametrize("case", TILED_CASES, ids=lambda c: c[0])
+def test_hadamard_quantize_kv_tiles(tq, case):
+    name, variant, D, bits, dtype, use_offset, sign_kind, is_sliding = case
+    B, T, Hkv, C, S, W = 2, 13, 3, 16, 3, 5  # 78 rows: 5 tiles of 16 (D512: 10), the last ragged
+    write_pos = 9 if is_sliding else 2
+    signs = torch_tq.hadamard_signs(D) if sign_kind == "canonical" else torch.randn(D)
+    src = (torch.randn(B, T, Hkv, D) * 2 + 0.5).to(dtype)
+    offset = torch.randn(B, Hkv, D) if use_offset else None
+    bufs = [*torch_tq.allocate_quantized_kv(B, Hkv, C, D, bits), torch.full((B, Hkv, S, D), float("nan"), dtype=dtype),
+            torch.full((B, Hkv, W, D), float("nan"), dtype=F32)]
+    bufs[0].fill_(POISON)
+    bufs[1].fill_(float("nan"))
+    ref = [t.clone() for t in bufs]
+    plain_norms = bufs[1].clone()
+    torch.ops.tq.hadamard_quantize_kv(src, ref[0], ref[1], write_pos, is_sliding, bits, signs, offset, True, ref[2],
+                                      ref[3])
+    torch.ops.tq.hadamard_quantize_kv(src, ref[0].clone(), plain_norms, write_pos, is_sliding, bits, signs, offset)
+    config = tq.QuantConfig(variant=variant, rows=16, programs_per_sm=2)
+    tq.hadamard_quantize_kv(src, *bufs[:2], write_pos, is_sliding, bits, signs, offset, True, *bufs[2:], config=config)
+
+    first = max(0, T - C) if is_sliding else 0
+    slots = torch.arange(write_pos + first, write_pos + T) % C
+    assert torch.equal(bufs[0] == POISON, ref[0] == POISON), "wrote other slots than the reference"
+    x = src.float() - offset.unsqueeze(1) if use_offset else src
+    assert_codes_match(name, bufs[0][:, :, slots], ref[0][:, :, slots],
+                       reference_u(x[:, first:].transpose(1, 2), signs), bits)
+    R = rotation_block(D)
+    values = lloyd_max_codebook(bits).double()[unpack_codes(bufs[0][:, :, slots], bits)]
+    unit = values.reshape(*values.shape[:-1], D // R, R).norm(dim=-1)
+    expect = plain_norms[:, :, slots].double() * math.sqrt(R) / unit
+    torch.testing.assert_close(bufs[1][:, :, slots].double(), expect, rtol=4e-6, atol=0)
+    for what, out, want in (("sink", bufs[2], ref[2]), ("recent", bufs[3], ref[3])):
+        torch.testing.assert_close(out, want, equal_nan=True, msg=lambda m: f"{name}: {what}: {m}",
+                                   **WINDOW_TOL[out.dtype])
+
+
+def test_pm1_signs_check_follows_in_place_changes(tq):
+    """The dot kernel's choice of path rests on a cached ±1 check; an in-place change of the signs redoes it."""
+    signs = torch_tq.hadamard_signs(64)
+    assert tq._signs_are_pm1(signs)
+    signs.mul_(1.5)
+    assert not tq._signs_are_pm1(signs)
+    assert tq._signs_are_pm1(torch.ones(64)) and not tq._signs_are_pm1(torch.full((64,), 0.5))
+
+
 # ---- dequantize_kv --------------------------------------------------------------------------------------------------
 
 # id, B, Hkv, D, C, bits, start, length, rotated, signs

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 
 import torch
 import triton
@@ -164,7 +165,12 @@ def _codebook(bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tens
     """(centroids [2^b], decision boundaries [2^b - 1]) float32 on ``device``, cached."""
     key = (bits, str(device))
     if key not in _CODEBOOKS:
-        _CODEBOOKS[key] = (lloyd_max_codebook(bits, device=device), decision_boundaries(bits, device=device))
+        bounds = decision_boundaries(bits)
+        half = 1 << (bits - 1)
+        # _nearest_code searches |u| among the positive half: the boundaries must be exactly symmetric about 0.
+        if bounds[half - 1] != 0 or not torch.equal(bounds[: half - 1], -bounds[half:].flip(0)):
+            raise RuntimeError(f"the {bits}-bit decision boundaries are not symmetric about 0")
+        _CODEBOOKS[key] = (lloyd_max_codebook(bits, device=device), bounds.to(device))
     return _CODEBOOKS[key]
 
 
@@ -183,7 +189,6 @@ def hadamard_quantize_kv_fwd_kernel(
 ):
     NB: tl.constexpr = D // R
     RBYTES: tl.constexpr = D * BITS // 8
-    LEVELS: tl.constexpr = 1 << BITS
     i_p = tl.program_id(0).to(tl.int64)
     # Flat rows over (b, t - t_lo, h), h fastest: consecutive rows are consecutive in a contiguous src.
     rows = i_p * ROWS + tl.arange(0, ROWS)
@@ -205,16 +210,7 @@ def hadamard_quantize_kv_fwd_kernel(
     # A zero block stores norm 0 and u = 0 (decodes to 0 whatever its codes).
     inv = tl.where(norm > 0, sqrt_r / tl.where(norm > 0, norm, 1.0), 0.0)
     u = y * inv[:, None]
-    # Nearest centroid = the number of decision boundaries strictly below u (an exact tie goes lower).
-    code = tl.zeros((ROWS * NB, R), dtype=tl.int32)
-    if BITS <= 4:
-        for k in tl.static_range(LEVELS - 1):
-            code += (u > tl.load(bounds_ptr + k)).to(tl.int32)
-    else:
-        # Binary search: after the step of size 2^s, code holds the count of boundaries below u to 2^s.
-        for k in tl.static_range(BITS):
-            bound = tl.load(bounds_ptr + code + ((1 << (BITS - 1 - k)) - 1))
-            code = tl.where(u > bound, code + (1 << (BITS - 1 - k)), code)
+    code = _nearest_code(u, bounds_ptr, BITS)
     if NORM_CORRECTION:
         values = tl.load(codebook_ptr + code)
         unit = tl.sqrt(tl.sum(values * values, axis=1))
@@ -255,149 +251,382 @@ def hadamard_quantize_kv_fwd_kernel(
 
 
 @triton.jit
-def hadamard_quantize_kv_fwd2_kernel(
-    src_ptr, hmat_ptr, codes_ptr, norms_ptr, signs_ptr, offset_ptr, bounds_ptr, codebook_ptr, sink_ptr, recent_ptr,
-    seqlens_ptr, n_rows, n_tiles, t_lo, T, Hkv, C, S, W, write_pos, first_code, first_recent, sqrt_r, inv_sqrt_r,
-    stride_sb, stride_st, stride_sh, stride_sd,
-    D: tl.constexpr, ROWS: tl.constexpr, IS_SLIDING: tl.constexpr, USE_OFFSET: tl.constexpr,
-    NORM_CORRECTION: tl.constexpr, HAS_SINK: tl.constexpr, HAS_RECENT: tl.constexpr, HAS_SEQLENS: tl.constexpr,
-    PRECISION: tl.constexpr, TRANS: tl.constexpr,
-):
-    """4-bit quantize for NB = 1 (D <= 128): persistent programs over tiles of ROWS rows; the rotation is a dot
-    with the even and odd columns of the ±1 Hadamard matrix (exact products: bf16/fp16 sources are exact in tf32,
-    float32 or offset sources go through tf32x3), so the even/odd codes pack into bytes without any reshape.
-    The norm of the rotated row is that of the signed row (H/sqrt(R) is orthogonal)."""
-    DH: tl.constexpr = D // 2
-    i = tl.arange(0, DH)
-    d = tl.arange(0, D)
-    sg = tl.load(signs_ptr + d)
-    n_t = T - t_lo
-    for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
-        rows = (tile * ROWS + tl.arange(0, ROWS)).to(tl.int64)
-        row_ok = rows < n_rows
-        h = rows % Hkv
-        t = (rows // Hkv) % n_t + t_lo
-        b = rows // Hkv // n_t
-        bh = b * Hkv + h
-        p_src = (src_ptr + b[:, None] * stride_sb + t[:, None] * stride_st + h[:, None] * stride_sh
-                 + d[None, :] * stride_sd)
-        x = tl.load(p_src, mask=row_ok[:, None], other=0.0).to(tl.float32)
+def _hadamard_columns(signs_ptr, DC: tl.constexpr, G: tl.constexpr, P: tl.constexpr, DTYPE: tl.constexpr,
+                      SIGNED: tl.constexpr):
+    """Columns P, P+G, P+2G, … of the unnormalised Sylvester matrix H_DC: ``[DC, DC/G]`` ±1 in ``DTYPE`` (exact).
+    With SIGNED, row k is multiplied by the sign ``signs_ptr[k]`` (±1: still exact), i.e. diag(s) H."""
+    k = tl.arange(0, DC)
+    j = tl.arange(0, DC // G) * G + P
+    h = _parity_sign(k[:, None], j[None, :])
+    if SIGNED:
+        h = h * tl.load(signs_ptr + k)[:, None]
+    return h.to(DTYPE)
+
+
+@triton.jit
+def _exact_dot(a, b, acc, F32_OPERANDS: tl.constexpr):
+    """``a @ b + acc`` for bf16/fp16 operands whose products are exact (one of them ±1), float32 accumulation.
+
+    F32_OPERANDS (the Triton interpreter, which multiplies bf16 operands as their raw uint16 bits) widens both to
+    float32 first: exact, and the same products and sums as the tensor cores."""
+    if F32_OPERANDS:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc=acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc=acc)
+
+
+@triton.jit
+def _rotate_chunk(p_src, p_offset, p_signs, ok, h0, h1, h2, h3, DC: tl.constexpr, G: tl.constexpr,
+                  SPLIT: tl.constexpr, USE_OFFSET: tl.constexpr, DOT_DTYPE: tl.constexpr, SIGNS_IN_H: tl.constexpr,
+                  F32: tl.constexpr):
+    """``(x ⊙ s) H_DC`` of one chunk of DC coordinates of ROWS block rows, as G column phases ``[ROWS, DC/G]`` float32.
+
+    ``p_src``/``p_offset``/``p_signs`` ``[ROWS, DC]`` pointers; with SIGNS_IN_H the signs are already the rows of
+    the ``h*`` matrices (D <= 256: one sign vector per chunk) and x goes to the dot as loaded. Without SPLIT the source is
+    bf16/fp16 and the signs ±1: x ⊙ s is exact in that dtype, the tensor-core products are exact and summed in
+    float32. With SPLIT, x ⊙ s (after the offset) is formed in float32 and split into three bf16 parts that carry
+    its 24 mantissa bits exactly (hi + mid + lo), one dot each into the same float32 accumulator.
+    Phase q holds the rotated coordinates q, q+G, q+2G, … (unused phases repeat phase 0 and are never read).
+    """
+    if SPLIT:
+        x = tl.load(p_src, mask=ok[:, None], other=0.0).to(tl.float32)
         if USE_OFFSET:
-            x = x - tl.load(offset_ptr + bh[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0)
-        x = x * sg[None, :]
-        norm = tl.sqrt(tl.sum(x * x, axis=1))  # [ROWS]
-        inv = tl.where(norm > 0, sqrt_r / tl.where(norm > 0, norm, 1.0), 0.0)
-        # H is re-read per tile (L1/L2 hits): held across the loop as dot operands it would take ~128 registers.
-        if TRANS:
-            # Transposed: y^T = H_half^T x^T, both operands in shared memory, the [DH, ROWS] results in registers.
-            xt = tl.trans(x)
-            ya = tl.dot(tl.load(hmat_ptr + (2 * i)[:, None] * D + d[None, :]), xt, input_precision=PRECISION)
-            ua = ya * (inv * inv_sqrt_r)[None, :]
-            ca = tl.zeros((DH, ROWS), dtype=tl.int32)
-            for k in tl.static_range(15):
-                ca += (ua > tl.load(bounds_ptr + k)).to(tl.int32)
-            yb = tl.dot(tl.load(hmat_ptr + (2 * i + 1)[:, None] * D + d[None, :]), xt, input_precision=PRECISION)
-            ub = yb * (inv * inv_sqrt_r)[None, :]
-            cb = tl.zeros((DH, ROWS), dtype=tl.int32)
-            for k in tl.static_range(15):
-                cb += (ub > tl.load(bounds_ptr + k)).to(tl.int32)
-            ya = ya * inv_sqrt_r
-            yb = yb * inv_sqrt_r
-            if NORM_CORRECTION:
-                va = tl.load(codebook_ptr + ca)
-                vb = tl.load(codebook_ptr + cb)
-                norm = norm * sqrt_r / tl.sqrt(tl.sum(va * va + vb * vb, axis=0))
+            x = x - tl.load(p_offset, mask=ok[:, None], other=0.0)
+        if not SIGNS_IN_H:
+            x = x * tl.load(p_signs)
+        hi = x.to(tl.bfloat16)
+        rest = x - hi.to(tl.float32)  # exact: hi is x rounded to 8 significant bits
+        mid = rest.to(tl.bfloat16)
+        lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)  # the last 8 bits, exact
+        zero = tl.zeros((x.shape[0], DC // G), dtype=tl.float32)
+        y0 = _exact_dot(hi, h0, _exact_dot(mid, h0, _exact_dot(lo, h0, zero, F32), F32), F32)
+        y1, y2, y3 = y0, y0, y0
+        if G >= 2:
+            y1 = _exact_dot(hi, h1, _exact_dot(mid, h1, _exact_dot(lo, h1, zero, F32), F32), F32)
+        if G == 4:
+            y2 = _exact_dot(hi, h2, _exact_dot(mid, h2, _exact_dot(lo, h2, zero, F32), F32), F32)
+            y3 = _exact_dot(hi, h3, _exact_dot(mid, h3, _exact_dot(lo, h3, zero, F32), F32), F32)
+    else:
+        x = tl.load(p_src, mask=ok[:, None], other=0.0)
+        if not SIGNS_IN_H:
+            # ±1 times a 16-bit value is exact in float32 and back (the interpreter has no bf16 arithmetic).
+            x = (x.to(tl.float32) * tl.load(p_signs)).to(DOT_DTYPE)
+        zero = tl.zeros((x.shape[0], DC // G), dtype=tl.float32)
+        y0 = _exact_dot(x, h0, zero, F32)
+        y1, y2, y3 = y0, y0, y0
+        if G >= 2:
+            y1 = _exact_dot(x, h1, zero, F32)
+        if G == 4:
+            y2 = _exact_dot(x, h2, zero, F32)
+            y3 = _exact_dot(x, h3, zero, F32)
+    return y0, y1, y2, y3
+
+
+@triton.jit
+def _nearest_code(u, bounds_ptr, BITS: tl.constexpr):
+    """The number of decision boundaries strictly below each ``u`` (an exact tie goes to the lower code), int32.
+
+    The boundaries are symmetric (b[H-1] = 0, b[H-1-i] = -b[H-1+i], H = 2^(BITS-1); :func:`_codebook` checks it),
+    so only |u| is searched among the H-1 positive ones: for u > 0 the code is H + #{b > 0: b < u}, for u <= 0 it
+    is H-1 - #{b > 0: b <= |u|}, and b <= |u| is b < nextup(|u|) (|u|'s bits + 1). Half the comparisons.
+    """
+    HALF: tl.constexpr = 1 << (BITS - 1)
+    positive = u > 0
+    a = tl.abs(u)
+    a = tl.where(positive, a, (a.to(tl.uint32, bitcast=True) + 1).to(tl.float32, bitcast=True))
+    if BITS <= 4:
+        # Counted in float32 (exact small integers): compare-select-add compiles to FSET.BF + FADD, two
+        # instructions a boundary, where an int32 count takes three (FSETP, VIADD, predicated move).
+        count = tl.zeros(u.shape, dtype=tl.float32)
+        for k in tl.static_range(HALF - 1):
+            count += tl.where(a > tl.load(bounds_ptr + HALF + k), 1.0, 0.0)
+        m = count.to(tl.int32)
+    else:
+        # Binary search: after the step of size 2^s, m holds the count of positive boundaries below a, to 2^s.
+        m = tl.zeros(u.shape, dtype=tl.int32)
+        for k in tl.static_range(BITS - 1):
+            bound = tl.load(bounds_ptr + HALF + m + ((1 << (BITS - 2 - k)) - 1))
+            m = tl.where(a > bound, m + (1 << (BITS - 2 - k)), m)
+    return tl.where(positive, HALF + m, HALF - 1 - m)
+
+
+@triton.jit
+def _interleave(a, b, c, d, G: tl.constexpr):
+    """The G column phases back in coordinate order: ``[ROWS, N]`` x G -> ``[ROWS, N*G]`` (element n*G + q of phase q)."""
+    if G == 1:
+        return a
+    elif G == 2:
+        return tl.reshape(tl.join(a, b), (a.shape[0], 2 * a.shape[1]))
+    else:
+        # join(join(a, c), join(b, d)) flattens to a, b, c, d.
+        return tl.reshape(tl.join(tl.join(a, c), tl.join(b, d)), (a.shape[0], 4 * a.shape[1]))
+
+
+@triton.jit
+def _code_of_group(p: tl.constexpr, q0, q1, q2, q3, q4, q5, q6, q7):
+    """``q<p>`` for a compile-time p (the codes of position p in each group of 8)."""
+    if p == 0:
+        return q0
+    elif p == 1:
+        return q1
+    elif p == 2:
+        return q2
+    elif p == 3:
+        return q3
+    elif p == 4:
+        return q4
+    elif p == 5:
+        return q5
+    elif p == 6:
+        return q6
+    else:
+        return q7
+
+
+@triton.jit
+def _encode_chunk(y0, y1, y2, y3, scale, bounds_ptr, codebook_ptr, p_codes, code_ok, ROWS: tl.constexpr,
+                  DC: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, NORM_CORRECTION: tl.constexpr):
+    """Codes of one chunk (phases ``y*`` times ``scale [ROWS]`` = u) packed and stored at ``p_codes [ROWS]`` (uint8
+    pointers to the chunk's first byte); returns the sum of the squared centroids per row (norm correction) or 0.
+
+    Packing follows the column phases so that whole bytes form in registers: 8 bits one code a byte, 4 bits the
+    even/odd phases as low/high nibbles, 2 bits four phases; 3, 5 and 6 bits (one phase) split each group of 8
+    codes apart and assemble its BITS little-endian bytes (layout.py) with int32 shifts.
+    """
+    c0 = _nearest_code(y0 * scale[:, None], bounds_ptr, BITS)
+    c1, c2, c3 = c0, c0, c0
+    if G >= 2:
+        c1 = _nearest_code(y1 * scale[:, None], bounds_ptr, BITS)
+    if G == 4:
+        c2 = _nearest_code(y2 * scale[:, None], bounds_ptr, BITS)
+        c3 = _nearest_code(y3 * scale[:, None], bounds_ptr, BITS)
+    sq = tl.zeros((ROWS,), dtype=tl.float32)
+    if NORM_CORRECTION:
+        v = tl.load(codebook_ptr + c0)
+        sq += tl.sum(v * v, axis=1)
+        if G >= 2:
+            v = tl.load(codebook_ptr + c1)
+            sq += tl.sum(v * v, axis=1)
+        if G == 4:
+            v = tl.load(codebook_ptr + c2)
+            sq += tl.sum(v * v, axis=1)
+            v = tl.load(codebook_ptr + c3)
+            sq += tl.sum(v * v, axis=1)
+    if BITS == 8 or BITS == 4 or BITS == 2:
+        if BITS == 8:
+            byte = c0
+        elif BITS == 4:
+            byte = c0 | (c1 << 4)
         else:
-            ha = tl.load(hmat_ptr + d[:, None] * D + (2 * i)[None, :])
-            hb = tl.load(hmat_ptr + d[:, None] * D + (2 * i + 1)[None, :])
-            ya = tl.dot(x, ha, input_precision=PRECISION) * inv_sqrt_r  # [ROWS, DH]: even coordinates
-            yb = tl.dot(x, hb, input_precision=PRECISION) * inv_sqrt_r  # odd coordinates
-            ua = ya * inv[:, None]
-            ub = yb * inv[:, None]
-            ca = tl.zeros((ROWS, DH), dtype=tl.int32)
-            cb = tl.zeros((ROWS, DH), dtype=tl.int32)
-            for k in tl.static_range(15):
-                bound = tl.load(bounds_ptr + k)
-                ca += (ua > bound).to(tl.int32)
-                cb += (ub > bound).to(tl.int32)
-            if NORM_CORRECTION:
-                va = tl.load(codebook_ptr + ca)
-                vb = tl.load(codebook_ptr + cb)
-                unit = tl.sqrt(tl.sum(va * va + vb * vb, axis=1))
-                norm = norm * sqrt_r / unit
+            byte = c0 | (c1 << 2) | (c2 << 4) | (c3 << 6)
+        n = tl.arange(0, DC * BITS // 8)
+        tl.store(p_codes[:, None] + n[None, :], byte.to(tl.uint8), mask=code_ok[:, None])
+    else:
+        # Code p of each group of 8 (bits p*BITS … p*BITS+BITS-1 of the group's BITS bytes) by three even/odd splits.
+        e, o = tl.split(tl.reshape(c0, (ROWS, DC // 8, 2, 2, 2)))
+        e0, e1 = tl.split(e)
+        o0, o1 = tl.split(o)
+        q0, q4 = tl.split(e0)
+        q2, q6 = tl.split(e1)
+        q1, q5 = tl.split(o0)
+        q3, q7 = tl.split(o1)
+        g = tl.arange(0, DC // 8)
+        for j in tl.static_range(BITS):
+            # Byte j holds bits 8j … 8j+7 of the group: the codes whose bit ranges overlap them, shifted into place.
+            byte = tl.zeros((ROWS, DC // 8), dtype=tl.int32)
+            for p in tl.static_range(8):
+                if p * BITS < 8 * j + 8 and p * BITS + BITS > 8 * j:
+                    q = _code_of_group(p, q0, q1, q2, q3, q4, q5, q6, q7)
+                    if p * BITS >= 8 * j:
+                        byte |= q << (p * BITS - 8 * j)
+                    else:
+                        byte |= q >> (8 * j - p * BITS)
+            tl.store(p_codes[:, None] + (g * BITS + j)[None, :], (byte & 255).to(tl.uint8), mask=code_ok[:, None])
+    return sq
+
+
+@triton.jit
+def _store_window(p_rows, ok, y0, y1, y2, y3, DC: tl.constexpr, G: tl.constexpr):
+    """One chunk of rotated rows (the G phases in coordinate order) into a full-precision window, rounded like
+    torch's ``.to(dtype)``; ``p_rows [ROWS]`` points at the chunk's first element of each row."""
+    k = tl.arange(0, DC)
+    tl.store(p_rows[:, None] + k[None, :], _cast(_interleave(y0, y1, y2, y3, G), p_rows.dtype.element_ty),
+             mask=ok[:, None])
+
+
+@triton.jit
+def hadamard_quantize_kv_dot_kernel(
+    src_ptr, codes_ptr, norms_ptr, signs_ptr, offset_ptr, bounds_ptr, codebook_ptr, sink_ptr, recent_ptr, seqlens_ptr,
+    blocks_per_seq, tiles_per_seq, n_tiles, t_lo, C, S, W, write_pos, first_code, first_recent, sqrt_r, inv_sqrt_r,
+    stride_sb, stride_st, stride_sh, stride_sd,
+    D: tl.constexpr, R: tl.constexpr, HKV: tl.constexpr, BITS: tl.constexpr, ROWS: tl.constexpr, SPLIT: tl.constexpr,
+    SIGNS_PM1: tl.constexpr, DOT_DTYPE: tl.constexpr, F32_OPERANDS: tl.constexpr, IS_SLIDING: tl.constexpr, USE_OFFSET: tl.constexpr, NORM_CORRECTION: tl.constexpr,
+    HAS_SINK: tl.constexpr, HAS_RECENT: tl.constexpr, HAS_SEQLENS: tl.constexpr,
+):
+    """Quantize tiles of ROWS rotation blocks (one row of R coordinates each; a D=512 row is two) per iteration of
+    a persistent loop, the rotation on the tensor cores: the block is split into chunks of DC = min(R, 128)
+    coordinates, each multiplied by the G column phases of the ±1 matrix H_DC (built once per program), and for
+    R = 256 the two chunks combine as H_256 = [[H, H], [H, -H]] (y_lo = P + Q, y_hi = P - Q, float32).
+    """
+    NB: tl.constexpr = D // R
+    DC: tl.constexpr = R if R <= 128 else 128
+    G: tl.constexpr = 2 if BITS == 4 else (4 if BITS == 2 else 1)
+    CBYTES: tl.constexpr = DC * BITS // 8
+    RBYTES: tl.constexpr = D * BITS // 8
+    # ±1 signs with D <= 256 (one sign vector) go into the ±1 matrices, diag(s) H, one set per chunk; D = 512 (two
+    # blocks with their own signs) multiplies x by them in registers, and so does any other sign vector (SPLIT).
+    SIGNS_IN_H: tl.constexpr = NB == 1 and SIGNS_PM1
+    k = tl.arange(0, DC)
+    h0 = _hadamard_columns(signs_ptr, DC, G, 0, DOT_DTYPE, SIGNS_IN_H)
+    h1, h2, h3 = h0, h0, h0
+    if G >= 2:
+        h1 = _hadamard_columns(signs_ptr, DC, G, 1, DOT_DTYPE, SIGNS_IN_H)
+    if G == 4:
+        h2 = _hadamard_columns(signs_ptr, DC, G, 2, DOT_DTYPE, SIGNS_IN_H)
+        h3 = _hadamard_columns(signs_ptr, DC, G, 3, DOT_DTYPE, SIGNS_IN_H)
+    # The second chunk of R = 256 (its own signs when they are in the matrices).
+    g0, g1, g2, g3 = h0, h1, h2, h3
+    if R > DC and SIGNS_IN_H:
+        g0 = _hadamard_columns(signs_ptr + DC, DC, G, 0, DOT_DTYPE, SIGNS_IN_H)
+        if G >= 2:
+            g1 = _hadamard_columns(signs_ptr + DC, DC, G, 1, DOT_DTYPE, SIGNS_IN_H)
+        if G == 4:
+            g2 = _hadamard_columns(signs_ptr + DC, DC, G, 2, DOT_DTYPE, SIGNS_IN_H)
+            g3 = _hadamard_columns(signs_ptr + DC, DC, G, 3, DOT_DTYPE, SIGNS_IN_H)
+    for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+        # A tile holds blocks of one sequence b: its index splits on scalars, and a block's (t, h) comes from
+        # divisions by the compile-time HKV and NB (a runtime divisor costs ~20 instructions per row and layout).
+        # Index arithmetic in int32 (the launcher checks the sizes), offsets into the tensors in int64.
+        b = tile // tiles_per_seq
+        blocks = (tile - b * tiles_per_seq) * ROWS + tl.arange(0, ROWS)  # flat (t - t_lo, h, block), h fastest
+        ok = blocks < blocks_per_seq
+        row = blocks // NB
+        coord0 = (blocks % NB) * R  # first coordinate of the block in its row
+        h = (row % HKV).to(tl.int64)
+        t = (row // HKV + t_lo).to(tl.int64)
+        b = b.to(tl.int64)
+        bh = b * HKV + h
+        p_src = src_ptr + b * stride_sb + t * stride_st + h * stride_sh + coord0 * stride_sd  # [ROWS]
+        p_off = offset_ptr + bh * D + coord0
+        p_sg = signs_ptr + coord0
+        ya0, ya1, ya2, ya3 = _rotate_chunk(p_src[:, None] + k[None, :] * stride_sd, p_off[:, None] + k[None, :],
+                                           p_sg[:, None] + k[None, :], ok, h0, h1, h2, h3, DC, G, SPLIT, USE_OFFSET,
+                                           DOT_DTYPE, SIGNS_IN_H, F32_OPERANDS)
+        if R > DC:
+            q0, q1, q2, q3 = _rotate_chunk(p_src[:, None] + (DC + k)[None, :] * stride_sd,
+                                           p_off[:, None] + (DC + k)[None, :], p_sg[:, None] + (DC + k)[None, :], ok,
+                                           g0, g1, g2, g3, DC, G, SPLIT, USE_OFFSET, DOT_DTYPE, SIGNS_IN_H,
+                                           F32_OPERANDS)
+            yb0, yb1, yb2, yb3 = ya0 - q0, ya1 - q1, ya2 - q2, ya3 - q3
+            ya0, ya1, ya2, ya3 = ya0 + q0, ya1 + q1, ya2 + q2, ya3 + q3
+            ya0, ya1, ya2, ya3 = ya0 * inv_sqrt_r, ya1 * inv_sqrt_r, ya2 * inv_sqrt_r, ya3 * inv_sqrt_r
+            yb0, yb1, yb2, yb3 = yb0 * inv_sqrt_r, yb1 * inv_sqrt_r, yb2 * inv_sqrt_r, yb3 * inv_sqrt_r
+        else:
+            ya0, ya1, ya2, ya3 = ya0 * inv_sqrt_r, ya1 * inv_sqrt_r, ya2 * inv_sqrt_r, ya3 * inv_sqrt_r
+            yb0, yb1, yb2, yb3 = ya0, ya1, ya2, ya3
+
+        # The block norm of the rotated coordinates (each phase once).
+        sq = tl.sum(ya0 * ya0, axis=1)
+        if G >= 2:
+            sq += tl.sum(ya1 * ya1, axis=1)
+        if G == 4:
+            sq += tl.sum(ya2 * ya2, axis=1) + tl.sum(ya3 * ya3, axis=1)
+        if R > DC:
+            sq += tl.sum(yb0 * yb0, axis=1)
+            if G >= 2:
+                sq += tl.sum(yb1 * yb1, axis=1)
+            if G == 4:
+                sq += tl.sum(yb2 * yb2, axis=1) + tl.sum(yb3 * yb3, axis=1)
+        norm = tl.sqrt(sq)
+        # A zero block stores norm 0 and u = 0 (decodes to 0 whatever its codes).
+        scale = tl.where(norm > 0, sqrt_r / tl.where(norm > 0, norm, 1.0), 0.0)
+
         if HAS_SEQLENS:
-            p = tl.load(seqlens_ptr + b, mask=row_ok, other=0).to(tl.int64) + t
+            # Each sequence writes at its own position, read on the device (write_pos is 0).
+            p = tl.load(seqlens_ptr + b).to(tl.int64) + t  # absolute positions [ROWS] (b < B: always in range)
         else:
             p = write_pos + t
         if IS_SLIDING:
             slot = p % C
         else:
             slot = p
-        code_ok = row_ok & (t >= first_code) & (slot < C)
+        # A position past a global cache (possible only through unchecked device lengths) is not written.
+        code_ok = ok & (t >= first_code) & (slot < C)
         cache_row = bh * C + slot
-        tl.store(norms_ptr + cache_row, norm, mask=code_ok)
-        if TRANS:
-            tl.store(codes_ptr + cache_row[None, :] * DH + i[:, None], (ca | (cb << 4)).to(tl.uint8),
-                     mask=code_ok[None, :])
-        else:
-            tl.store(codes_ptr + cache_row[:, None] * DH + i[None, :], (ca | (cb << 4)).to(tl.uint8),
-                     mask=code_ok[:, None])
-        # The rotated rows into the full-precision windows ([DH, ROWS] columns-by-rows when TRANS).
+        p_codes = codes_ptr + cache_row * RBYTES + (coord0 * BITS) // 8
+        unit_sq = _encode_chunk(ya0, ya1, ya2, ya3, scale, bounds_ptr, codebook_ptr, p_codes, code_ok, ROWS, DC, G,
+                                BITS, NORM_CORRECTION)
+        if R > DC:
+            unit_sq += _encode_chunk(yb0, yb1, yb2, yb3, scale, bounds_ptr, codebook_ptr, p_codes + CBYTES, code_ok,
+                                     ROWS, DC, G, BITS, NORM_CORRECTION)
+        if NORM_CORRECTION:
+            norm = norm * sqrt_r / tl.sqrt(unit_sq)
+        tl.store(norms_ptr + cache_row * NB + coord0 // R, norm, mask=code_ok)
+
         if HAS_SINK:
-            sink_ok = row_ok & (p < S)
-            if TRANS:
-                p_sink = sink_ptr + (bh * S + p)[None, :] * D
-                tl.store(p_sink + (2 * i)[:, None], _cast(ya, sink_ptr.dtype.element_ty), mask=sink_ok[None, :])
-                tl.store(p_sink + (2 * i + 1)[:, None], _cast(yb, sink_ptr.dtype.element_ty), mask=sink_ok[None, :])
-            else:
-                p_sink = sink_ptr + (bh * S + p)[:, None] * D
-                tl.store(p_sink + (2 * i)[None, :], _cast(ya, sink_ptr.dtype.element_ty), mask=sink_ok[:, None])
-                tl.store(p_sink + (2 * i + 1)[None, :], _cast(yb, sink_ptr.dtype.element_ty), mask=sink_ok[:, None])
+            p_sink = sink_ptr + (bh * S + p) * D + coord0
+            sink_ok = ok & (p < S)
+            _store_window(p_sink, sink_ok, ya0, ya1, ya2, ya3, DC, G)
+            if R > DC:
+                _store_window(p_sink + DC, sink_ok, yb0, yb1, yb2, yb3, DC, G)
         if HAS_RECENT:
-            recent_ok = row_ok & (t >= first_recent)
-            if TRANS:
-                p_recent = recent_ptr + (bh * W + p % W)[None, :] * D
-                tl.store(p_recent + (2 * i)[:, None], _cast(ya, recent_ptr.dtype.element_ty),
-                         mask=recent_ok[None, :])
-                tl.store(p_recent + (2 * i + 1)[:, None], _cast(yb, recent_ptr.dtype.element_ty),
-                         mask=recent_ok[None, :])
-            else:
-                p_recent = recent_ptr + (bh * W + p % W)[:, None] * D
-                tl.store(p_recent + (2 * i)[None, :], _cast(ya, recent_ptr.dtype.element_ty),
-                         mask=recent_ok[:, None])
-                tl.store(p_recent + (2 * i + 1)[None, :], _cast(yb, recent_ptr.dtype.element_ty),
-                         mask=recent_ok[:, None])
+            p_recent = recent_ptr + (bh * W + p % W) * D + coord0
+            recent_ok = ok & (t >= first_recent)
+            _store_window(p_recent, recent_ok, ya0, ya1, ya2, ya3, DC, G)
+            if R > DC:
+                _store_window(p_recent + DC, recent_ok, yb0, yb1, yb2, yb3, DC, G)
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
-    """Knobs of :func:`hadamard_quantize_kv_fwd` (benchmarks/cuda_ops.py --sweep times them).
+    """Knobs of :func:`hadamard_quantize_kv_fwd` (benchmarks/cuda_ops.py --sweep quant times them).
 
-    variant: "v1" (default) or "v2" (4-bit, D <= 128: dot rotation, persistent programs; other cases run v1;
-        does not launch on an H200 yet: too much shared memory).
-    rows: rows per tile (v2, 64 default: wgmma wants 64) or per program (v1, None = 512 // D); num_warps: None =
-        4 (v1) / 8 (v2: D128 64 rows 183 registers on sm_90, no spills; 4 warps spill).
-    programs_per_sm: v2's persistent programs per SM.
-    trans: v2 computes y^T = H^T x^T (both dot operands in shared memory, fewer registers) instead of y = x H.
+    variant: "dot" (default: :func:`hadamard_quantize_kv_dot_kernel`, every bits / head dim / dtype) or "v1"
+        (:func:`hadamard_quantize_kv_fwd_kernel`, the rotation as broadcast-multiply-sum passes in registers).
+    rows: rotation blocks per tile (dot, 16-128; None = 64) or rows per program (v1, None = 512 // D).
+    num_warps: None = 4 (v1; dot: 4, 8 for 5-8 bits). num_stages: the dot kernel's software pipelining of its tile loop
+        (the next tile's source load in flight during this one's epilogue): None = 2 for D <= 128, 1 above (D256/512
+        with 2 stages take 135 KB of shared memory: one program per SM).
+    programs_per_sm: the dot kernel's persistent programs per SM.
+    v1_below: calls with fewer rotation blocks than this run v1 (a decode step: one tiny launch, no ±1 matrix
+        to build); 0 = the dot kernel always.
     """
 
-    # v1 by default: v2 needs 262,400 bytes of shared memory per program, above the H200's 232,448
-    # (OutOfResources at the first launch, measured 2026-11-30; the offline sm_90 compile did not show it).
-    variant: str = "v1"
+    # Measured on the H200 (B8 T32768 Hkv8 D128 bf16, 4 bits): 2 stages with 3 programs per SM 604 us (27% of the
+    # copy bandwidth), 1 stage with 2 programs 744 us; v1 13.2 ms.
+    variant: str = "dot"
     rows: int | None = None
     num_warps: int | None = None
-    programs_per_sm: int = 4
-    trans: bool = True
-    v2_inexact: bool = False  # v2 also for float32 sources / offsets (tf32x3); the tests use it to cover that path
+    num_stages: int | None = None
+    programs_per_sm: int = 3
+    v1_below: int = 0
 
 
 DEFAULT_QUANT_CONFIG = QuantConfig()
-_V2_QUANT_ROWS = 64
+_DOT_QUANT_ROWS = 64
+_PM1_SIGNS: dict = {}
+
+
+def _signs_are_pm1(signs: torch.Tensor) -> bool:
+    """Whether every entry of ``signs`` is +1 or -1 (the canonical signs and ``torch.ones(D)`` are): then the dot
+    kernel multiplies x by them exactly in x's own 16-bit dtype. Other float32 signs take its split path.
+
+    Cached per tensor object and version, so the host reads a sign vector once, not at every decode step.
+    """
+    key = id(signs)
+    hit = _PM1_SIGNS.get(key)
+    if hit is not None and hit[0]() is signs and hit[1] == signs._version:
+        return hit[2]
+    pm1 = bool((signs.abs() == 1).all())
+    _PM1_SIGNS[key] = (weakref.ref(signs, lambda _, key=key: _PM1_SIGNS.pop(key, None)), signs._version, pm1)
+    return pm1
 
 
 def hadamard_quantize_kv_fwd(src, codes, norms, write_pos, is_sliding, bits, signs, offset, norm_correction, sink,
                              recent, cache_seqlens=None, config: QuantConfig | None = None) -> None:
     cfg = DEFAULT_QUANT_CONFIG if config is None else config
+    if cfg.variant not in ("dot", "v1"):
+        raise ValueError(f"QuantConfig.variant must be 'dot' or 'v1', got {cfg.variant!r}")
     B, T, Hkv, D = src.shape
     C = codes.shape[2]
     first_code = max(0, T - C) if is_sliding else 0
@@ -422,22 +651,36 @@ def hadamard_quantize_kv_fwd(src, codes, norms, write_pos, is_sliding, bits, sig
         HAS_RECENT=recent is not None,
         HAS_SEQLENS=cache_seqlens is not None,
     )
-    # bf16/fp16 values times ±1 are exact in tf32: one tf32 dot multiplies exactly (float32 sums). float32 sources
-    # and offsets (x - offset in float32) would need tf32x3, which spills on sm_90 (896 bytes): they run v1.
-    exact = src.dtype in (torch.bfloat16, torch.float16) and offset is None
-    if cfg.variant == "v2" and bits == 4 and R == D and 32 <= D <= 128 and (exact or cfg.v2_inexact):
-        rows = cfg.rows or _V2_QUANT_ROWS
-        n_tiles = _cdiv(n_rows, rows)
+    n_blocks = n_rows * (D // R)
+    if cfg.variant == "dot" and n_blocks >= cfg.v1_below:
+        # bf16/fp16 sources times ±1 signs are exact in their own dtype (one dot per phase); float32 sources,
+        # offsets (x - offset in float32) and other signs go through three exact bf16 parts.
+        pm1 = _signs_are_pm1(signs)
+        direct = src.dtype in (torch.bfloat16, torch.float16) and offset is None and pm1
+        rows = cfg.rows or _DOT_QUANT_ROWS
+        blocks_per_seq = (T - t_lo) * Hkv * (D // R)
+        tiles_per_seq = triton.cdiv(blocks_per_seq, rows)
+        n_tiles = B * tiles_per_seq
+        if max(n_tiles, tiles_per_seq * rows) >= 2**31:
+            raise ValueError(f"hadamard_quantize_kv: {n_blocks} rotation blocks in one call exceed the CUDA kernel's "
+                             "int32 indices; split the call along the batch")
         programs = max(1, min(n_tiles, cfg.programs_per_sm * _sm_count(src.device)))
-        hadamard_quantize_kv_fwd2_kernel[(programs,)](
-            src, _hadamard_matrix(D, torch.float32, src.device), codes, norms, signs, *buffers,
-            n_rows, n_tiles, t_lo, T, Hkv, C, S, W, write_pos, first_code, first_recent, math.sqrt(R),
+        hadamard_quantize_kv_dot_kernel[(programs,)](
+            src, codes, norms, signs, *buffers,
+            blocks_per_seq, tiles_per_seq, n_tiles, t_lo, C, S, W, write_pos, first_code, first_recent, math.sqrt(R),
             1.0 / math.sqrt(R), *src.stride(),
             D=D,
+            R=R,
+            HKV=Hkv,
+            BITS=bits,
             ROWS=rows,
-            PRECISION="tf32" if exact else "tf32x3",
-            TRANS=bool(cfg.trans),
-            num_warps=cfg.num_warps or 8,
+            SPLIT=not direct,
+            SIGNS_PM1=pm1,
+            DOT_DTYPE=tl.float16 if direct and src.dtype == torch.float16 else tl.bfloat16,
+            F32_OPERANDS=src.device.type != "cuda",  # the Triton interpreter (see _exact_dot)
+            # 5-8 bits: the binary search's gathers need 8 warps to stay clear of spills (sm_90, 64 rows).
+            num_warps=cfg.num_warps or (8 if bits >= 5 else 4),
+            num_stages=cfg.num_stages or (2 if D <= 128 else 1),
             **flags,
         )
         return
