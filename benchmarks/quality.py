@@ -36,14 +36,17 @@ from torch_tq.cli import DEFAULT_GGUF_FILE, load_model  # noqa: E402
 def settings_from(args) -> list:
     from torch_tq.integrations.transformers import DEFAULT_RECENT_TOKENS
 
-    settings = ev.turboquant_settings(args.bits)
+    windows = args.window_dtype
+    settings = ev.turboquant_settings(args.bits, window_dtypes=[windows])
     # A window equal to today's default is the plain 4-bit row already.
-    settings += [ev.TurboQuantSetting(4, recent_tokens=r) for r in args.recent if r != DEFAULT_RECENT_TOKENS]
+    settings += [ev.TurboQuantSetting(4, recent_tokens=r, window_dtype=windows)
+                 for r in args.recent if r != DEFAULT_RECENT_TOKENS or windows is not None]
     for pair in args.kv:
         k, v = (int(x) for x in pair.split("/"))
         for r in args.kv_recent or [None]:
             setting = ev.TurboQuantSetting(k, None if v == k else v,
-                                           recent_tokens=None if r == DEFAULT_RECENT_TOKENS else r)
+                                           recent_tokens=None if r == DEFAULT_RECENT_TOKENS else r,
+                                           window_dtype=windows)
             if setting not in settings:
                 settings.append(setting)
     settings += [ev.QuantoPeer(bits) for bits in args.peer_bits]
@@ -61,6 +64,9 @@ def main() -> int:
     parser.add_argument("--kv", nargs="*", default=[], metavar="K/V", help="key/value bit pairs (needs v_bits)")
     parser.add_argument("--kv-recent", type=int, nargs="*", default=[], metavar="N",
                         help="recent windows for each --kv pair (default: TurboQuantCache's)")
+    parser.add_argument("--window-dtype", default=None, choices=ev.WINDOW_DTYPE_NAMES,
+                        help="storage dtype of the full-precision windows of every TurboQuant row "
+                             "(default: TurboQuantCache's)")
     parser.add_argument("--peer-bits", type=int, nargs="*", default=[4], help="quanto QuantizedCache bit widths")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a shared machine)")
     args = parser.parse_args()

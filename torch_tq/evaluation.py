@@ -98,26 +98,31 @@ class FullPrecision:
 
 @dataclass(frozen=True)
 class TurboQuantSetting:
-    """``TurboQuantCache(config, bits=k_bits, v_bits=v_bits, sink_tokens=..., recent_tokens=...)``.
+    """``TurboQuantCache(config, bits=k_bits, v_bits=v_bits, sink_tokens=..., recent_tokens=..., window_dtype=...)``.
 
     ``None`` leaves an option at ``TurboQuantCache``'s default (``v_bits`` None: the same as ``k_bits``).
+    ``window_dtype`` is a name: ``"float32"``, ``"float16"``, ``"bfloat16"``, ``"model"`` or ``"auto"``.
     """
 
     k_bits: int
     v_bits: Optional[int] = None
     sink_tokens: Optional[int] = None
     recent_tokens: Optional[int] = None
+    window_dtype: Optional[str] = None
     kind: str = field(default="turboquant", init=False)
 
     @property
     def uses_defaults(self) -> bool:
         """Same bits for K and V and the default windows: the setting the quality goals are about."""
-        return self.v_bits in (None, self.k_bits) and self.sink_tokens is None and self.recent_tokens is None
+        return (self.v_bits in (None, self.k_bits) and self.sink_tokens is None and self.recent_tokens is None
+                and self.window_dtype is None)
 
     def label(self, dtype_name: str = "") -> str:
         bits = f"{self.k_bits}-bit" if self.v_bits in (None, self.k_bits) else f"K{self.k_bits}/V{self.v_bits}"
         windows = [f"{name} {value}" for name, value in (("sinks", self.sink_tokens), ("recent", self.recent_tokens))
                    if value is not None]
+        if self.window_dtype is not None:
+            windows.append(f"{self.window_dtype} windows")
         return f"TQ {bits}" + (f" ({', '.join(windows)})" if windows else "")
 
     def make_cache(self, model, max_cache_len: int):
@@ -125,7 +130,19 @@ class TurboQuantSetting:
 
         options = {name: getattr(self, name) for name in ("v_bits", "sink_tokens", "recent_tokens")
                    if getattr(self, name) is not None}
+        if self.window_dtype is not None:
+            options["window_dtype"] = window_dtype_from_name(self.window_dtype)
         return TurboQuantCache(model.config, bits=self.k_bits, max_cache_len=max_cache_len, **options)
+
+
+WINDOW_DTYPE_NAMES = ("float32", "float16", "bfloat16", "model", "auto")
+
+
+def window_dtype_from_name(name: str):
+    """``TurboQuantCache``'s ``window_dtype`` for a name of :data:`WINDOW_DTYPE_NAMES` (a dtype or a rule)."""
+    if name not in WINDOW_DTYPE_NAMES:
+        raise ValueError(f"window dtype must be one of {WINDOW_DTYPE_NAMES}, got {name!r}")
+    return name if name in ("model", "auto") else getattr(torch, name)
 
 
 @dataclass(frozen=True)
@@ -154,7 +171,8 @@ FULL = FullPrecision()
 
 def turboquant_settings(bits: Sequence[int], v_bits: Sequence[Optional[int]] = (None,),
                         sink_tokens: Sequence[Optional[int]] = (None,),
-                        recent_tokens: Sequence[Optional[int]] = (None,)) -> list[TurboQuantSetting]:
+                        recent_tokens: Sequence[Optional[int]] = (None,),
+                        window_dtypes: Sequence[Optional[str]] = (None,)) -> list[TurboQuantSetting]:
     """Every combination of the options, in the given order, without duplicates (``v_bits`` equal to the
     key bits is the same setting as ``None``)."""
     settings = []
@@ -162,9 +180,10 @@ def turboquant_settings(bits: Sequence[int], v_bits: Sequence[Optional[int]] = (
         for v in v_bits:
             for s in sink_tokens:
                 for r in recent_tokens:
-                    setting = TurboQuantSetting(k, None if v == k else v, s, r)
-                    if setting not in settings:
-                        settings.append(setting)
+                    for w in window_dtypes:
+                        setting = TurboQuantSetting(k, None if v == k else v, s, r, w)
+                        if setting not in settings:
+                            settings.append(setting)
     return settings
 
 

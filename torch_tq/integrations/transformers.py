@@ -80,7 +80,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 from ..layout import SUPPORTED_BITS, SUPPORTED_HEAD_DIMS
-from ..nn import TurboQuantKVCache
+from ..nn import TurboQuantKVCache, check_window_dtype
 from .gated_delta import use_tq_gated_delta
 
 __all__ = [
@@ -99,6 +99,8 @@ ATTN_IMPLEMENTATION = "tq"
 # module docstring). Sliding-window layers quantize every token.
 DEFAULT_SINK_TOKENS = 4
 DEFAULT_RECENT_TOKENS = 32
+# Storage dtype of those windows (see torch_tq.nn.TurboQuantKVCache's window_dtype).
+DEFAULT_WINDOW_DTYPE = "model"
 # transformers 5.x renamed generate's and the models' `past_key_values` argument to `cache` (the old
 # name still works there but warns); generate hands its cache to prepare_inputs_for_generation, so
 # that method's signature says which name the installed version expects.
@@ -164,6 +166,8 @@ class TurboQuantLayer(CacheLayerMixin):
         sink_tokens, recent_tokens (int): first and newest positions also kept in full precision
             (see :class:`torch_tq.nn.TurboQuantKVCache`). Default: ``0``.
         v_bits (Optional[int]): code width of the values. Default: ``None`` (= ``bits``).
+        window_dtype (torch.dtype | str): storage dtype of the windows (see
+            :class:`torch_tq.nn.TurboQuantKVCache`). Default: ``"model"``.
     """
 
     is_compileable = False
@@ -172,8 +176,10 @@ class TurboQuantLayer(CacheLayerMixin):
 
     def __init__(self, bits: int = 4, max_cache_len: Optional[int] = None, signs: Optional[torch.Tensor] = None,
                  fused: bool = True, center_keys: bool = True, sink_tokens: int = 0, recent_tokens: int = 0,
-                 v_bits: Optional[int] = None, **kwargs):
+                 v_bits: Optional[int] = None, window_dtype: torch.dtype | str = "model", **kwargs):
         super().__init__()
+        check_window_dtype("TurboQuantCache", window_dtype)
+        self.window_dtype = window_dtype
         self.center_keys = center_keys
         self.sink_tokens = sink_tokens
         self.recent_tokens = recent_tokens
@@ -216,7 +222,7 @@ class TurboQuantLayer(CacheLayerMixin):
                                     signs=self.signs, device=self.device, center_keys=self.center_keys,
                                     sink_tokens=min(self.sink_tokens, capacity),
                                     recent_tokens=min(self.recent_tokens, capacity),
-                                    v_bits=self.v_bits, dtype=self.dtype)
+                                    v_bits=self.v_bits, window_dtype=self.window_dtype)
         self.is_initialized = True
 
     def _reserve(self, num_tokens: int) -> None:
@@ -343,9 +349,9 @@ class TurboQuantSlidingLayer(TurboQuantLayer):
 
     def __init__(self, sliding_window: int, bits: int = 4, decode_chunk: int = 64, signs: Optional[torch.Tensor] = None,
                  fused: bool = True, center_keys: bool = True, sink_tokens: int = 0, recent_tokens: int = 0,
-                 v_bits: Optional[int] = None, **kwargs):
+                 v_bits: Optional[int] = None, window_dtype: torch.dtype | str = "model", **kwargs):
         super().__init__(bits=bits, signs=signs, fused=fused, center_keys=center_keys, sink_tokens=sink_tokens,
-                         recent_tokens=recent_tokens, v_bits=v_bits)
+                         recent_tokens=recent_tokens, v_bits=v_bits, window_dtype=window_dtype)
         if sliding_window < 1:
             raise ValueError(f"TurboQuantCache: sliding_window must be >= 1, got {sliding_window}")
         self.sliding_window = sliding_window
@@ -416,6 +422,10 @@ class TurboQuantCache(Cache):
         recent_tokens (int): the newest positions of each layer, kept in full precision as well (a
             ring). Default: ``32``.
         v_bits (Optional[int]): code width of the values. Default: ``None`` (= ``bits``).
+        window_dtype (torch.dtype | str): storage dtype of the sink and recent windows: ``torch.float32``,
+            ``torch.float16``, ``torch.bfloat16``, ``"model"`` (the model's K/V dtype) or ``"auto"`` (the
+            model's dtype if it is 16-bit, else ``torch.bfloat16``). The windows are counted in
+            ``nbytes``/``nbytes_used`` at their real size. Default: ``"model"``.
         device_lengths (bool): keep each sequence's token count in a device tensor that the kernels
             read (:class:`DeviceLengths`), so a decode step can be captured once in a CUDA graph and
             replayed (``benchmarks/cuda_generate.py``); needs ``max_cache_len`` (buffers never move),
@@ -443,6 +453,7 @@ class TurboQuantCache(Cache):
         recent_tokens: int = DEFAULT_RECENT_TOKENS,
         v_bits: Optional[int] = None,
         device_lengths: bool = False,
+        window_dtype: torch.dtype | str = DEFAULT_WINDOW_DTYPE,
     ):
         for name, value in (("bits", bits), ("v_bits", bits if v_bits is None else v_bits)):
             if value not in SUPPORTED_BITS:
@@ -450,6 +461,7 @@ class TurboQuantCache(Cache):
         for name, value in (("sink_tokens", sink_tokens), ("recent_tokens", recent_tokens)):
             if value < 0:
                 raise ValueError(f"TurboQuantCache: {name} must be >= 0, got {value}")
+        check_window_dtype("TurboQuantCache", window_dtype)
         text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
         if head_dim not in SUPPORTED_HEAD_DIMS:
@@ -484,11 +496,12 @@ class TurboQuantCache(Cache):
             if kind == "sliding_attention":
                 layers.append(TurboQuantSlidingLayer(text_config.sliding_window, bits=bits, decode_chunk=decode_chunk,
                                                      signs=signs, fused=fused, center_keys=center, v_bits=v_bits,
-                                                     sink_tokens=sink_tokens, recent_tokens=recent_tokens))
+                                                     sink_tokens=sink_tokens, recent_tokens=recent_tokens,
+                                                     window_dtype=window_dtype))
             else:
                 layers.append(TurboQuantLayer(bits=bits, max_cache_len=max_cache_len, signs=signs, fused=fused,
                                               center_keys=center, sink_tokens=sink_tokens, recent_tokens=recent_tokens,
-                                              v_bits=v_bits))
+                                              v_bits=v_bits, window_dtype=window_dtype))
         if device_lengths:
             lengths = DeviceLengths()
             for layer in layers:
