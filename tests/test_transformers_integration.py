@@ -294,10 +294,35 @@ def test_cache_api_semantics():
     assert cache.get_seq_length() == 0
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("window_dtype, stored", [(torch.bfloat16, torch.bfloat16), ("auto", torch.bfloat16),
+                                                  ("model", torch.float32), (torch.float32, torch.float32)])
+def test_window_dtype_of_a_float32_model(window_dtype, stored):
+    """TurboQuantCache(window_dtype=...) stores the sink/recent windows of every layer in that dtype and
+    counts them at their real size; 16-bit windows move the logits by far less than the 4-bit codes do."""
+    model = tiny_llama()
+    ids = torch.randint(1, V, (2, 30))
+    cache = tqhf.TurboQuantCache(model.config, bits=4, sink_tokens=4, recent_tokens=8, window_dtype=window_dtype)
+    out = chunked_logits(model, ids, cache, prefix=12, chunk=1)
+    kv = cache.layers[0].kv
+    assert {t.dtype for t in (kv.sink_k, kv.sink_v, kv.recent_k, kv.recent_v)} == {stored}
+    assert "windows=" + str(stored).removeprefix("torch.") in repr(cache.layers[0])
+    codes = 2 * torch_tq.quantized_nbytes(2, 2, 30, 64, 4)
+    assert cache.nbytes_used == 2 * (codes + 2 * 2 * 2 * 64 * stored.itemsize * (4 + 8))
+    f32 = chunked_logits(model, ids, tqhf.TurboQuantCache(model.config, bits=4, sink_tokens=4, recent_tokens=8,
+                                                          window_dtype=torch.float32), prefix=12, chunk=1)
+    full = model(ids).logits
+    window_err, code_err = (out - f32).abs().max().item(), (f32 - full).abs().max().item()
+    assert window_err <= 0.1 * code_err, (window_err, code_err)
+    assert (window_err > 0) == (stored != torch.float32)
+
+
 def test_cache_errors():
     model = tiny_llama()
     with pytest.raises(ValueError, match="bits must be one of"):
         tqhf.TurboQuantCache(model.config, bits=7)
+    with pytest.raises(ValueError, match="window_dtype must be one of"):
+        tqhf.TurboQuantCache(model.config, window_dtype=torch.int8)
     cfg = LlamaConfig(**{**COMMON, "head_dim": 80}, attn_implementation="tq")
     with pytest.raises(ValueError, match="head_dim must be one of"):
         tqhf.TurboQuantCache(cfg)

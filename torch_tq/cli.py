@@ -197,8 +197,12 @@ def _make_cache(model, bits: Optional[int], max_cache_len: Optional[int] = None,
 
     if bits is None:
         return DynamicCache(config=model.config)
+    from torch_tq.evaluation import window_dtype_from_name
+
     options = {name: getattr(args, name) for name in ("sink_tokens", "recent_tokens", "v_bits")
                if getattr(args, name, None) is not None}
+    if getattr(args, "window_dtype", None) is not None:
+        options["window_dtype"] = window_dtype_from_name(args.window_dtype)
     return TurboQuantCache(model.config, bits=bits, max_cache_len=max_cache_len, **options)
 
 
@@ -212,8 +216,9 @@ def _describe_windows(cache) -> str:
     layer = cache.layers[0]
     if not (layer.sink_tokens or layer.recent_tokens):
         return "every token quantized"
+    stored = f" ({str(layer.kv.sink_k.dtype).removeprefix('torch.')})" if layer.kv is not None else ""
     return (f"first {layer.sink_tokens} and newest {layer.recent_tokens} tokens of each layer also kept in "
-            f"full precision, counted in the KV bytes")
+            f"full precision{stored}, counted in the KV bytes")
 
 
 @torch.no_grad()
@@ -402,7 +407,7 @@ def _eval_settings(args) -> list:
     """The caches the command compares with the full-precision one, in row order."""
     from torch_tq import evaluation as ev
 
-    settings = ev.turboquant_settings(args.bits, args.v_bits, args.sink_tokens, args.recent_tokens)
+    settings = ev.turboquant_settings(args.bits, args.v_bits, args.sink_tokens, args.recent_tokens, args.window_dtype)
     if args.peer:
         if importlib.util.find_spec("optimum") is None or importlib.util.find_spec("optimum.quanto") is None:
             raise CLIError("torch-tq eval: --peer needs optimum-quanto (transformers' QuantizedCache backend); "
@@ -607,11 +612,20 @@ def _shipped_text_names() -> str:
     return ", ".join(t.name + (" (held out)" if t.held_out else "") for t in shipped_texts())
 
 
+def _window_dtype_names() -> tuple[str, ...]:
+    from torch_tq.evaluation import WINDOW_DTYPE_NAMES
+
+    return WINDOW_DTYPE_NAMES
+
+
 def _add_window_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sink-tokens", type=_non_negative, default=None,
                    help="first tokens of each layer kept in full precision too (default: TurboQuantCache's, 4)")
     p.add_argument("--recent-tokens", type=_non_negative, default=None,
                    help="newest tokens of each layer kept in full precision too (default: TurboQuantCache's, 32)")
+    p.add_argument("--window-dtype", default=None, choices=_window_dtype_names(),
+                   help="storage dtype of those full-precision tokens ('model': the model's dtype; 'auto': the "
+                        "model's if 16-bit, else bfloat16; default: TurboQuantCache's, model)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -653,6 +667,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--recent-tokens", type=_non_negative, nargs="+", default=[None],
                     help="newest tokens of each global layer kept in full precision; several values are each "
                          "evaluated (default: TurboQuantCache's)")
+    ev.add_argument("--window-dtype", nargs="+", default=[None], choices=_window_dtype_names(),
+                    help="storage dtype of the full-precision windows ('model': the model's dtype; 'auto': the "
+                         "model's if 16-bit, else bfloat16); several values are each evaluated (default: "
+                         "TurboQuantCache's)")
     ev.add_argument("--peer", action="store_true",
                     help="also evaluate transformers' QuantizedCache with optimum-quanto int4 and int2 (residual 128)")
     ev.add_argument("--prefix", type=_positive, default=64, help="tokens prefilled before decoding (default: 64)")
