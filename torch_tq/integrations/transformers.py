@@ -105,7 +105,9 @@ ATTN_IMPLEMENTATION = "tq"
 # 5/6 and 2/6; the former default (4-bit, 32 recent in the model's float32): 0/6 and 0/6. A float32
 # model's windows are stored in bfloat16 (same quality, half the bytes); a 16-bit model's in its dtype.
 # The recent window is as wide as quanto's bytes at 512 tokens allow (128 would exceed them).
-# Sliding-window layers quantize every token.
+# Cost: the native CPU kernels unpack 4- and 8-bit codes on a fast path and 3/5-bit codes on a generic
+# one (decode attention at 8k positions ~3x slower than 4-bit K and V; README, the 8k demo); bits=4
+# keeps the fast path. Sliding-window layers quantize every token.
 DEFAULT_BITS = 5
 DEFAULT_V_BITS = 3  # with DEFAULT_BITS only: TurboQuantCache(config, bits=b) gives b-bit keys and values
 DEFAULT_SINK_TOKENS = 4
