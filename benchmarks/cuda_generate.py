@@ -7,10 +7,11 @@ Variants (bf16 weights and activations, batch 1):
 
 * ``dynamic``          transformers' ``DynamicCache`` + SDPA, eager;
 * ``static-compiled``  ``StaticCache`` + ``torch.compile(mode="reduce-overhead")`` (CUDA graphs), SDPA;
-* ``tq4`` / ``tq3``    ``TurboQuantCache`` (4- or 3-bit codes, 4 sink + 32 recent full-precision tokens per
-  layer) + ``attn_implementation="tq"``, eager (one quantize launch per K and V and one fused
-  attention launch per layer and step);
-* ``tq4-graph`` / ``tq3-graph``  the same with ``device_lengths=True``, the whole decode step captured
+* ``tq4`` / ``tq3``    ``TurboQuantCache`` (4- or 3-bit codes for K and V, its default windows: 4 sink + 112
+  recent 16-bit tokens per layer) + ``attn_implementation="tq"``, eager (one quantize launch per K and V
+  and one fused attention launch per layer and step);
+* ``tq``               ``TurboQuantCache``'s defaults: 5-bit keys, 3-bit values (the bytes of ``tq4``), same windows;
+* ``tq4-graph`` / ``tq3-graph`` / ``tq-graph``  the same with ``device_lengths=True``, the whole decode step captured
   once in a CUDA graph (``torch.cuda.graph``) and replayed; the first replayed logits are checked
   against an eager step of an identical cache.
 * ``tq4-graph-compiled`` / ``tq3-graph-compiled``  as ``-graph``, with the model's cache-free parts (RMSNorms,
@@ -143,7 +144,8 @@ def _run_variant(model, name: str, ctx: int, args) -> tuple[float, int]:
         cache, nbytes = StaticCache(config=config, max_cache_len=ctx + args.steps + 16), full_kv_bytes(config, ctx)
     else:
         graph = name.endswith("-graph")
-        cache = tqhf.TurboQuantCache(config, bits=int(name[2]), max_cache_len=ctx + args.steps + 16,
+        bits = name.removesuffix("-graph")[2:]  # "" = TurboQuantCache's default widths
+        cache = tqhf.TurboQuantCache(config, bits=int(bits) if bits else None, max_cache_len=ctx + args.steps + 16,
                                      device_lengths=graph)
         nbytes = None
     fill(cache, config, ctx, generator)
@@ -314,8 +316,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--layers", type=int, default=32, help="decoder layers (32 = Llama-3-8B)")
     parser.add_argument("--variants", nargs="+", default=["dynamic", "static-compiled", "tq4", "tq4-graph"],
-                        choices=["dynamic", "static-compiled", "tq4", "tq3", "tq4-graph", "tq3-graph", "tq4-compiled",
-                                 "tq4-graph-compiled", "tq3-graph-compiled"])
+                        choices=["dynamic", "static-compiled", "tq", "tq4", "tq3", "tq-graph", "tq4-graph", "tq3-graph",
+                                 "tq-compiled", "tq4-compiled", "tq-graph-compiled", "tq4-graph-compiled",
+                                 "tq3-graph-compiled"])
     parser.add_argument("--out", default=None, help="also write the table to this file")
     parser.add_argument("--tiny-cpu-smoke-test", action="store_true",
                         help="a tiny model on the CPU: checks that the script runs, measures nothing meaningful")

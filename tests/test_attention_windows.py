@@ -49,6 +49,9 @@ CASES = [
     ("kv_start_left_padding", 3, 4, 2, 2, 64, 32, 21, 4, 4, 0, 0.0, [0, 3, 19], 4, 8, torch.float32, torch.float32, [21]),
     ("bf16_windows_d256", 1, 4, 1, 2, 256, 24, 20, 4, 3, 0, 0.0, None, 4, 8, torch.bfloat16, torch.bfloat16, [4]),
     ("d512_mixed_dtypes", 1, 2, 1, 1, 512, 12, 12, 6, 8, 0, 0.0, None, 2, 4, torch.float16, torch.float32, [5]),
+    # A float32 model with bfloat16 windows (TurboQuantCache(window_dtype="auto")): the query stays float32.
+    ("f32_query_bf16_windows", 1, 9, 3, 1, 64, 64, 50, 4, 4, 0, 0.0, None, 4, 8, torch.float32, torch.bfloat16,
+     [20, 1]),
 ]
 
 

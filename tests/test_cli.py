@@ -111,6 +111,15 @@ def test_demo_smollm2(capsys):
     assert "identical greedy prefix: 24/24 tokens" in text
 
 
+def test_bit_width_options():
+    parser = cli.build_parser()
+    assert parser.parse_args(["eval"]).bits is None  # the evaluation's default list (TurboQuantCache's default first)
+    assert parser.parse_args(["eval", "--bits", "default", "4"]).bits == [None, 4]
+    assert parser.parse_args(["demo"]).bits is None  # TurboQuantCache's default widths
+    with pytest.raises(SystemExit):
+        parser.parse_args(["eval", "--bits", "7"])
+
+
 def test_window_options_must_be_non_negative(capsys):
     with pytest.raises(SystemExit):
         cli.main(["eval", "--recent-tokens", "-2"])

@@ -108,6 +108,18 @@ def test_settings_cross_product_and_labels():
     assert [s.label() for s in settings] == [
         "TQ 4-bit", "TQ 4-bit (recent 64)", "TQ 8-bit", "TQ 8-bit (recent 64)", "TQ K8/V4", "TQ K8/V4 (recent 64)"]
     assert settings[0].uses_defaults and not settings[1].uses_defaults and not settings[4].uses_defaults
+    windows = ev.turboquant_settings([4], recent_tokens=[None, 64], window_dtypes=[None, "bfloat16"])
+    assert [s.label() for s in windows] == [
+        "TQ 4-bit", "TQ 4-bit (bfloat16 windows)", "TQ 4-bit (recent 64)", "TQ 4-bit (recent 64, bfloat16 windows)"]
+    assert not windows[1].uses_defaults
+    with pytest.raises(ValueError, match="window dtype must be one of"):
+        ev.window_dtype_from_name("bf16")
+    # bits None: TurboQuantCache's default widths, which answer to the 4-bit goal (they have its bytes).
+    default = ev.turboquant_settings([None, 4, 8])
+    assert [s.label() for s in default] == ["TQ K5/V3 default", "TQ 4-bit", "TQ 8-bit"]
+    assert default[0].widths() == (5, 3) and [s.goal_bits for s in default] == [4, 4, 8]
+    assert ev.TurboQuantSetting(None, v_bits=4).label() == "TQ K5/V4 default"
+    assert ev.TurboQuantSetting(4, recent_tokens=64).goal_bits is None
     assert ev.QuantoPeer(4).label() == "quanto int4 (residual 128)"
 
 
@@ -177,13 +189,18 @@ def test_two_lengths_from_one_pass_equal_separate_passes(model, chunk):
 def test_kv_bytes_per_token(model):
     ids = torch.randint(0, 256, (3, 16))
     tq8 = ev.TurboQuantSetting(8, sink_tokens=0, recent_tokens=0)
-    tq4_windows = ev.TurboQuantSetting(4, sink_tokens=2, recent_tokens=4)
-    scores = ev.score_texts(model, ids, 5, [16], [tq8, tq4_windows])
+    windows = {name: ev.TurboQuantSetting(4, sink_tokens=2, recent_tokens=4, window_dtype=name)
+               for name in ("float32", "bfloat16", "auto")}
+    scores = ev.score_texts(model, ids, 5, [16], [tq8, *windows.values()])
     per_vector = LAYERS * KV_HEADS * 2  # K and V of every layer and KV head
     assert scores[ev.FULL].bytes_per_token[16] == per_vector * HEAD_DIM * 4  # float32
     # 8-bit codes + one float32 norm per vector (norm blocks of the whole head dim here).
     assert scores[tq8].bytes_per_token[16] == per_vector * (HEAD_DIM + 4)
-    assert scores[tq4_windows].bytes_per_token[16] > per_vector * (HEAD_DIM // 2 + 4)  # + the windows
+    # 4-bit codes + norms of every token held (15: the last token is only predicted), and 2 + 4 of them
+    # also in the windows' dtype (auto: bfloat16 for this float32 model).
+    for name, itemsize in (("float32", 4), ("bfloat16", 2), ("auto", 2)):
+        expected = per_vector * (HEAD_DIM // 2 + 4 + HEAD_DIM * itemsize * (2 + 4) / 15)
+        assert scores[windows[name]].bytes_per_token[16] == pytest.approx(expected, rel=1e-12)
 
 
 def test_quanto_peer_bytes_count_codes_scales_and_residual(model):

@@ -270,3 +270,49 @@ def test_window_rules():
         TurboQuantKVCache(2, 64, capacity=8, recent_tokens=9)
     with pytest.raises(ValueError, match="v_bits must be one of"):
         TurboQuantKVCache(2, 64, capacity=8, v_bits=7)
+
+
+@pytest.mark.parametrize("window_dtype, stored", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                                  ("auto", torch.bfloat16), ("model", torch.float32)])
+def test_window_dtype_of_a_float32_cache(window_dtype, stored):
+    """Windows stored in a dtype other than the K/V's: they hold the rotated, centred K/V rounded to that
+    dtype (checked against the float64 oracle), attend reads them as they are (equal to the attention
+    over dequantize()), and the bytes count their real size."""
+    from _oracle import rotate64
+
+    B, Hq, Hkv, D, N, S, W = 2, 6, 3, 64, 29, 4, 8
+    cache = TurboQuantKVCache(Hkv, D, capacity=40, bits=4, batch_size=B, sink_tokens=S, recent_tokens=W,
+                              window_dtype=window_dtype)
+    k, v = torch.randn(B, N, Hkv, D) + 1.0, torch.randn(B, N, Hkv, D)
+    cache.append(k[:, :20], v[:, :20])
+    for t in range(20, N):
+        cache.append(k[:, t : t + 1], v[:, t : t + 1])
+    assert {t.dtype for t in (cache.sink_k, cache.sink_v, cache.recent_k, cache.recent_v)} == {stored}
+    expect_k = rotate64(k - cache.k_mean[:, None], cache.signs).transpose(1, 2)  # [B, Hkv, N, D]
+    expect_v = rotate64(v, cache.signs).transpose(1, 2)
+    newest = torch.arange(N - W, N)
+    for got, want in ((cache.sink_k, expect_k[:, :, :S]), (cache.sink_v, expect_v[:, :, :S]),
+                      (cache.recent_k[:, :, newest % W], expect_k[:, :, newest]),
+                      (cache.recent_v[:, :, newest % W], expect_v[:, :, newest])):
+        # Rounded once to the stored dtype (at most one unit in the last place away from the exact values).
+        torch.testing.assert_close(got.double(), want, rtol=torch.finfo(stored).eps, atol=1e-5)
+    q = torch.randn(B, Hq, 1, D)
+    out = cache.attend(q)
+    assert out.dtype == q.dtype
+    kd, vd = cache.dequantize()
+    assert _rel(out, _attention_over(q, kd, vd, N)) < 1e-5
+    codes = quantized_nbytes(B, Hkv, N, D, 4) * 2
+    assert cache.nbytes_used == codes + 2 * B * Hkv * D * stored.itemsize * (S + W)
+
+
+def test_window_dtype_auto_keeps_16_bit_models_and_rejects_others():
+    for kv_dtype in (torch.float16, torch.bfloat16):
+        cache = TurboQuantKVCache(1, 64, capacity=8, sink_tokens=2, recent_tokens=2, window_dtype="auto")
+        cache.append(torch.randn(1, 3, 1, 64, dtype=kv_dtype), torch.randn(1, 3, 1, 64, dtype=kv_dtype))
+        assert cache.recent_k.dtype == kv_dtype and cache.sink_v.dtype == kv_dtype
+    attn = TurboQuantAttention(2, 1, 64, capacity=8, recent_tokens=4, window_dtype=torch.bfloat16)
+    assert attn.cache.recent_k.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="window_dtype must be one of"):
+        TurboQuantKVCache(1, 64, capacity=8, window_dtype=torch.float64)
+    with pytest.raises(ValueError, match="window_dtype must be one of"):
+        TurboQuantKVCache(1, 64, capacity=8, window_dtype="bf16")

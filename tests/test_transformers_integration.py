@@ -274,11 +274,12 @@ def test_cache_api_semantics():
     with torch.no_grad():
         model(torch.randint(1, V, (2, 10)), past_key_values=cache)  # grows past max_cache_len
     assert cache.get_seq_length() == 25 and layer.kv.capacity >= 25
-    # Every token is in the codes; the 4 sinks and the newest 20 (the default 32, capped at
-    # max_cache_len=20) also in full precision: layers x (codes + K/V x B x Hkv x D x float32 x tokens).
-    assert layer.kv.recent_k.shape[2] == 20
+    # Every token is in the codes; the 4 sinks and the newest 20 (the default 112, capped at
+    # max_cache_len=20) also in 16 bits (window_dtype "auto": bfloat16 for this float32 model):
+    # layers x (codes + K/V x B x Hkv x D x 2 bytes x tokens).
+    assert layer.kv.recent_k.shape[2] == 20 and layer.kv.recent_k.dtype == torch.bfloat16
     codes = 2 * torch_tq.quantized_nbytes(2, 2, 25, 64, 4)
-    assert cache.nbytes_used == 2 * (codes + 2 * 2 * 2 * 64 * 4 * (4 + 20))
+    assert cache.nbytes_used == 2 * (codes + 2 * 2 * 2 * 64 * 2 * (4 + 20))
     cache.crop(-5)
     assert cache.get_seq_length() == 20
     with pytest.raises(ValueError, match="negative"):
@@ -294,10 +295,35 @@ def test_cache_api_semantics():
     assert cache.get_seq_length() == 0
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("window_dtype, stored", [(torch.bfloat16, torch.bfloat16), ("auto", torch.bfloat16),
+                                                  ("model", torch.float32), (torch.float32, torch.float32)])
+def test_window_dtype_of_a_float32_model(window_dtype, stored):
+    """TurboQuantCache(window_dtype=...) stores the sink/recent windows of every layer in that dtype and
+    counts them at their real size; 16-bit windows move the logits by far less than the 4-bit codes do."""
+    model = tiny_llama()
+    ids = torch.randint(1, V, (2, 30))
+    cache = tqhf.TurboQuantCache(model.config, bits=4, sink_tokens=4, recent_tokens=8, window_dtype=window_dtype)
+    out = chunked_logits(model, ids, cache, prefix=12, chunk=1)
+    kv = cache.layers[0].kv
+    assert {t.dtype for t in (kv.sink_k, kv.sink_v, kv.recent_k, kv.recent_v)} == {stored}
+    assert "windows=" + str(stored).removeprefix("torch.") in repr(cache.layers[0])
+    codes = 2 * torch_tq.quantized_nbytes(2, 2, 30, 64, 4)
+    assert cache.nbytes_used == 2 * (codes + 2 * 2 * 2 * 64 * stored.itemsize * (4 + 8))
+    f32 = chunked_logits(model, ids, tqhf.TurboQuantCache(model.config, bits=4, sink_tokens=4, recent_tokens=8,
+                                                          window_dtype=torch.float32), prefix=12, chunk=1)
+    full = model(ids).logits
+    window_err, code_err = (out - f32).abs().max().item(), (f32 - full).abs().max().item()
+    assert window_err <= 0.1 * code_err, (window_err, code_err)
+    assert (window_err > 0) == (stored != torch.float32)
+
+
 def test_cache_errors():
     model = tiny_llama()
     with pytest.raises(ValueError, match="bits must be one of"):
         tqhf.TurboQuantCache(model.config, bits=7)
+    with pytest.raises(ValueError, match="window_dtype must be one of"):
+        tqhf.TurboQuantCache(model.config, window_dtype=torch.int8)
     cfg = LlamaConfig(**{**COMMON, "head_dim": 80}, attn_implementation="tq")
     with pytest.raises(ValueError, match="head_dim must be one of"):
         tqhf.TurboQuantCache(cfg)
@@ -313,6 +339,17 @@ def test_attention_without_cache_is_sdpa():
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref(ids).logits)
         assert torch.equal(model(ids, past_key_values=DynamicCache(config=model.config)).logits, ref(ids).logits)
+
+
+def test_cache_defaults_are_k5v3_with_112_recent_16_bit_tokens():
+    """TurboQuantCache(config) is the measured default (README, multi-text quality table); bits=b alone is
+    b-bit keys and values; v_bits alone keeps the default 5-bit keys."""
+    config = tiny_llama().config
+    default = tqhf.TurboQuantCache(config)
+    assert (default.bits, default.v_bits) == (5, 3)
+    layer = default.layers[0]
+    assert (layer.sink_tokens, layer.recent_tokens, layer.window_dtype) == (4, 112, "auto")
+    assert (tqhf.TurboQuantCache(config, bits=4).v_bits, tqhf.TurboQuantCache(config, v_bits=4).bits) == (4, 5)
 
 
 def test_cache_rejects_negative_windows():

@@ -189,17 +189,21 @@ def _kv_bytes_allocated(cache) -> int:
     return cache.nbytes if hasattr(cache, "nbytes") else _kv_bytes(cache)
 
 
-def _make_cache(model, bits: Optional[int], max_cache_len: Optional[int] = None, args=None):
-    """The full-precision ``DynamicCache`` (bits None) or a ``TurboQuantCache`` with the command's window options."""
+def _make_cache(model, args=None, max_cache_len: Optional[int] = None):
+    """The full-precision ``DynamicCache`` (no ``args``) or a ``TurboQuantCache`` with the command's options
+    (``None`` options are ``TurboQuantCache``'s defaults)."""
     from transformers import DynamicCache
 
+    from torch_tq.evaluation import window_dtype_from_name
     from torch_tq.integrations.transformers import TurboQuantCache
 
-    if bits is None:
+    if args is None:
         return DynamicCache(config=model.config)
-    options = {name: getattr(args, name) for name in ("sink_tokens", "recent_tokens", "v_bits")
+    options = {name: getattr(args, name) for name in ("bits", "sink_tokens", "recent_tokens", "v_bits")
                if getattr(args, name, None) is not None}
-    return TurboQuantCache(model.config, bits=bits, max_cache_len=max_cache_len, **options)
+    if getattr(args, "window_dtype", None) is not None:
+        options["window_dtype"] = window_dtype_from_name(args.window_dtype)
+    return TurboQuantCache(model.config, max_cache_len=max_cache_len, **options)
 
 
 def _bits_label(bits: int, v_bits: Optional[int]) -> str:
@@ -212,8 +216,9 @@ def _describe_windows(cache) -> str:
     layer = cache.layers[0]
     if not (layer.sink_tokens or layer.recent_tokens):
         return "every token quantized"
+    stored = f" ({str(layer.kv.sink_k.dtype).removeprefix('torch.')})" if layer.kv is not None else ""
     return (f"first {layer.sink_tokens} and newest {layer.recent_tokens} tokens of each layer also kept in "
-            f"full precision, counted in the KV bytes")
+            f"full precision{stored}, counted in the KV bytes")
 
 
 @torch.no_grad()
@@ -300,17 +305,16 @@ def cmd_demo(args) -> int:
         inputs = _encode_prompt(tokenizer, args.prompt, not args.no_chat_template, device)
     prompt_len = inputs["input_ids"].shape[1]
     total = prompt_len + args.max_new_tokens
-    label = f"TurboQuant {_bits_label(args.bits, args.v_bits)}"
+    tq_cache = _make_cache(model, args, max_cache_len=total)
+    label = f"TurboQuant {_bits_label(tq_cache.bits, tq_cache.v_bits)}"
 
     # Warm-up (first-call costs of both paths), so neither timed run pays them.
     warm = {k: v[:, : min(prompt_len, 8)] for k, v in inputs.items()}
-    for bits in (None, args.bits):
-        _generate(model, warm, _make_cache(model, bits, max_cache_len=total, args=args), 2, "warm-up", args.seed,
-                  args.sample)
+    for tq in (None, args):
+        _generate(model, warm, _make_cache(model, tq, max_cache_len=total), 2, "warm-up", args.seed, args.sample)
 
-    full_cache = _make_cache(model, None)
+    full_cache = _make_cache(model)
     full_out, full_t = _generate(model, inputs, full_cache, args.max_new_tokens, "full-precision cache", args.seed, args.sample)
-    tq_cache = _make_cache(model, args.bits, max_cache_len=total, args=args)
     tq_out, tq_t = _generate(model, inputs, tq_cache, args.max_new_tokens, f"{label} cache", args.seed, args.sample)
 
     full_new = full_out[0, prompt_len:]
@@ -324,8 +328,8 @@ def cmd_demo(args) -> int:
     if not args.no_agreement:
         seq = full_out[:, : prompt_len + max(len(full_new) - 1, 0)]
         with torch.no_grad():
-            ref_logits = teacher_forced_logits(model, seq, prompt_len, _make_cache(model, None), chunk=1)
-            tq_cache_tf = _make_cache(model, args.bits, max_cache_len=total, args=args)
+            ref_logits = teacher_forced_logits(model, seq, prompt_len, _make_cache(model), chunk=1)
+            tq_cache_tf = _make_cache(model, args, max_cache_len=total)
             tq_logits = teacher_forced_logits(model, seq, prompt_len, tq_cache_tf, chunk=1)
         scored = slice(prompt_len - 1, seq.shape[1])
         agree = (ref_logits[scored].argmax(-1) == tq_logits[scored].argmax(-1)).float()
@@ -402,7 +406,8 @@ def _eval_settings(args) -> list:
     """The caches the command compares with the full-precision one, in row order."""
     from torch_tq import evaluation as ev
 
-    settings = ev.turboquant_settings(args.bits, args.v_bits, args.sink_tokens, args.recent_tokens)
+    bits = ev.DEFAULT_BITS if args.bits is None else args.bits
+    settings = ev.turboquant_settings(bits, args.v_bits, args.sink_tokens, args.recent_tokens, args.window_dtype)
     if args.peer:
         if importlib.util.find_spec("optimum") is None or importlib.util.find_spec("optimum.quanto") is None:
             raise CLIError("torch-tq eval: --peer needs optimum-quanto (transformers' QuantizedCache backend); "
@@ -592,6 +597,15 @@ def _positive(text: str) -> int:
     return value
 
 
+def _bits_or_default(text: str) -> Optional[int]:
+    """A key bit width for ``eval --bits``: ``default`` (None: TurboQuantCache's default widths) or a supported width."""
+    if text == "default":
+        return None
+    if text.isdigit() and int(text) in DEFAULT_EVAL_BITS:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"must be 'default' or one of {' '.join(map(str, DEFAULT_EVAL_BITS))}, got {text!r}")
+
+
 def _v_bits(text: str) -> Optional[int]:
     """A value bit width for ``eval --v-bits``: ``same`` (None: as the key bits) or one of the supported widths."""
     if text == "same":
@@ -607,11 +621,20 @@ def _shipped_text_names() -> str:
     return ", ".join(t.name + (" (held out)" if t.held_out else "") for t in shipped_texts())
 
 
+def _window_dtype_names() -> tuple[str, ...]:
+    from torch_tq.evaluation import WINDOW_DTYPE_NAMES
+
+    return WINDOW_DTYPE_NAMES
+
+
 def _add_window_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sink-tokens", type=_non_negative, default=None,
                    help="first tokens of each layer kept in full precision too (default: TurboQuantCache's, 4)")
     p.add_argument("--recent-tokens", type=_non_negative, default=None,
-                   help="newest tokens of each layer kept in full precision too (default: TurboQuantCache's, 32)")
+                   help="newest tokens of each layer kept in full precision too (default: TurboQuantCache's, 112)")
+    p.add_argument("--window-dtype", default=None, choices=_window_dtype_names(),
+                   help="storage dtype of those full-precision tokens ('model': the model's dtype; 'auto': the "
+                        "model's if 16-bit, else bfloat16; default: TurboQuantCache's, auto)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -622,9 +645,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(demo)
     demo.add_argument("--prompt", default=DEFAULT_PROMPT, help="the user message (default: %(default)r)")
     demo.add_argument("--max-new-tokens", type=_positive, default=64, help="tokens to generate (default: 64)")
-    demo.add_argument("--bits", type=int, default=4, choices=DEFAULT_EVAL_BITS, help="TurboQuant bits (default: 4)")
+    demo.add_argument("--bits", type=int, default=None, choices=DEFAULT_EVAL_BITS,
+                      help="TurboQuant bits of the keys, and of the values unless --v-bits (default: TurboQuantCache's, "
+                           "5-bit keys with 3-bit values: the bytes of 4-bit keys and values)")
     demo.add_argument("--v-bits", type=int, default=None, choices=DEFAULT_EVAL_BITS,
-                      help="TurboQuant bits of the values (default: --bits)")
+                      help="TurboQuant bits of the values (default: --bits, or 3 without --bits)")
     demo.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     demo.add_argument("--seed", type=int, default=0, help="random seed for --sample (default: 0)")
     demo.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
@@ -643,8 +668,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="shipped texts to score (default: all of them, unless --text is given): " + _shipped_text_names())
     ev.add_argument("--text", nargs="+", default=None, metavar="FILE",
                     help="your own text files to score (UTF-8; a .json file is a chat: a list of {role, content})")
-    ev.add_argument("--bits", type=int, nargs="+", default=[3, 4, 8], choices=DEFAULT_EVAL_BITS,
-                    help="TurboQuant (key) bit widths (default: 3 4 8)")
+    ev.add_argument("--bits", type=_bits_or_default, nargs="+", default=None, metavar="{default,2,3,4,5,6,8}",
+                    help="TurboQuant (key) bit widths; 'default' is TurboQuantCache's default, 5-bit keys with "
+                         "3-bit values (the bytes of 4-bit keys and values) (default: default 8 4 3)")
     ev.add_argument("--v-bits", type=_v_bits, nargs="+", default=[None], metavar="{same,2,3,4,5,6,8}",
                     help="value bit widths, each combined with every --bits (default: same as the key bits)")
     ev.add_argument("--sink-tokens", type=_non_negative, nargs="+", default=[None],
@@ -653,6 +679,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--recent-tokens", type=_non_negative, nargs="+", default=[None],
                     help="newest tokens of each global layer kept in full precision; several values are each "
                          "evaluated (default: TurboQuantCache's)")
+    ev.add_argument("--window-dtype", nargs="+", default=[None], choices=_window_dtype_names(),
+                    help="storage dtype of the full-precision windows ('model': the model's dtype; 'auto': the "
+                         "model's if 16-bit, else bfloat16); several values are each evaluated (default: "
+                         "TurboQuantCache's)")
     ev.add_argument("--peer", action="store_true",
                     help="also evaluate transformers' QuantizedCache with optimum-quanto int4 and int2 (residual 128)")
     ev.add_argument("--prefix", type=_positive, default=64, help="tokens prefilled before decoding (default: 64)")

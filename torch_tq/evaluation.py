@@ -37,7 +37,8 @@ import torch
 DATA_DIR = Path(__file__).parent / "data"
 MANIFEST = DATA_DIR / "texts.json"
 
-DEFAULT_BITS = (3, 4, 8)
+# Settings torch-tq eval compares by default: TurboQuantCache's defaults (None: K5/V3), then b-bit K and V.
+DEFAULT_BITS = (None, 8, 4, 3)
 DEFAULT_LENGTHS = (512, 1024)
 DEFAULT_PREFIX = 64
 # transformers' QuantizedCache defaults (q_group_size 64, newest 128 tokens in full precision).
@@ -98,26 +99,53 @@ class FullPrecision:
 
 @dataclass(frozen=True)
 class TurboQuantSetting:
-    """``TurboQuantCache(config, bits=k_bits, v_bits=v_bits, sink_tokens=..., recent_tokens=...)``.
+    """``TurboQuantCache(config, bits=k_bits, v_bits=v_bits, sink_tokens=..., recent_tokens=..., window_dtype=...)``.
 
-    ``None`` leaves an option at ``TurboQuantCache``'s default (``v_bits`` None: the same as ``k_bits``).
+    ``None`` leaves an option at ``TurboQuantCache``'s default (``k_bits`` None: its default widths, 5-bit
+    keys and 3-bit values; ``v_bits`` None: the same as ``k_bits``, or the default's 3 when ``k_bits`` is
+    None). ``window_dtype`` is a name: ``"float32"``, ``"float16"``, ``"bfloat16"``, ``"model"`` or ``"auto"``.
     """
 
-    k_bits: int
+    k_bits: Optional[int]
     v_bits: Optional[int] = None
     sink_tokens: Optional[int] = None
     recent_tokens: Optional[int] = None
+    window_dtype: Optional[str] = None
     kind: str = field(default="turboquant", init=False)
 
     @property
     def uses_defaults(self) -> bool:
         """Same bits for K and V and the default windows: the setting the quality goals are about."""
-        return self.v_bits in (None, self.k_bits) and self.sink_tokens is None and self.recent_tokens is None
+        return (self.v_bits in (None, self.k_bits) and self.sink_tokens is None and self.recent_tokens is None
+                and self.window_dtype is None)
+
+    @property
+    def goal_bits(self) -> Optional[int]:
+        """The width whose issue-14 goal applies (:data:`QUALITY_GOALS`), for settings with the default options:
+        ``bits=b`` answers to the b-bit goal, ``TurboQuantCache``'s default widths (K5/V3, the bytes of 4-bit
+        keys and values) to the 4-bit goal."""
+        if not self.uses_defaults:
+            return None
+        bits = 4 if self.k_bits is None else self.k_bits
+        return bits if bits in QUALITY_GOALS else None
+
+    def widths(self) -> tuple[int, int]:
+        """(key bits, value bits) of the cache this setting makes."""
+        if self.k_bits is None:
+            from torch_tq.integrations import transformers as tqhf
+
+            return tqhf.DEFAULT_BITS, tqhf.DEFAULT_V_BITS if self.v_bits is None else self.v_bits
+        return self.k_bits, self.k_bits if self.v_bits is None else self.v_bits
 
     def label(self, dtype_name: str = "") -> str:
-        bits = f"{self.k_bits}-bit" if self.v_bits in (None, self.k_bits) else f"K{self.k_bits}/V{self.v_bits}"
+        k, v = self.widths()
+        bits = f"{k}-bit" if k == v else f"K{k}/V{v}"
+        if self.k_bits is None:
+            bits += " default"
         windows = [f"{name} {value}" for name, value in (("sinks", self.sink_tokens), ("recent", self.recent_tokens))
                    if value is not None]
+        if self.window_dtype is not None:
+            windows.append(f"{self.window_dtype} windows")
         return f"TQ {bits}" + (f" ({', '.join(windows)})" if windows else "")
 
     def make_cache(self, model, max_cache_len: int):
@@ -125,7 +153,19 @@ class TurboQuantSetting:
 
         options = {name: getattr(self, name) for name in ("v_bits", "sink_tokens", "recent_tokens")
                    if getattr(self, name) is not None}
+        if self.window_dtype is not None:
+            options["window_dtype"] = window_dtype_from_name(self.window_dtype)
         return TurboQuantCache(model.config, bits=self.k_bits, max_cache_len=max_cache_len, **options)
+
+
+WINDOW_DTYPE_NAMES = ("float32", "float16", "bfloat16", "model", "auto")
+
+
+def window_dtype_from_name(name: str):
+    """``TurboQuantCache``'s ``window_dtype`` for a name of :data:`WINDOW_DTYPE_NAMES` (a dtype or a rule)."""
+    if name not in WINDOW_DTYPE_NAMES:
+        raise ValueError(f"window dtype must be one of {WINDOW_DTYPE_NAMES}, got {name!r}")
+    return name if name in ("model", "auto") else getattr(torch, name)
 
 
 @dataclass(frozen=True)
@@ -152,19 +192,21 @@ Setting = Union[FullPrecision, TurboQuantSetting, QuantoPeer]
 FULL = FullPrecision()
 
 
-def turboquant_settings(bits: Sequence[int], v_bits: Sequence[Optional[int]] = (None,),
+def turboquant_settings(bits: Sequence[Optional[int]], v_bits: Sequence[Optional[int]] = (None,),
                         sink_tokens: Sequence[Optional[int]] = (None,),
-                        recent_tokens: Sequence[Optional[int]] = (None,)) -> list[TurboQuantSetting]:
+                        recent_tokens: Sequence[Optional[int]] = (None,),
+                        window_dtypes: Sequence[Optional[str]] = (None,)) -> list[TurboQuantSetting]:
     """Every combination of the options, in the given order, without duplicates (``v_bits`` equal to the
-    key bits is the same setting as ``None``)."""
+    key bits is the same setting as ``None``; ``bits`` None is ``TurboQuantCache``'s default widths)."""
     settings = []
     for k in bits:
         for v in v_bits:
             for s in sink_tokens:
                 for r in recent_tokens:
-                    setting = TurboQuantSetting(k, None if v == k else v, s, r)
-                    if setting not in settings:
-                        settings.append(setting)
+                    for w in window_dtypes:
+                        setting = TurboQuantSetting(k, None if v == k else v, s, r, w)
+                        if setting not in settings:
+                            settings.append(setting)
     return settings
 
 
@@ -453,9 +495,9 @@ def goal_verdicts(report: Report, settings: Sequence[Setting]) -> list[str]:
     """One line per TurboQuant default setting with a goal: on how many texts it meets it, per length."""
     lines = []
     for s in settings:
-        if not (isinstance(s, TurboQuantSetting) and s.uses_defaults and s.k_bits in QUALITY_GOALS):
+        if not (isinstance(s, TurboQuantSetting) and s.goal_bits is not None):
             continue
-        goal = QUALITY_GOALS[s.k_bits]
+        goal = QUALITY_GOALS[s.goal_bits]
         label = s.label(report.dtype)
         parts = []
         for length in report.lengths:

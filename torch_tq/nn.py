@@ -28,7 +28,26 @@ from .layout import (
     valid_positions,
 )
 
-__all__ = ["TurboQuantAttention", "TurboQuantKVCache", "merge_attention", "reference_attention"]
+__all__ = ["TurboQuantAttention", "TurboQuantKVCache", "merge_attention", "reference_attention", "resolve_window_dtype"]
+
+WINDOW_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+WINDOW_DTYPE_RULES = ("model", "auto")
+
+
+def check_window_dtype(owner: str, window_dtype) -> None:
+    """Raises ``ValueError`` unless ``window_dtype`` is one of :data:`WINDOW_DTYPES` or :data:`WINDOW_DTYPE_RULES`."""
+    if window_dtype not in WINDOW_DTYPES + WINDOW_DTYPE_RULES:
+        raise ValueError(f"{owner}: window_dtype must be one of {[str(d) for d in WINDOW_DTYPES]} or "
+                         f"{list(WINDOW_DTYPE_RULES)}, got {window_dtype!r}")
+
+
+def resolve_window_dtype(window_dtype: torch.dtype | str, kv_dtype: torch.dtype) -> torch.dtype:
+    """The storage dtype of the full-precision windows for K/V of ``kv_dtype`` (see :class:`TurboQuantKVCache`)."""
+    if window_dtype == "model":
+        return kv_dtype
+    if window_dtype == "auto":
+        return kv_dtype if kv_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+    return window_dtype
 
 
 class TurboQuantKVCache(nn.Module):
@@ -69,8 +88,12 @@ class TurboQuantKVCache(nn.Module):
         recent_tokens (int): also keep the newest ``recent_tokens`` positions in full precision, in a
             ring (a query's own neighbourhood matters most). Must be ``<= capacity``. Default: ``0``.
         v_bits (Optional[int]): code width of the values. Default: ``None`` (= ``bits``).
-        dtype (Optional[torch.dtype]): dtype of the full-precision windows. Default: ``None``, the dtype
-            of the first appended K/V.
+        window_dtype (torch.dtype | str): storage dtype of the full-precision windows: a float dtype
+            (``torch.float32``, ``torch.float16``, ``torch.bfloat16``), ``"model"`` (the dtype of the first
+            appended K/V) or ``"auto"`` (the K/V dtype if it is 16-bit, else ``torch.bfloat16``: a
+            float32 model's windows at half the bytes, with a relative rounding error of 2^-9, far below
+            the codes'). The windows are copies in the rotated domain, read by the ops in whatever float
+            dtype they have. Default: ``"model"``.
 
     Every token is quantized when it is appended; the windows hold full-precision copies in the
     rotated domain (what the op reads), so tokens never move between stores.
@@ -116,10 +139,11 @@ class TurboQuantKVCache(nn.Module):
         sink_tokens: int = 0,
         recent_tokens: int = 0,
         v_bits: Optional[int] = None,
-        dtype: Optional[torch.dtype] = None,
+        window_dtype: torch.dtype | str = "model",
     ):
         super().__init__()
         v_bits = bits if v_bits is None else v_bits
+        check_window_dtype("TurboQuantKVCache", window_dtype)
         if head_dim not in SUPPORTED_HEAD_DIMS:
             raise ValueError(f"TurboQuantKVCache: head_dim must be one of {SUPPORTED_HEAD_DIMS}, got {head_dim}")
         for name, value in (("bits", bits), ("v_bits", v_bits)):
@@ -163,12 +187,13 @@ class TurboQuantKVCache(nn.Module):
         # Per-(sequence, KV head) key offset subtracted inside the quantize op; set by the first append.
         self.register_buffer("k_mean", torch.zeros(batch_size, num_kv_heads, head_dim, device=device))
         self.has_k_mean = False
-        window = dict(device=device, dtype=dtype or torch.float32)
+        self.window_dtype = window_dtype
+        # A rule ("model", "auto") is resolved by the first append, from the K/V dtype.
+        window = dict(device=device, dtype=resolve_window_dtype(window_dtype, torch.float32))
         self.register_buffer("sink_k", torch.zeros(batch_size, num_kv_heads, sink_tokens, head_dim, **window))
         self.register_buffer("sink_v", torch.zeros_like(self.sink_k))
         self.register_buffer("recent_k", torch.zeros(batch_size, num_kv_heads, recent_tokens, head_dim, **window))
         self.register_buffer("recent_v", torch.zeros_like(self.recent_k))
-        self._window_dtype_fixed = dtype is not None
 
     @property
     def is_sliding(self) -> bool:
@@ -221,6 +246,8 @@ class TurboQuantKVCache(nn.Module):
         kind = f"sliding_window={self.sliding_window}" if self.is_sliding else "global"
         bits = f"bits={self.bits}" + (f", v_bits={self.v_bits}" if self.v_bits != self.bits else "")
         extra = "".join(f", {name}={getattr(self, name)}" for name in ("sink_tokens", "recent_tokens") if getattr(self, name))
+        if self.sink_tokens or self.recent_tokens:
+            extra += f", windows={str(self.sink_k.dtype).removeprefix('torch.')}"
         return (f"B={self.batch_size}, Hkv={self.num_kv_heads}, D={self.head_dim}, C={self.capacity}, "
                 f"{bits}, {kind}, seq_len={self.seq_len}{extra}")
 
@@ -284,10 +311,10 @@ class TurboQuantKVCache(nn.Module):
             # the part that differs between tokens (measured: 8-bit SmolLM2 perplexity +0.14% -> +0.005%).
             self.k_mean.copy_(k.float().mean(dim=1))
             self.has_k_mean = True
-        if not self._window_dtype_fixed and self.sink_k.dtype != k.dtype:
-            # Full precision means the dtype of the model's K/V.
+        dtype = resolve_window_dtype(self.window_dtype, k.dtype)
+        if self.sink_k.dtype != dtype:
             for name in ("sink_k", "sink_v", "recent_k", "recent_v"):
-                setattr(self, name, getattr(self, name).to(k.dtype))
+                setattr(self, name, getattr(self, name).to(dtype))
 
     def attend(
         self,
@@ -513,6 +540,8 @@ class TurboQuantAttention(nn.Module):
         sink_tokens, recent_tokens (int): positions also kept in full precision (see
             :class:`TurboQuantKVCache`). Default: ``0``.
         v_bits (Optional[int]): code width of the values. Default: ``None`` (= ``bits``).
+        window_dtype (torch.dtype | str): storage dtype of the windows (see :class:`TurboQuantKVCache`).
+            Default: ``"model"``.
 
     Shapes:
         - q: ``[B, T, Hq, D]``; k, v: ``[B, T, Hkv, D]`` (the new tokens, positions ``cache.seq_len …``).
@@ -542,6 +571,7 @@ class TurboQuantAttention(nn.Module):
         sink_tokens: int = 0,
         recent_tokens: int = 0,
         v_bits: Optional[int] = None,
+        window_dtype: torch.dtype | str = "model",
     ):
         super().__init__()
         if num_heads % num_kv_heads != 0:
@@ -554,7 +584,7 @@ class TurboQuantAttention(nn.Module):
         self.sliding_window = sliding_window
         self.cache = TurboQuantKVCache(num_kv_heads, head_dim, capacity, bits, batch_size, sliding_window, signs, device,
                                        center_keys=softcap == 0, sink_tokens=sink_tokens, recent_tokens=recent_tokens,
-                                       v_bits=v_bits)
+                                       v_bits=v_bits, window_dtype=window_dtype)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_start: Optional[torch.Tensor] = None) -> torch.Tensor:
         if q.dim() != 4 or q.shape[2] != self.num_heads or q.shape[3] != self.head_dim:

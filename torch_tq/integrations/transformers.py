@@ -4,7 +4,7 @@ Usage (five lines)::
 
     import torch_tq.integrations.transformers as tqhf          # registers attn_implementation="tq"
     model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="tq")
-    cache = tqhf.TurboQuantCache(model.config, bits=4)
+    cache = tqhf.TurboQuantCache(model.config)   # 5-bit keys, 3-bit values
     out = model.generate(**inputs, **tqhf.cache_kwargs(cache), max_new_tokens=64)
 
 ``attn_implementation="tq"`` exists for transformers once torch_tq is imported, in any order: this
@@ -34,8 +34,9 @@ How it fits together:
 Accuracy: each layer stores keys minus their mean over the prefill (exact for attention: softmax
 ignores a per-query constant; disabled for soft-capped models) and each block's norm corrected so
 its decoded vector has the true norm — both inside the quantize op. Every layer also keeps its first
-``sink_tokens`` (4) and newest ``recent_tokens`` (32) tokens in full precision; the fused op reads
-them in the same softmax as the codes. Keys and values may use different widths (``v_bits``).
+``sink_tokens`` (4) and newest ``recent_tokens`` (112) tokens in full precision (bfloat16 for a float32
+model: ``window_dtype``); the fused op reads them in the same softmax as the codes. Keys and values may
+use different widths (``v_bits``); the default is 5-bit keys with 3-bit values (``DEFAULT_BITS``).
 
 A decode step of one layer is three launches: one ``tq.hadamard_quantize_kv`` per tensor (which also
 writes the full-precision windows) and one ``tq.flash_attn_vec_tq``; nothing is allocated,
@@ -80,7 +81,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 from ..layout import SUPPORTED_BITS, SUPPORTED_HEAD_DIMS
-from ..nn import TurboQuantKVCache
+from ..nn import TurboQuantKVCache, check_window_dtype
 from .gated_delta import use_tq_gated_delta
 
 __all__ = [
@@ -95,10 +96,23 @@ __all__ = [
 ]
 
 ATTN_IMPLEMENTATION = "tq"
-# Full-precision positions of each global layer (torch-tq eval on SmolLM2-135M, 4 bits: see the
-# module docstring). Sliding-window layers quantize every token.
+# The defaults of TurboQuantCache, picked by the issue-14 multi-text table (README, "Multi-text quality,
+# one token per step"; SmolLM2-135M, six texts, 256 and 512 tokens, one token per step): of the settings
+# that use fewer bytes per token than transformers' QuantizedCache int4 at 512 and at 8k tokens, 5-bit
+# keys + 3-bit values (4.5 + 3.5 bits per coordinate with the norms: the bytes of 4-bit K and V; keys are
+# the sensitive half) with the first 4 and newest 112 tokens of each global layer also kept in 16 bits
+# meets the 4-bit goal on the most texts (6/6 at 256, 4/6 at 512). 4-bit K and V with the same windows:
+# 5/6 and 2/6; the former default (4-bit, 32 recent in the model's float32): 0/6 and 0/6. A float32
+# model's windows are stored in bfloat16 (same quality, half the bytes); a 16-bit model's in its dtype.
+# The recent window is as wide as quanto's bytes at 512 tokens allow (128 would exceed them).
+# Cost: the native CPU kernels unpack 4- and 8-bit codes on a fast path and 3/5-bit codes on a generic
+# one (decode attention at 8k positions ~3x slower than 4-bit K and V; README, the 8k demo); bits=4
+# keeps the fast path. Sliding-window layers quantize every token.
+DEFAULT_BITS = 5
+DEFAULT_V_BITS = 3  # with DEFAULT_BITS only: TurboQuantCache(config, bits=b) gives b-bit keys and values
 DEFAULT_SINK_TOKENS = 4
-DEFAULT_RECENT_TOKENS = 32
+DEFAULT_RECENT_TOKENS = 112
+DEFAULT_WINDOW_DTYPE = "auto"
 # transformers 5.x renamed generate's and the models' `past_key_values` argument to `cache` (the old
 # name still works there but warns); generate hands its cache to prepare_inputs_for_generation, so
 # that method's signature says which name the installed version expects.
@@ -164,6 +178,8 @@ class TurboQuantLayer(CacheLayerMixin):
         sink_tokens, recent_tokens (int): first and newest positions also kept in full precision
             (see :class:`torch_tq.nn.TurboQuantKVCache`). Default: ``0``.
         v_bits (Optional[int]): code width of the values. Default: ``None`` (= ``bits``).
+        window_dtype (torch.dtype | str): storage dtype of the windows (see
+            :class:`torch_tq.nn.TurboQuantKVCache`). Default: ``"model"``.
     """
 
     is_compileable = False
@@ -172,8 +188,10 @@ class TurboQuantLayer(CacheLayerMixin):
 
     def __init__(self, bits: int = 4, max_cache_len: Optional[int] = None, signs: Optional[torch.Tensor] = None,
                  fused: bool = True, center_keys: bool = True, sink_tokens: int = 0, recent_tokens: int = 0,
-                 v_bits: Optional[int] = None, **kwargs):
+                 v_bits: Optional[int] = None, window_dtype: torch.dtype | str = "model", **kwargs):
         super().__init__()
+        check_window_dtype("TurboQuantCache", window_dtype)
+        self.window_dtype = window_dtype
         self.center_keys = center_keys
         self.sink_tokens = sink_tokens
         self.recent_tokens = recent_tokens
@@ -216,7 +234,7 @@ class TurboQuantLayer(CacheLayerMixin):
                                     signs=self.signs, device=self.device, center_keys=self.center_keys,
                                     sink_tokens=min(self.sink_tokens, capacity),
                                     recent_tokens=min(self.recent_tokens, capacity),
-                                    v_bits=self.v_bits, dtype=self.dtype)
+                                    v_bits=self.v_bits, window_dtype=self.window_dtype)
         self.is_initialized = True
 
     def _reserve(self, num_tokens: int) -> None:
@@ -343,9 +361,9 @@ class TurboQuantSlidingLayer(TurboQuantLayer):
 
     def __init__(self, sliding_window: int, bits: int = 4, decode_chunk: int = 64, signs: Optional[torch.Tensor] = None,
                  fused: bool = True, center_keys: bool = True, sink_tokens: int = 0, recent_tokens: int = 0,
-                 v_bits: Optional[int] = None, **kwargs):
+                 v_bits: Optional[int] = None, window_dtype: torch.dtype | str = "model", **kwargs):
         super().__init__(bits=bits, signs=signs, fused=fused, center_keys=center_keys, sink_tokens=sink_tokens,
-                         recent_tokens=recent_tokens, v_bits=v_bits)
+                         recent_tokens=recent_tokens, v_bits=v_bits, window_dtype=window_dtype)
         if sliding_window < 1:
             raise ValueError(f"TurboQuantCache: sliding_window must be >= 1, got {sliding_window}")
         self.sliding_window = sliding_window
@@ -402,8 +420,10 @@ class TurboQuantCache(Cache):
 
     Args:
         config (PretrainedConfig): the model config (its text/decoder config is used).
-        bits (int): code width b of the keys (and of the values unless ``v_bits`` is given), in
-            (2, 3, 4, 5, 6, 8). Default: ``4``.
+        bits (Optional[int]): code width b of the keys (and of the values unless ``v_bits`` is given),
+            in (2, 3, 4, 5, 6, 8). Default: ``None``, meaning 5-bit keys and 3-bit values (``v_bits`` 3
+            unless given): the bytes of 4-bit keys and values, closer to the full cache (see
+            ``DEFAULT_BITS``).
         max_cache_len (Optional[int]): initial capacity of global layers, in tokens; they grow when
             full. Default: ``None`` (256).
         decode_chunk (int): the most tokens one forward call may add to a sliding layer after its ring
@@ -414,8 +434,13 @@ class TurboQuantCache(Cache):
         sink_tokens (int): the first positions of each layer, kept in full precision as well
             (attention sinks). Default: ``4``.
         recent_tokens (int): the newest positions of each layer, kept in full precision as well (a
-            ring). Default: ``32``.
-        v_bits (Optional[int]): code width of the values. Default: ``None`` (= ``bits``).
+            ring). Default: ``112``.
+        v_bits (Optional[int]): code width of the values. Default: ``None`` (= ``bits`` when ``bits`` is
+            given, else 3).
+        window_dtype (torch.dtype | str): storage dtype of the sink and recent windows: ``torch.float32``,
+            ``torch.float16``, ``torch.bfloat16``, ``"model"`` (the model's K/V dtype) or ``"auto"`` (the
+            model's dtype if it is 16-bit, else ``torch.bfloat16``). The windows are counted in
+            ``nbytes``/``nbytes_used`` at their real size. Default: ``"auto"``.
         device_lengths (bool): keep each sequence's token count in a device tensor that the kernels
             read (:class:`DeviceLengths`), so a decode step can be captured once in a CUDA graph and
             replayed (``benchmarks/cuda_generate.py``); needs ``max_cache_len`` (buffers never move),
@@ -434,7 +459,7 @@ class TurboQuantCache(Cache):
     def __init__(
         self,
         config,
-        bits: int = 4,
+        bits: Optional[int] = None,
         max_cache_len: Optional[int] = None,
         decode_chunk: int = 64,
         signs: Optional[torch.Tensor] = None,
@@ -443,13 +468,17 @@ class TurboQuantCache(Cache):
         recent_tokens: int = DEFAULT_RECENT_TOKENS,
         v_bits: Optional[int] = None,
         device_lengths: bool = False,
+        window_dtype: torch.dtype | str = DEFAULT_WINDOW_DTYPE,
     ):
+        if bits is None:
+            bits, v_bits = DEFAULT_BITS, DEFAULT_V_BITS if v_bits is None else v_bits
         for name, value in (("bits", bits), ("v_bits", bits if v_bits is None else v_bits)):
             if value not in SUPPORTED_BITS:
                 raise ValueError(f"TurboQuantCache: {name} must be one of {SUPPORTED_BITS}, got {value}")
         for name, value in (("sink_tokens", sink_tokens), ("recent_tokens", recent_tokens)):
             if value < 0:
                 raise ValueError(f"TurboQuantCache: {name} must be >= 0, got {value}")
+        check_window_dtype("TurboQuantCache", window_dtype)
         text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
         if head_dim not in SUPPORTED_HEAD_DIMS:
@@ -484,11 +513,12 @@ class TurboQuantCache(Cache):
             if kind == "sliding_attention":
                 layers.append(TurboQuantSlidingLayer(text_config.sliding_window, bits=bits, decode_chunk=decode_chunk,
                                                      signs=signs, fused=fused, center_keys=center, v_bits=v_bits,
-                                                     sink_tokens=sink_tokens, recent_tokens=recent_tokens))
+                                                     sink_tokens=sink_tokens, recent_tokens=recent_tokens,
+                                                     window_dtype=window_dtype))
             else:
                 layers.append(TurboQuantLayer(bits=bits, max_cache_len=max_cache_len, signs=signs, fused=fused,
                                               center_keys=center, sink_tokens=sink_tokens, recent_tokens=recent_tokens,
-                                              v_bits=v_bits))
+                                              v_bits=v_bits, window_dtype=window_dtype))
         if device_lengths:
             lengths = DeviceLengths()
             for layer in layers:

@@ -1396,7 +1396,7 @@ class AttnConfig:
     lut_pair: bool | None = None
     programs_per_sm: int = _PROGRAMS_PER_SM
     min_split_positions: int = _MIN_SPLIT_POSITIONS
-    fused_merge: bool = True
+    fused_merge: bool = False
 
 
 DEFAULT_ATTN_CONFIG = AttnConfig()
