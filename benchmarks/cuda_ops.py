@@ -523,8 +523,10 @@ def sweep_quantize(dev, sizes) -> None:
         for bits in (4, 3):
             _time_quantize_case(tk, bw, "D128 bf16", quant_variants(), B, T, 128, bits, torch.bfloat16, dev)
         torch.cuda.empty_cache()
-    # The default against v1 over the other head dims, bits and source kinds (B8 T8192: 0.5M rows).
-    pair = [quant_variants()[0], ("dot default", tk.QuantConfig()), ("dot 3/SM", tk.QuantConfig(programs_per_sm=3))]
+    # The default against v1 over the other head dims, bits and source kinds (B8 T8192: 0.5M rows); 8 warps would
+    # clear the spills of D512 2-bit and cut D256/512 to 128-218 registers (compile_sm90.py).
+    pair = [quant_variants()[0], ("dot default", tk.QuantConfig()), ("dot 3/SM", tk.QuantConfig(programs_per_sm=3)),
+            ("dot w8", tk.QuantConfig(num_warps=8))]
     for D, bits, dtype, offset in [(64, 4, torch.bfloat16, False), (256, 4, torch.bfloat16, False),
                                    (512, 4, torch.bfloat16, False), (128, 2, torch.bfloat16, False),
                                    (128, 8, torch.bfloat16, False), (128, 5, torch.bfloat16, False),
