@@ -4,9 +4,10 @@ Every launcher first runs the same ``_validation.check_<op>`` as the CPU referen
 (``torch_tq.backends.cpu.turboquant``, the executable specification), resolves the signs in one
 place, then launches:
 
-* ``hadamard_quantize_kv``: one launch for all B×T×Hkv rows (signs, offset, rotation in registers,
-  per-block norms, norm correction, nearest centroid with ties to the lower index, bit packing, the
-  ring/global slot, and the full-precision sink/recent window writes).
+* ``hadamard_quantize_kv``: one launch for all B×T×Hkv rows (signs, offset, rotation, per-block norms,
+  norm correction, nearest centroid with ties to the lower index, bit packing, the ring/global slot,
+  and the full-precision sink/recent window writes): the dot kernel (persistent programs over tiles of
+  64 rotation blocks, the rotation on the tensor cores) or, for a decode step, v1 (rotation in registers).
 * ``dequantize_kv``: one launch.
 * ``flash_attn_vec_tq``: three launches: rotate (and scale) q once; the split-K main kernel over the
   grid (B·Hkv, num_splits, row tiles), where each program streams a contiguous range of positions of
