@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import math
 import sys
 import traceback
@@ -120,8 +121,14 @@ def check_quantize(dev) -> list[str]:
         gpu = [t.to(dev) for t in bufs]
         torch.ops.tq.hadamard_quantize_kv(src, bufs[0], bufs[1], write_pos, sliding, bits, signs, offset, True,
                                           bufs[2], bufs[3])
-        torch.ops.tq.hadamard_quantize_kv(src.to(dev), gpu[0], gpu[1], write_pos, sliding, bits, signs.to(dev),
-                                          offset.to(dev) if use_offset else None, True, gpu[2], gpu[3])
+        # Odd cases through the op (its default: v1 below QuantConfig.v1_below blocks), even ones through the dot
+        # kernel at any size.
+        from torch_tq.backends.cuda import turboquant as tk
+
+        quantize = torch.ops.tq.hadamard_quantize_kv if i % 2 else functools.partial(
+            tk.hadamard_quantize_kv, config=tk.QuantConfig(v1_below=0))
+        quantize(src.to(dev), gpu[0], gpu[1], write_pos, sliding, bits, signs.to(dev),
+                 offset.to(dev) if use_offset else None, True, gpu[2], gpu[3])
         first = max(0, T - C) if sliding else 0
         slots = torch.arange(write_pos + first, write_pos + T) % C
         x = (src.float() - offset.unsqueeze(1))[:, first:].transpose(1, 2)
@@ -137,7 +144,7 @@ def check_quantize(dev) -> list[str]:
             torch.testing.assert_close(g.cpu(), r, rtol=tol[0], atol=tol[1], equal_nan=True,
                                        msg=lambda m: f"quantize D{D} b{bits} {name}: {m}")
         rows.append(f"hadamard_quantize_kv D{D:<3} b{bits} {str(dtype)[6:]:<8} {'ring' if sliding else 'global':<6} "
-                    f"{'offset' if use_offset else 'no offset'} {note}")
+                    f"{'offset' if use_offset else 'no offset'} {'op default' if i % 2 else 'dot kernel'} {note}")
     return rows
 
 
@@ -555,7 +562,8 @@ def quant_variants():
         ("dot rows128 w8", Q(rows=128, num_warps=8)),
         ("dot rows32", Q(rows=32)),
         ("dot w8", Q(num_warps=8)),
-        ("dot, v1 below 64", Q(v1_below=64)),
+        ("dot always (v1_below 0)", Q(v1_below=0)),
+        ("dot 2/SM", Q(programs_per_sm=2)),
     ]
 
 
@@ -604,8 +612,10 @@ def sweep_quantize(dev, sizes) -> None:
         for bits in (4, 3):
             _time_quantize_case(tk, bw, "D128 bf16", quant_variants(), B, T, 128, bits, torch.bfloat16, dev)
         torch.cuda.empty_cache()
-    # The default against v1 over the other head dims, bits and source kinds (B8 T8192: 0.5M rows).
-    pair = [quant_variants()[0], ("dot default", tk.QuantConfig())]
+    # The default against v1 over the other head dims, bits and source kinds (B8 T8192: 0.5M rows); 8 warps would
+    # clear the spills of D512 2-bit and cut D256/512 to 128-218 registers (compile_sm90.py).
+    pair = [quant_variants()[0], ("dot default", tk.QuantConfig()), ("dot 3/SM", tk.QuantConfig(programs_per_sm=3)),
+            ("dot w8", tk.QuantConfig(num_warps=8))]
     for D, bits, dtype, offset in [(64, 4, torch.bfloat16, False), (256, 4, torch.bfloat16, False),
                                    (512, 4, torch.bfloat16, False), (128, 2, torch.bfloat16, False),
                                    (128, 8, torch.bfloat16, False), (128, 5, torch.bfloat16, False),

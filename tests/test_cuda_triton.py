@@ -60,6 +60,9 @@ def tq(kernels, monkeypatch):
         return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(POISON)
 
     monkeypatch.setattr(module, "_empty", poisoned)
+    # The quantize grids run the dot kernel at every size (by default a call of fewer than v1_below rotation blocks,
+    # a decode step, runs v1: test_hadamard_quantize_kv_tiles covers v1 by name).
+    monkeypatch.setattr(module, "DEFAULT_QUANT_CONFIG", module.QuantConfig(v1_below=0))
     return module
 
 
@@ -320,7 +323,7 @@ def test_hadamard_quantize_kv_tiles(tq, case):
     torch.ops.tq.hadamard_quantize_kv(src, ref[0], ref[1], write_pos, is_sliding, bits, signs, offset, True, ref[2],
                                       ref[3])
     torch.ops.tq.hadamard_quantize_kv(src, ref[0].clone(), plain_norms, write_pos, is_sliding, bits, signs, offset)
-    config = tq.QuantConfig(variant=variant, rows=16, programs_per_sm=2)
+    config = tq.QuantConfig(variant=variant, rows=16, programs_per_sm=2, v1_below=0)
     tq.hadamard_quantize_kv(src, *bufs[:2], write_pos, is_sliding, bits, signs, offset, True, *bufs[2:], config=config)
 
     first = max(0, T - C) if is_sliding else 0

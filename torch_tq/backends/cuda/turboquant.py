@@ -4,9 +4,10 @@ Every launcher first runs the same ``_validation.check_<op>`` as the CPU referen
 (``torch_tq.backends.cpu.turboquant``, the executable specification), resolves the signs in one
 place, then launches:
 
-* ``hadamard_quantize_kv``: one launch for all B×T×Hkv rows (signs, offset, rotation in registers,
-  per-block norms, norm correction, nearest centroid with ties to the lower index, bit packing, the
-  ring/global slot, and the full-precision sink/recent window writes).
+* ``hadamard_quantize_kv``: one launch for all B×T×Hkv rows (signs, offset, rotation, per-block norms,
+  norm correction, nearest centroid with ties to the lower index, bit packing, the ring/global slot,
+  and the full-precision sink/recent window writes): the dot kernel (persistent programs over tiles of
+  64 rotation blocks, the rotation on the tensor cores) or, for a decode step, v1 (rotation in registers).
 * ``dequantize_kv``: one launch.
 * ``flash_attn_vec_tq``: the split-K main kernel over the grid (B·Hkv, num_splits, row tiles), where
   each program streams a contiguous range of positions of ONE KV head and scores ALL of the G = Hq/Hkv
@@ -587,19 +588,21 @@ class QuantConfig:
     num_warps: None = 4 (v1; dot: 4, 8 for 5-8 bits). num_stages: the dot kernel's software pipelining of its tile loop
         (the next tile's source load in flight during this one's epilogue): None = 2 for D <= 128, 1 above (D256/512
         with 2 stages take 135 KB of shared memory: one program per SM).
-    programs_per_sm: the dot kernel's persistent programs per SM.
-    v1_below: calls with fewer rotation blocks than this run v1 (a decode step: one tiny launch, no ±1 matrix
-        to build); 0 = the dot kernel always.
+    programs_per_sm: the dot kernel's persistent programs per SM: None = 3 for D <= 128, 2 above.
+    v1_below: calls with fewer rotation blocks (rows x D/R) than this run v1: a decode step (up to B*Hkv = 1023 rows)
+        stays the one small v1 launch it was; 0 = the dot kernel always.
     """
 
-    # Measured on the H200 (B8 T32768 Hkv8 D128 bf16, 4 bits): 2 stages with 3 programs per SM 604 us (27% of the
-    # copy bandwidth), 1 stage with 2 programs 744 us; v1 13.2 ms.
+    # Measured on the H200 (2026-11-30, B8 T32768 Hkv8 D128 bf16, 4 bits): 2 stages with 3 programs per SM 605 us
+    # (26% of the copy bandwidth), 1 stage with 2 programs 744 us, v1 13.2 ms; B8 T8192 D256 / D512: 1 stage with 2
+    # programs 356 / 818 us, with 3 programs 447 / 1048 us (245+ registers: only 2 fit). A decode step (B1 / B8, T1,
+    # Hkv8, CUDA graph): v1 6.0 / 6.1 us, dot 6.6 / 7.2 us (it builds its ±1 matrices first), hence v1_below.
     variant: str = "dot"
     rows: int | None = None
     num_warps: int | None = None
     num_stages: int | None = None
-    programs_per_sm: int = 3
-    v1_below: int = 0
+    programs_per_sm: int | None = None
+    v1_below: int = 1024
 
 
 DEFAULT_QUANT_CONFIG = QuantConfig()
@@ -664,7 +667,8 @@ def hadamard_quantize_kv_fwd(src, codes, norms, write_pos, is_sliding, bits, sig
         if max(n_tiles, tiles_per_seq * rows) >= 2**31:
             raise ValueError(f"hadamard_quantize_kv: {n_blocks} rotation blocks in one call exceed the CUDA kernel's "
                              "int32 indices; split the call along the batch")
-        programs = max(1, min(n_tiles, cfg.programs_per_sm * _sm_count(src.device)))
+        programs_per_sm = cfg.programs_per_sm or (3 if D <= 128 else 2)
+        programs = max(1, min(n_tiles, programs_per_sm * _sm_count(src.device)))
         hadamard_quantize_kv_dot_kernel[(programs,)](
             src, codes, norms, signs, *buffers,
             blocks_per_seq, tiles_per_seq, n_tiles, t_lo, C, S, W, write_pos, first_code, first_recent, math.sqrt(R),
