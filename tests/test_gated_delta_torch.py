@@ -182,6 +182,14 @@ def test_the_recurrence_is_five_ops_per_token():
     assert +extra == collections.Counter({"aten.bmm": 2, "aten.addcmul": 1, "aten.mul_": 1, "aten.baddbmm_": 1})
 
 
+def test_a_decode_step_is_few_ops():
+    """T = 1 takes the decode step: 20 non-view aten ops here with l2norm, a state and bfloat16 gates, two
+    of them allocations and two casts (transformers' torch_recurrent_gated_delta_rule: 30 for the same call)."""
+    ops = _ops(gpu_torch.fused_recurrent_gated_delta_rule, 1)
+    assert sum(ops.values()) <= 20, ops
+    assert ops["aten.bmm"] == 2 and ops["aten.baddbmm_"] == 1, ops
+
+
 @pytest.mark.parametrize("op", ["chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule"])
 def test_cuda_without_fla_runs_this_path(monkeypatch, op):
     monkeypatch.setattr(cuda_gdr, "_use_fla", lambda: False)

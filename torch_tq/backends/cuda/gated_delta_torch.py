@@ -142,6 +142,8 @@ def fused_recurrent_gated_delta_rule_fwd(q, k, v, g, beta, scale: float, initial
     """
     cd = _v.compute_dtype(q)
     B, T, H, K = q.shape
+    if T == 1 and cu_seqlens is None:
+        return _decode_step(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel, cd)
     HV, V = v.shape[2], v.shape[3]
     G = HV // H
     pk = _ref._packing(B, T, cu_seqlens, 1, q.device, "fused_recurrent_gated_delta_rule")
@@ -176,6 +178,36 @@ def fused_recurrent_gated_delta_rule_fwd(q, k, v, g, beta, scale: float, initial
     if not output_final_state:
         return pk.unpack(o), o.new_empty(0, HV, K, V, dtype=cd)
     return pk.unpack(o), (S if fresh else S.clone()).reshape(N, HV, K, V)  # no token ran: not the caller's tensor
+
+
+def _decode_step(q, k, v, g, beta, scale: float, initial_state, output_final_state: bool, l2: bool,
+                 cd: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per sequence (T = 1, no cu_seqlens: a decode step), the recurrence's five kernels after
+    five to nine of preparation, with none of the per-token bookkeeping of the general loop: a decode
+    step's cost on a GPU is its launches and the Python around them.
+    """
+    B, _, H, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    NH = B * HV
+    kq = torch.stack((k[:, 0], q[:, 0]), dim=2, out=torch.empty(B, H, 2, K, dtype=cd, device=q.device))
+    if l2:
+        kq = _ref.l2norm(kq)
+    kq = kq.unsqueeze(2).expand(B, H, HV // H, 2, K).reshape(NH, 2, K)  # rows per value head
+    k_row, q_row = kq[:, 0:1], kq[:, 1:2]  # [NH, 1, K]
+    if initial_state is None:
+        S = torch.zeros(NH, K, V, dtype=cd, device=q.device)
+    else:
+        S = initial_state.to(cd).reshape(NH, K, V)
+    decay = g.reshape(NH, 1, 1).to(cd).exp()
+    kS = torch.bmm(k_row, S)
+    # delta = beta (v - exp(g) k^T S), in float32 (the promoted dtype of the addcmul).
+    delta = torch.addcmul(v.reshape(NH, 1, V), decay, kS, value=-1).mul_(beta.reshape(NH, 1, 1).to(cd))
+    S = torch.mul(S, decay).baddbmm_(k_row.transpose(1, 2), delta)  # a new tensor: the caller's state is kept
+    o = torch.bmm(q_row, S)
+    out = torch.mul(o.view(B, 1, HV, V), scale, out=torch.empty(B, 1, HV, V, dtype=q.dtype, device=q.device))
+    if not output_final_state:
+        return out, o.new_empty(0, HV, K, V, dtype=cd)
+    return out, S.reshape(B, HV, K, V)
 
 
 def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
