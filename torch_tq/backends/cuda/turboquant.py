@@ -842,6 +842,30 @@ def _attend_window(q, k_win_ptr, v_win_ptr, win_row0, win_len, lo, hi, q_pos, m_
 
 
 @triton.jit
+def _split_range(seqlens_ptr, kv_start_ptr, b, i_s, q_i, m_ok, vis_lo, chunk, kv_len, C, LQ, window,
+                 HAS_SEQLENS: tl.constexpr, USE_WINDOW: tl.constexpr, HAS_KV_START: tl.constexpr):
+    """(lo, hi, n_kv, q_pos): the positions [lo, hi) that split ``i_s`` of sequence ``b`` reads for the query rows
+    ``q_i`` (``m_ok`` masks padding rows), the sequence's length and each row's absolute position."""
+    lo = vis_lo + i_s * chunk
+    hi = lo + chunk  # this split's positions
+    if HAS_SEQLENS:
+        # This sequence's own length (kv_len bounds them all and sized the splits over [0, kv_len)); a
+        # wrapped ring holds its positions from length - C on.
+        n_kv = tl.load(seqlens_ptr + b).to(tl.int64)
+        lo = tl.maximum(lo, n_kv - C)
+    else:
+        n_kv = kv_len
+    q_pos = n_kv - LQ + q_i
+    # No query of this tile sees past its last position (causal), nor (with a window) before its first one's window.
+    hi = tl.minimum(tl.minimum(hi, n_kv), n_kv - LQ + tl.max(tl.where(m_ok, q_i, 0)) + 1)
+    if USE_WINDOW:
+        lo = tl.maximum(lo, n_kv - LQ + tl.min(tl.where(m_ok, q_i, LQ)) - window + 1)
+    if HAS_KV_START:
+        lo = tl.maximum(lo, tl.load(kv_start_ptr + b))
+    return lo, hi, n_kv, q_pos
+
+
+@triton.jit
 def flash_attn_vec_tq_fwd_kernel(
     q_rot_ptr, k_codes_ptr, k_norms_ptr, v_codes_ptr, v_norms_ptr, k_sink_ptr, v_sink_ptr, k_recent_ptr,
     v_recent_ptr, kv_start_ptr, seqlens_ptr, k_codebook_ptr, v_codebook_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
@@ -866,22 +890,8 @@ def flash_attn_vec_tq_fwd_kernel(
     q = tl.load(q_rot_ptr + (i_bh * GL + m)[:, None] * D + d[None, :], mask=m_ok[:, None], other=0.0)
     q = _cast(q, DOT_DTYPE)
     q_i = m % LQ
-    lo = vis_lo + i_s * chunk
-    hi = lo + chunk  # this split's positions
-    if HAS_SEQLENS:
-        # This sequence's own length (kv_len bounds them all and sized the splits over [0, kv_len)); a
-        # wrapped ring holds its positions from length - C on.
-        n_kv = tl.load(seqlens_ptr + b).to(tl.int64)
-        lo = tl.maximum(lo, n_kv - C)
-    else:
-        n_kv = kv_len
-    q_pos = n_kv - LQ + q_i
-    # No query of this tile sees past its last position (causal), nor (with a window) before its first one's window.
-    hi = tl.minimum(tl.minimum(hi, n_kv), n_kv - LQ + tl.max(tl.where(m_ok, q_i, 0)) + 1)
-    if USE_WINDOW:
-        lo = tl.maximum(lo, n_kv - LQ + tl.min(tl.where(m_ok, q_i, LQ)) - window + 1)
-    if HAS_KV_START:
-        lo = tl.maximum(lo, tl.load(kv_start_ptr + b))
+    lo, hi, n_kv, q_pos = _split_range(seqlens_ptr, kv_start_ptr, b, i_s, q_i, m_ok, vis_lo, chunk, kv_len, C, LQ,
+                                       window, HAS_SEQLENS, USE_WINDOW, HAS_KV_START)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, D), dtype=tl.float32)
@@ -1234,19 +1244,8 @@ def flash_attn_vec_tq_fwd2_kernel(
         row = (i_bh * GL + m)[:, None] * D
         qa = _cast(tl.load(q_ptr + row + ck_a[None, :], mask=m_ok[:, None], other=0.0), DOT_DTYPE)
         qb = _cast(tl.load(q_ptr + row + ck_b[None, :], mask=m_ok[:, None], other=0.0), DOT_DTYPE)
-    lo = vis_lo + i_s * chunk
-    hi = lo + chunk
-    if HAS_SEQLENS:
-        n_kv = tl.load(seqlens_ptr + b).to(tl.int64)
-        lo = tl.maximum(lo, n_kv - C)
-    else:
-        n_kv = kv_len
-    q_pos = n_kv - LQ + q_i
-    hi = tl.minimum(tl.minimum(hi, n_kv), n_kv - LQ + tl.max(tl.where(m_ok, q_i, 0)) + 1)
-    if USE_WINDOW:
-        lo = tl.maximum(lo, n_kv - LQ + tl.min(tl.where(m_ok, q_i, LQ)) - window + 1)
-    if HAS_KV_START:
-        lo = tl.maximum(lo, tl.load(kv_start_ptr + b))
+    lo, hi, n_kv, q_pos = _split_range(seqlens_ptr, kv_start_ptr, b, i_s, q_i, m_ok, vis_lo, chunk, kv_len, C, LQ,
+                                       window, HAS_SEQLENS, USE_WINDOW, HAS_KV_START)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc_a = tl.zeros((BLOCK_M, DH), dtype=tl.float32)
